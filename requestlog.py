@@ -1,0 +1,72 @@
+"""The JSONL request log: one complete line per finished request.
+
+Lines are written by one background thread, each with a single `write` on a file
+opened with O_APPEND, so a line is never torn or interleaved and a slow or failing
+disk never blocks the event loop or fails a request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+from datetime import datetime, timezone
+
+log = logging.getLogger("minivault.log")
+
+
+def utc_timestamp() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def encode_line(record: dict) -> bytes:
+    # ensure_ascii keeps the line free of raw newlines or odd bytes whatever the text.
+    return (json.dumps(record, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
+
+
+class RequestLog:
+    def __init__(self, path: str | None):
+        self.path = path
+        self.errors = 0
+        self.written = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._fd: int | None = None
+        self._reported = False
+        self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
+        self._thread.start()
+
+    def write(self, record: dict) -> None:
+        """Queue one record; returns at once."""
+        if self.path:
+            self._queue.put(encode_line(record))
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write out everything queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (line := self._queue.get()) is not None:
+            try:
+                self._append(line)
+                self.written += 1
+            except OSError as exc:
+                self.errors += 1
+                self._fd = None
+                if not self._reported:  # say it once, not once per request
+                    self._reported = True
+                    log.error("cannot write the request log %s: %s", self.path, exc)
+        if self._fd is not None:
+            os.close(self._fd)
+
+    def _append(self, line: bytes) -> None:
+        if self._fd is None:
+            folder = os.path.dirname(self.path)
+            if folder:
+                os.makedirs(folder, exist_ok=True)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        written = os.write(self._fd, line)
+        if written != len(line):
+            raise OSError(f"short write ({written} of {len(line)} bytes)")
