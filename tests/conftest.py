@@ -1,0 +1,24 @@
+"""Shared fixtures: a real MiniVault server process and a raw-socket HTTP client."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from serverproc import ServerProcess  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """The embedded model behind a real server, shared by the end-to-end tests."""
+    log_file = tmp_path_factory.mktemp("logs") / "log.jsonl"
+    proc = ServerProcess([], log_file=log_file)
+    proc.wait_ready()
+    yield proc
+    proc.stop()
