@@ -110,11 +110,13 @@ def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
     prompt = _string("prompt", body["prompt"])
     if not prompt.strip():
         raise HTTPError(400, "'prompt' must not be empty")
-    options = body.get("options") or {}
+    options = body.get("options")
+    if options is None:
+        options = {}
     if not isinstance(options, dict):
         raise HTTPError(400, "'options' must be an object")
-    # Top-level fields win over Ollama's `options` object.
-    fields = {**options, **{k: v for k, v in body.items() if k != "options"}}
+    # Top-level fields win over Ollama's `options` object; null means "not given".
+    fields = {**options, **{k: v for k, v in body.items() if k != "options" and v is not None}}
     sampling, max_tokens, stop = parse_options(fields)
     system = body.get("system")
     if system is not None:

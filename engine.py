@@ -143,10 +143,12 @@ class StopMatcher:
         if not self.stops:
             return text, False
         buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        # The stop that completes first wins (ties: the one starting first), which is
+        # what streaming sees, so the result does not depend on how text is chunked.
+        hits = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
         if hits:
             self._held = ""
-            return buf[: min(hits)], True
+            return buf[: min(hits)[1]], True
         keep = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(buf)), 0, -1):
@@ -275,7 +277,7 @@ def _save_cache(model, tokenizer, target: Path) -> None:
 def sample_token(logits, sampling: Sampling, history: list[int], generator) -> int:
     import torch
 
-    logits = logits.float()
+    logits = logits.float().clone()  # never write into the model's output
     if sampling.repeat_penalty != 1.0 and history:
         recent = torch.tensor(sorted(set(history[-REPEAT_LAST_N:])), dtype=torch.long)
         picked = logits[recent]

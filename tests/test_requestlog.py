@@ -1,0 +1,93 @@
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+# The JSONL request log: whole lines, safe from any thread, never failing a request.
+
+import json
+import os
+import re
+import stat
+import threading
+from datetime import datetime, timedelta
+
+from requestlog import RequestLog, utc_timestamp
+
+
+def read_records(path) -> list[dict]:
+    data = path.read_bytes()
+    assert data.endswith(b"\n")
+    return [json.loads(line) for line in data.split(b"\n")[:-1]]
+
+
+def test_creates_missing_folder_and_writes_one_line_per_record(tmp_path):
+    path = tmp_path / "new" / "deeper" / "log.jsonl"
+    log = RequestLog(str(path))
+    log.write({"id": 1, "status": "done"})
+    log.write({"id": 2, "status": "cancelled"})
+    log.close()
+    assert read_records(path) == [{"id": 1, "status": "done"}, {"id": 2, "status": "cancelled"}]
+    assert (log.written, log.errors) == (2, 0)
+
+
+def test_awkward_text_survives_the_round_trip(tmp_path):
+    path = tmp_path / "log.jsonl"
+    texts = ["line one\nline two\r\n", 'say "hi" \\ ok', "😀 👍🏽 世界你好", "\ud800 lone surrogate", "\u2028\x00"]
+    log = RequestLog(str(path))
+    for t in texts:
+        log.write({"prompt": t, "response": t})
+    log.close()
+    records = read_records(path)
+    assert [r["prompt"] for r in records] == texts
+    assert [r["response"] for r in records] == texts
+
+
+def test_concurrent_writers_produce_whole_lines(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = RequestLog(str(path))
+
+    def writer(t: int) -> None:
+        for i in range(200):
+            log.write({"thread": t, "i": i, "text": f"{t}-{i}\n" * 20})
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    log.close()
+    records = read_records(path)
+    assert len(records) == 1600
+    assert {(r["thread"], r["i"]) for r in records} == {(t, i) for t in range(8) for i in range(200)}
+    assert all(r["text"] == f"{r['thread']}-{r['i']}\n" * 20 for r in records)
+
+
+def test_unwritable_path_counts_errors_and_never_raises(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    log = RequestLog(str(blocker / "logs" / "log.jsonl"))  # mkdir under a file fails, even as root
+    for i in range(5):
+        assert log.write({"id": i}) is None
+    log.close()
+    assert (log.errors, log.written) == (5, 0)
+    assert blocker.read_text() == "not a folder"
+
+
+def test_log_file_is_private_to_its_owner(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = RequestLog(str(path))
+    log.write({"id": 1})
+    log.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_no_path_means_no_log(tmp_path):
+    log = RequestLog(None)
+    log.write({"id": 1})
+    log.close()
+    assert (log.written, log.errors) == (0, 0)
+
+
+def test_utc_timestamp_is_iso8601_utc_with_z():
+    ts = utc_timestamp()
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z", ts)
+    parsed = datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    assert parsed.utcoffset() == timedelta(0)
