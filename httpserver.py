@@ -72,6 +72,7 @@ class Request:
 
     def header(self, name: str) -> str | None:
         """The value of a header (several occurrences joined by ', ')."""
+        name = name.lower()
         values = [v for k, v in self.headers if k == name]
         return ", ".join(values) if values else None
 
@@ -109,6 +110,10 @@ def _parse_request_line(line: bytes) -> tuple[str, str, tuple[int, int]]:
         raise HTTPError(400, "malformed method in request line")
     if _TARGET_BAD.search(target):
         raise HTTPError(400, "malformed request target")
+    try:
+        urlsplit(target.decode("latin-1"))
+    except ValueError:
+        raise HTTPError(400, "malformed request target") from None
     m = _VERSION.fullmatch(version)
     if not m:
         raise HTTPError(400, "malformed HTTP version")
@@ -152,8 +157,10 @@ def parse_head(data: bytes, limits: Limits) -> Request:
 def _check_framing(req: Request, limits: Limits) -> None:
     """Decide how the body is delimited, refusing anything ambiguous (smuggling)."""
     hosts = [v for k, v in req.headers if k == "host"]
-    if req.version >= (1, 1) and len(hosts) != 1:
-        raise HTTPError(400, "HTTP/1.1 requires exactly one Host header")
+    if len(hosts) > 1:
+        raise HTTPError(400, "more than one Host header")
+    if req.version >= (1, 1) and not hosts:
+        raise HTTPError(400, "HTTP/1.1 requires a Host header")
     te = req.header("transfer-encoding")
     cl = [v for k, v in req.headers if k == "content-length"]
     if te is not None and cl:
@@ -171,7 +178,7 @@ def _check_framing(req: Request, limits: Limits) -> None:
         if len(values) != 1:
             raise HTTPError(400, "conflicting Content-Length values")
         value = values.pop()
-        if not value.isascii() or not value.isdigit():
+        if not value.isascii() or not value.isdigit() or len(value) > 20:
             raise HTTPError(400, "invalid Content-Length")
         length = int(value)
         if length > limits.max_body:
@@ -271,10 +278,12 @@ class RequestParser:
             del self.buffer[: 2 if self.buffer[:1] == b"\r" else 1]
         m = _HEAD_END.search(self.buffer)
         if m is None:
+            # Line-ending bytes at the end may be the start of a terminator: not counted.
             first_line_end = self.buffer.find(b"\n")
-            if first_line_end < 0 and len(self.buffer) > self.limits.max_request_line:
+            first_line = self.buffer if first_line_end < 0 else self.buffer[:first_line_end]
+            if len(first_line.rstrip(b"\r")) > self.limits.max_request_line:
                 raise HTTPError(414, "request line too long")
-            if len(self.buffer) > self.limits.max_header_bytes:
+            if len(self.buffer.rstrip(b"\r\n")) > self.limits.max_header_bytes:
                 raise HTTPError(431, "request header section too large")
             return None
         if m.start() > self.limits.max_header_bytes:
