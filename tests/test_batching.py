@@ -1,0 +1,72 @@
+"""Continuous batching against the real embedded model: same text alone or in a batch,
+a late request joins a running batch, and the event loop stays responsive."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from serverproc import read_response, send_request
+
+PROMPTS = [
+    "What is an AI model?",
+    "Name three rivers in Europe.",
+    "How do bees make honey?",
+    "Write a haiku about the sea.",
+    "Explain recursion to a child.",
+    "What is the capital of Japan?",
+    "Give two tips for better sleep.",
+    "Why is the sky blue?",
+]
+
+
+def _greedy(server, prompt: str, n: int = 48):
+    return server.generate(prompt=prompt, max_tokens=n, temperature=0)
+
+
+def test_greedy_text_is_the_same_alone_and_in_a_batch_of_eight(server):
+    alone = [_greedy(server, p).text() for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        batched = list(pool.map(lambda p: _greedy(server, p), PROMPTS))
+    assert all(r.status == 200 for r in batched)
+    assert [r.text() for r in batched] == alone
+
+
+def test_a_request_joins_a_running_batch_without_waiting_for_it(server):
+    """A short request sent while long ones stream finishes first."""
+    long_done: list[float] = []
+
+    def long_stream(i):
+        _greedy(server, PROMPTS[i], 120)
+        long_done.append(time.monotonic())
+
+    threads = [threading.Thread(target=long_stream, args=(i,)) for i in range(3)]
+    with server.connect() as probe:
+        for t in threads:
+            t.start()
+        # Wait until the long streams are generating (the server reports them active).
+        deadline = time.monotonic() + 120
+        while server.request("GET", "/health").json()["active"] < 3:
+            assert time.monotonic() < deadline, "long streams never became active"
+            time.sleep(0.05)
+        send_request(probe, "POST", "/generate", {"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+        short = read_response(probe)
+        short_done = time.monotonic()
+    for t in threads:
+        t.join()
+    assert short.status == 200 and short.lines()[-1]["eval_count"] == 3
+    assert len(long_done) == 3 and short_done < min(long_done)
+
+
+def test_health_answers_while_eight_streams_run(server):
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(_greedy, server, p, 40) for p in PROMPTS]
+        deadline = time.monotonic() + 120
+        while server.request("GET", "/health").json()["active"] < 8:
+            assert time.monotonic() < deadline, "the streams never all became active"
+            time.sleep(0.05)
+        health = server.request("GET", "/health").json()
+        results = [f.result() for f in futures]
+    assert health["status"] == "ok" and health["active"] == 8
+    assert all(r.status == 200 and r.lines()[-1]["done"] for r in results)
