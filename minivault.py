@@ -37,6 +37,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="~/.cache/minivault",
                    help="where a GGUF model's converted weights are cached ('' to disable)")
     p.add_argument("--max-body", type=int, default=1024 * 1024, help="largest request body in bytes (413 beyond)")
+    p.add_argument("--max-request-line", type=int, default=8 * 1024, help="longest request line (414 beyond)")
+    p.add_argument("--max-header-bytes", type=int, default=64 * 1024, help="largest header section (431 beyond)")
+    p.add_argument("--max-headers", type=int, default=100, help="most header fields (431 beyond)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a request's head may take to arrive (408 beyond; stops slowloris)")
+    p.add_argument("--keepalive-timeout", type=float, default=5.0, help="idle seconds before a keep-alive connection closes")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive")
+    p.add_argument("--write-timeout", type=float, default=30.0,
+                   help="seconds a client may stop reading its stream before it is dropped (and its generation stopped)")
     p.add_argument("--max-connections", type=int, default=1024, help="open connections before new ones get 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
@@ -54,7 +63,11 @@ async def serve(args: argparse.Namespace) -> int:
     request_log = RequestLog(args.log_file or None)
     router = Router()
     Api(engine, request_log).routes(router)
-    server = HTTPServer(router, Limits(max_body=args.max_body), max_connections=args.max_connections)
+    limits = Limits(max_request_line=args.max_request_line, max_header_bytes=args.max_header_bytes,
+                    max_header_count=args.max_headers, max_body=args.max_body,
+                    header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
+                    body_timeout=args.body_timeout, write_timeout=args.write_timeout)
+    server = HTTPServer(router, limits, max_connections=args.max_connections)
     try:
         await server.start(args.host, args.port)
     except OSError as exc:
