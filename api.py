@@ -186,14 +186,21 @@ class Api:
                 return
             if stream_mode:
                 await writer.start_stream(200, NDJSON, STREAM_HEADERS + [("X-Request-Id", str(stream.id))])
-                while not isinstance(item, Final):
-                    pieces.append(item)
-                    await writer.write(ndjson_line({"response": item}))
-                    item = await stream.next()
-                if item.error:
-                    await writer.write(ndjson_line({"error": item.error}))
-                else:
-                    await writer.write(ndjson_line({"response": "", **final_fields(item)}))
+                try:
+                    while not isinstance(item, Final):
+                        pieces.append(item)
+                        await writer.write(ndjson_line({"response": item}))
+                        item = await stream.next()
+                    if item.error:
+                        await writer.write(ndjson_line({"error": item.error}))
+                    else:
+                        await writer.write(ndjson_line({"response": "", **final_fields(item)}))
+                except ClientGone:
+                    raise
+                except Exception:
+                    # The status line is gone already: end the stream with an error line.
+                    log.exception("stream %s failed", stream.id)
+                    await writer.write(ndjson_line({"error": "internal server error"}))
                 await writer.end()
             else:
                 while not isinstance(item, Final):

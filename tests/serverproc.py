@@ -49,6 +49,12 @@ class ServerProcess:
     def stderr(self) -> str:
         return "".join(self.stderr_lines)
 
+    def wait_for_stderr(self, text: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr:
+            assert time.monotonic() < deadline, f"server never said {text!r}"
+            time.sleep(0.02)
+
     def wait_listening(self) -> None:
         assert self._listening.wait(START_TIMEOUT), "server did not open its port"
         assert self.port, f"server exited before listening:\n{self.stderr}"

@@ -244,3 +244,46 @@ def test_head_and_health(server):
         send_request(sock, "HEAD", "/health")
         resp = read_response(sock, head_only=True)
     assert resp.status == 200 and int(resp.headers["content-length"]) > 0
+
+
+def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(tmp_path):
+    import signal
+
+    proc = ServerProcess(["--max-tokens", "40"], log_file=tmp_path / "log.jsonl")
+    try:
+        proc.wait_ready()
+        with proc.connect() as sock:
+            send_request(sock, "POST", "/generate", {"prompt": "Tell me about the sea.", "temperature": 0})
+            reader = _Reader(sock)
+            first = read_response(sock, reader, max_chunks=1)
+            assert first.status == 200
+            proc.proc.send_signal(signal.SIGTERM)
+            # New connections are refused while the stream in flight runs to its end.
+            with pytest.raises(OSError):
+                socket.create_connection(("127.0.0.1", proc.port), timeout=5).close()
+            rest = []
+            while (size := int(reader.line(), 16)) != 0:
+                rest.append(json.loads(reader.exactly(size)))
+                reader.exactly(2)
+        assert rest[-1]["done"] is True
+        assert proc.proc.wait(30) == 0
+        assert read_log(tmp_path / "log.jsonl")[-1]["status"] == "done"
+    finally:
+        proc.stop()
+
+
+def test_a_second_signal_exits_at_once(tmp_path):
+    import signal
+
+    proc = ServerProcess(["--max-tokens", "300"], log_file=tmp_path / "log.jsonl")
+    try:
+        proc.wait_ready()
+        with proc.connect() as sock:
+            send_request(sock, "POST", "/generate", {"prompt": "Write a long story.", "temperature": 0})
+            assert read_response(sock, max_chunks=1).status == 200
+            proc.proc.send_signal(signal.SIGTERM)
+            proc.wait_for_stderr("SIGTERM received")  # else the kernel may merge the two signals
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.wait(30) != 0  # did not wait for 300 tokens
+    finally:
+        proc.stop()
