@@ -6,15 +6,19 @@ import asyncio
 import json
 import logging
 import math
+import os
 import time
+from datetime import datetime, timezone
 
-from engine import Engine, Final, GenerationRequest, QueueFull, Sampling, TokenStream
+from engine import EMBEDDED_NAME, Engine, Final, GenerationRequest, QueueFull, Sampling, TokenStream
 from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router, json_bytes
 from requestlog import RequestLog, utc_timestamp
 
 log = logging.getLogger("minivault.api")
 
+VERSION = "0.1.0"
 NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
 # Tell proxies (nginx) and caches not to hold streamed tokens back.
 STREAM_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 CANCEL_GRACE_S = 30.0  # the engine answers a cancel within a step; this only guards a bug
@@ -110,14 +114,7 @@ def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
     prompt = _string("prompt", body["prompt"])
     if not prompt.strip():
         raise HTTPError(400, "'prompt' must not be empty")
-    options = body.get("options")
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        raise HTTPError(400, "'options' must be an object")
-    # Top-level fields win over Ollama's `options` object; null means "not given".
-    fields = {**options, **{k: v for k, v in body.items() if k != "options" and v is not None}}
-    sampling, max_tokens, stop = parse_options(fields)
+    sampling, max_tokens, stop = parse_options(_options_fields(body))
     system = body.get("system")
     if system is not None:
         system = _string("system", system)
@@ -126,6 +123,106 @@ def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
     req = GenerationRequest(prompt=prompt, system=system or None, raw=raw, max_tokens=max_tokens,
                             stop=stop, sampling=sampling)
     return req, stream
+
+
+def _options_fields(body: dict) -> dict:
+    """Ollama's `options` merged under the top-level fields (which win); null = not given."""
+    options = body.get("options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise HTTPError(400, "'options' must be an object")
+    return {**options, **{k: v for k, v in body.items() if k != "options" and v is not None}}
+
+
+CHAT_ROLES = {"system", "user", "assistant"}
+
+
+def parse_messages(value, openai: bool = False) -> list[dict]:
+    """Chat messages -> [{"role", "content"}] with text content only."""
+    if not isinstance(value, list) or not value:
+        raise HTTPError(400, "'messages' must be a non-empty list")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise HTTPError(400, f"'messages[{i}]' must be an object")
+        role = m.get("role")
+        if openai and role == "developer":
+            role = "system"
+        if role not in CHAT_ROLES:
+            raise HTTPError(400, f"'messages[{i}].role' must be one of system, user, assistant")
+        content = m.get("content")
+        if openai and isinstance(content, list):  # content parts: text only
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise HTTPError(400, f"'messages[{i}].content' may only hold text parts")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise HTTPError(400, f"'messages[{i}].content' must be a string")
+        if m.get("images") or m.get("tool_calls"):
+            raise HTTPError(400, f"'messages[{i}]': images and tool calls are not supported")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    if not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        raise HTTPError(400, "'messages' needs a user message with content")
+    return messages
+
+
+def parse_chat(body: dict) -> tuple[GenerationRequest, bool]:
+    """Ollama's /api/chat body -> (request, stream?)."""
+    if body.get("tools"):
+        raise HTTPError(400, "tools are not supported")
+    messages = parse_messages(body.get("messages"))
+    sampling, max_tokens, stop = parse_options(_options_fields(body))
+    stream = _boolean("stream", body["stream"]) if body.get("stream") is not None else True
+    return GenerationRequest(messages=messages, max_tokens=max_tokens, stop=stop, sampling=sampling), stream
+
+
+# OpenAI request fields we cannot honour: refused rather than silently ignored.
+OPENAI_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs",
+                      "response_format", "logit_bias", "suffix", "audio", "modalities", "prediction")
+
+
+def parse_openai(body: dict, chat: bool) -> tuple[GenerationRequest, bool, bool]:
+    """OpenAI's /v1/chat/completions or /v1/completions body -> (request, stream?, include usage?)."""
+    for name in OPENAI_UNSUPPORTED:
+        value = body.get(name)
+        if value not in (None, False, "none", [], {}) and not (name == "response_format" and
+                                                                isinstance(value, dict) and value.get("type") == "text"):
+            raise HTTPError(400, f"'{name}' is not supported")
+    for name in ("n", "best_of"):
+        if body.get(name) is not None and _integer(name, body[name], 1) != 1:
+            raise HTTPError(400, f"'{name}' must be 1: one completion per request")
+    if body.get("echo"):
+        raise HTTPError(400, "'echo' is not supported")
+    fields = {k: v for k, v in body.items() if v is not None}
+    if "max_completion_tokens" in fields:
+        fields["max_tokens"] = fields.pop("max_completion_tokens")
+    if fields.get("temperature") is not None:
+        _number("temperature", fields["temperature"], 0, 2)
+    sampling, max_tokens, stop = parse_options(
+        {k: fields[k] for k in ("temperature", "top_p", "seed", "max_tokens", "stop") if k in fields})
+    stream = _boolean("stream", body["stream"]) if body.get("stream") is not None else False
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise HTTPError(400, "'stream_options' must be an object")
+    include_usage = bool(stream_options.get("include_usage"))
+    if chat:
+        req = GenerationRequest(messages=parse_messages(body.get("messages"), openai=True))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HTTPError(400, "'prompt' must be a non-empty string")
+        req = GenerationRequest(prompt=prompt, raw=True)  # completions continue the text as given
+    req.max_tokens, req.stop, req.sampling = max_tokens, stop, sampling
+    return req, stream, include_usage
 
 
 def ndjson_line(obj: dict) -> bytes:
@@ -141,6 +238,144 @@ def final_fields(final: Final) -> dict:
             "prompt_eval_duration": s.prompt_eval_ns, "eval_duration": s.eval_ns}
 
 
+def utc_now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+# ---------------------------------------------------------------------------
+# Reply shapes: how each API encodes the same generation (pure)
+
+
+class Shape:
+    """MiniVault's own /generate: NDJSON {"response"} lines, Ollama statistics last."""
+
+    content_type = NDJSON
+
+    def __init__(self, model: str, request_id: int, include_usage: bool = False):
+        self.model = model
+        self.request_id = request_id
+        self.include_usage = include_usage
+        self.created = int(time.time())
+
+    def piece(self, text: str) -> bytes:
+        return ndjson_line({"response": text})
+
+    def end(self, final: Final) -> bytes:
+        return ndjson_line({"response": "", **final_fields(final)})
+
+    def error_line(self, message: str) -> bytes:
+        return ndjson_line({"error": message})
+
+    def whole(self, text: str, final: Final) -> dict:
+        return {"response": text, **final_fields(final)}
+
+    def error(self, message: str, status: int) -> dict:
+        return {"error": message}
+
+
+class OllamaGenerate(Shape):
+    def piece(self, text: str) -> bytes:
+        return ndjson_line({"model": self.model, "created_at": utc_now_rfc3339(), "response": text, "done": False})
+
+    def end(self, final: Final) -> bytes:
+        return ndjson_line(self.whole("", final))
+
+    def whole(self, text: str, final: Final) -> dict:
+        return {"model": self.model, "created_at": utc_now_rfc3339(), "response": text, **final_fields(final)}
+
+
+class OllamaChat(Shape):
+    def piece(self, text: str) -> bytes:
+        return ndjson_line({"model": self.model, "created_at": utc_now_rfc3339(),
+                            "message": {"role": "assistant", "content": text}, "done": False})
+
+    def end(self, final: Final) -> bytes:
+        return ndjson_line(self.whole("", final))
+
+    def whole(self, text: str, final: Final) -> dict:
+        return {"model": self.model, "created_at": utc_now_rfc3339(),
+                "message": {"role": "assistant", "content": text}, **final_fields(final)}
+
+
+def openai_error(message: str, status: int, param: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    code = {404: "model_not_found", 503: "server_busy", 429: "rate_limit_exceeded"}.get(status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class OpenAICompletion(Shape):
+    """OpenAI's /v1/completions: Server-Sent Events when streaming."""
+
+    content_type = SSE
+    object_name = "text_completion"
+    id_prefix = "cmpl-"
+
+    @property
+    def id(self) -> str:
+        return f"{self.id_prefix}{self.request_id}"
+
+    def _event(self, obj) -> bytes:
+        return b"data: " + json_bytes(obj) + b"\n\n"
+
+    def _chunk(self, choice: dict, **extra) -> dict:
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": [choice], **extra}
+
+    def _choice(self, text: str, finish: str | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def piece(self, text: str) -> bytes:
+        return self._event(self._chunk(self._choice(text, None)))
+
+    def end(self, final: Final) -> bytes:
+        out = self._event(self._chunk(self._choice("", finish_reason(final))))
+        if self.include_usage:
+            out += self._event({**self._chunk({}), "choices": [], "usage": usage(final)})
+        return out + b"data: [DONE]\n\n"
+
+    def error_line(self, message: str) -> bytes:
+        return self._event(openai_error(message, 500)) + b"data: [DONE]\n\n"
+
+    def whole(self, text: str, final: Final) -> dict:
+        body = self._chunk(self._choice(text, finish_reason(final)), usage=usage(final))
+        return body
+
+    def error(self, message: str, status: int) -> dict:
+        return openai_error(message, status)
+
+
+class OpenAIChat(OpenAICompletion):
+    object_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._first = True
+
+    def _choice(self, text: str, finish: str | None, whole: bool = False) -> dict:
+        key = "message" if whole else "delta"
+        content = {"role": "assistant", "content": text} if (whole or self._first) else {"content": text}
+        if finish and not whole:
+            content = {}
+        self._first = False
+        return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
+
+    def whole(self, text: str, final: Final) -> dict:
+        body = self._chunk(self._choice(text, finish_reason(final), whole=True), usage=usage(final))
+        body["object"] = "chat.completion"
+        return body
+
+
+def finish_reason(final: Final) -> str:
+    return "length" if final.done_reason == "length" else "stop"
+
+
+def usage(final: Final) -> dict:
+    s = final.stats
+    return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+            "total_tokens": s.prompt_tokens + s.completion_tokens}
+
+
 # ---------------------------------------------------------------------------
 # Handlers
 
@@ -149,10 +384,64 @@ class Api:
     def __init__(self, engine: Engine, request_log: RequestLog):
         self.engine = engine
         self.request_log = request_log
+        self.started_at = utc_now_rfc3339()
 
     def routes(self, router: Router) -> None:
         router.add("POST", "/generate", self.generate)
         router.add("GET", "/health", self.health)
+        router.add("POST", "/api/generate", self.ollama_generate)
+        router.add("POST", "/api/chat", self.ollama_chat)
+        router.add("GET", "/api/tags", self.ollama_tags)
+        router.add("POST", "/api/show", self.ollama_show)
+        router.add("GET", "/api/ps", self.ollama_ps)
+        router.add("GET", "/api/version", self.ollama_version)
+        router.add("POST", "/v1/completions", self.openai_completions)
+        router.add("POST", "/v1/chat/completions", self.openai_chat)
+        router.add("GET", "/v1/models", self.openai_models)
+
+    # ---- model names ----
+
+    def model_names(self) -> set[str]:
+        """Names a request may use for the loaded model: its name, a short alias, ':latest'."""
+        name = self.engine.model_name.lower()
+        names = {name, name.split("/")[-1]}
+        if name == EMBEDDED_NAME:
+            names |= {"smollm2", "smollm2:135m", "smollm2:135m-instruct"}
+        return names | {n + ":latest" for n in names}
+
+    def check_model(self, body: dict, required: bool = False) -> str:
+        model = body.get("model")
+        if model is None or model == "":
+            if required:
+                raise HTTPError(400, "'model' is required")
+            return self.engine.model_name
+        if not isinstance(model, str):
+            raise HTTPError(400, "'model' must be a string")
+        if model.lower() not in self.model_names():
+            raise HTTPError(404, f"model '{model}' not found")
+        return model
+
+    def _details(self) -> dict:
+        e = self.engine
+        facts = e.facts
+        params = facts.parameters
+        size = f"{params / 1e6:.0f}M" if params < 1e9 else f"{params / 1e9:.1f}B"
+        fmt = "gguf" if e.source.kind == "gguf" else "safetensors"
+        quant = e.source.location.rsplit(".", 2)[-2].upper() if fmt == "gguf" and "." in e.source.location else e.dtype.upper()
+        return {"parent_model": "", "format": fmt, "family": facts.architecture,
+                "families": [facts.architecture] if facts.architecture else None,
+                "parameter_size": size if params else "", "quantization_level": quant}
+
+    def _model_entry(self) -> dict:
+        e = self.engine
+        try:
+            size = os.path.getsize(e.source.location) if os.path.isfile(e.source.location) else 0
+        except OSError:
+            size = 0
+        return {"name": e.model_name, "model": e.model_name, "modified_at": self.started_at, "size": size,
+                "digest": f"{e.model_name}:{e.dtype}", "details": self._details()}
+
+    # ---- MiniVault ----
 
     async def health(self, request: Request, writer: ResponseWriter) -> None:
         e = self.engine
@@ -165,52 +454,130 @@ class Api:
                                          "queued": e.queued, "active": e.active_count})
 
     async def generate(self, request: Request, writer: ResponseWriter) -> None:
-        gen, stream = parse_generate(parse_json_body(request.body))
-        await self._run(request, writer, gen, stream, "/generate")
+        body = parse_json_body(request.body)
+        model = self.check_model(body)
+        gen, stream = parse_generate(body)
+        await self._run(request, writer, gen, stream, "/generate", Shape(model, 0))
+
+    # ---- Ollama ----
+
+    async def ollama_generate(self, request: Request, writer: ResponseWriter) -> None:
+        body = parse_json_body(request.body)
+        model = self.check_model(body, required=True)
+        if body.get("images"):
+            raise HTTPError(400, "images are not supported")
+        gen, stream = parse_generate(body)
+        await self._run(request, writer, gen, stream, "/api/generate", OllamaGenerate(model, 0))
+
+    async def ollama_chat(self, request: Request, writer: ResponseWriter) -> None:
+        body = parse_json_body(request.body)
+        model = self.check_model(body, required=True)
+        gen, stream = parse_chat(body)
+        await self._run(request, writer, gen, stream, "/api/chat", OllamaChat(model, 0))
+
+    async def ollama_tags(self, request: Request, writer: ResponseWriter) -> None:
+        await writer.send_json(200, {"models": [self._model_entry()]})
+
+    async def ollama_show(self, request: Request, writer: ResponseWriter) -> None:
+        body = parse_json_body(request.body)
+        if body.get("model") is None and body.get("name") is not None:
+            body["model"] = body["name"]
+        self.check_model(body, required=True)
+        e = self.engine
+        arch = e.facts.architecture
+        await writer.send_json(200, {
+            "modelfile": f"FROM {e.source.location}\n",
+            "parameters": "temperature 0.8\ntop_p 0.9\ntop_k 40\nrepeat_penalty 1.1",
+            "template": e.facts.chat_template,
+            "details": self._details(),
+            "model_info": {"general.architecture": arch, "general.parameter_count": e.facts.parameters,
+                           f"{arch}.context_length": e.context_length},
+            "capabilities": ["completion"],
+            "modified_at": self.started_at,
+        })
+
+    async def ollama_ps(self, request: Request, writer: ResponseWriter) -> None:
+        models = []
+        if self.engine.ready:
+            entry = self._model_entry()
+            entry.pop("modified_at")
+            models.append({**entry, "expires_at": "2999-12-31T23:59:59Z", "size_vram": 0,
+                           "context_length": self.engine.context_length})
+        await writer.send_json(200, {"models": models})
+
+    async def ollama_version(self, request: Request, writer: ResponseWriter) -> None:
+        await writer.send_json(200, {"version": VERSION})
+
+    # ---- OpenAI ----
+
+    async def openai_completions(self, request: Request, writer: ResponseWriter) -> None:
+        await self._openai(request, writer, chat=False)
+
+    async def openai_chat(self, request: Request, writer: ResponseWriter) -> None:
+        await self._openai(request, writer, chat=True)
+
+    async def _openai(self, request: Request, writer: ResponseWriter, chat: bool) -> None:
+        try:
+            body = parse_json_body(request.body)
+            model = self.check_model(body)
+            gen, stream, include_usage = parse_openai(body, chat)
+        except HTTPError as err:  # OpenAI clients expect their own error shape
+            await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
+            return
+        shape = (OpenAIChat if chat else OpenAICompletion)(model, 0, include_usage)
+        endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        await self._run(request, writer, gen, stream, endpoint, shape)
+
+    async def openai_models(self, request: Request, writer: ResponseWriter) -> None:
+        created = int(time.time())
+        await writer.send_json(200, {"object": "list", "data": [
+            {"id": self.engine.model_name, "object": "model", "created": created, "owned_by": "minivault"}]})
+
+    # ---- the one generation path behind every shape ----
 
     async def _run(self, request: Request, writer: ResponseWriter, gen: GenerationRequest,
-                   stream_mode: bool, endpoint: str) -> None:
+                   stream_mode: bool, endpoint: str, shape: Shape) -> None:
         """Submit, then stream (or collect) the text; log the outcome whatever happens."""
         try:
             stream = self.engine.submit(gen)
         except QueueFull as exc:
-            raise HTTPError(503, f"server busy: {exc}; retry later", [("Retry-After", "2")]) from None
+            message = f"server busy: {exc}; retry later"
+            await writer.send_json(503, shape.error(message, 503), [("Retry-After", "2")])
+            return
+        shape.request_id = stream.id
         writer.on_disconnect(stream.cancel)
         pieces: list[str] = []
         started = time.monotonic()
+        id_header = [("X-Request-Id", str(stream.id))]
         try:
             item = await stream.next()
             if isinstance(item, Final) and item.error:
                 status = 400 if item.client_error else 500
-                await writer.send_json(status, {"error": item.error})
+                await writer.send_json(status, shape.error(item.error, status), id_header)
                 return
             if stream_mode:
-                await writer.start_stream(200, NDJSON, STREAM_HEADERS + [("X-Request-Id", str(stream.id))])
+                await writer.start_stream(200, shape.content_type, STREAM_HEADERS + id_header)
                 try:
                     while not isinstance(item, Final):
                         pieces.append(item)
-                        await writer.write(ndjson_line({"response": item}))
+                        await writer.write(shape.piece(item))
                         item = await stream.next()
-                    if item.error:
-                        await writer.write(ndjson_line({"error": item.error}))
-                    else:
-                        await writer.write(ndjson_line({"response": "", **final_fields(item)}))
+                    await writer.write(shape.error_line(item.error) if item.error else shape.end(item))
                 except ClientGone:
                     raise
                 except Exception:
                     # The status line is gone already: end the stream with an error line.
                     log.exception("stream %s failed", stream.id)
-                    await writer.write(ndjson_line({"error": "internal server error"}))
+                    await writer.write(shape.error_line("internal server error"))
                 await writer.end()
             else:
                 while not isinstance(item, Final):
                     pieces.append(item)
                     item = await stream.next()
                 if item.error:
-                    await writer.send_json(500, {"error": item.error})
+                    await writer.send_json(500, shape.error(item.error, 500), id_header)
                 else:
-                    await writer.send_json(200, {"response": "".join(pieces), **final_fields(item)},
-                                           [("X-Request-Id", str(stream.id))])
+                    await writer.send_json(200, shape.whole("".join(pieces), item), id_header)
         finally:
             await self._log(request, stream, gen, endpoint, "".join(pieces), started)
 

@@ -340,6 +340,15 @@ class _Sequence:
     alive: bool = True
 
 
+@dataclass
+class ModelFacts:
+    """What the API reports about the loaded model (known once it has loaded)."""
+
+    architecture: str = ""
+    parameters: int = 0
+    chat_template: str = ""
+
+
 class Engine:
     def __init__(self, model: str | None = None, dtype: str = "auto", max_batch: int = 8,
                  queue_size: int = 64, default_max_tokens: int = 300,
@@ -355,6 +364,7 @@ class Engine:
         self.load_error: str | None = None
         self.load_seconds = 0.0
         self.context_length = 0
+        self.facts = ModelFacts()
         self.active_count = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admission: asyncio.Queue | None = None
@@ -443,6 +453,10 @@ class Engine:
                                       or getattr(self.model.config, "n_positions", 0) or 2048)
             self._eos = self._eos_ids()
             self._has_template = bool(getattr(self.tokenizer, "chat_template", None))
+            self.facts = ModelFacts(
+                architecture=str(getattr(self.model.config, "model_type", "unknown")),
+                parameters=sum(p.numel() for p in self.model.parameters()),
+                chat_template=getattr(self.tokenizer, "chat_template", None) or "")
             self._backend = self.tokenizer.backend_tokenizer
         except Exception as exc:
             log.exception("model failed to load")
