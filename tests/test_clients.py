@@ -1,0 +1,172 @@
+"""The official `ollama` and `openai` Python clients, and curl, against a running server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import ollama
+import openai
+import pytest
+
+from serverproc import wait_for_log
+
+GREEDY = {"temperature": 0}
+
+
+@pytest.fixture(scope="module")
+def ol(server):
+    return ollama.Client(host=f"http://127.0.0.1:{server.port}")
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
+
+
+# ---- ollama ----
+
+def test_ollama_generate_streamed_equals_not_streamed(ol):
+    options = {"num_predict": 16, **GREEDY}
+    whole = ol.generate(model="smollm2", prompt="What is an AI model?", options=options)
+    parts = list(ol.generate(model="smollm2", prompt="What is an AI model?", options=options, stream=True))
+    assert whole.done and whole.done_reason == "length" and whole.eval_count == 16
+    assert "".join(p.response for p in parts) == whole.response
+    assert parts[-1].done and parts[-1].eval_count == 16 and parts[-1].model == "smollm2"
+    assert all(p.created_at for p in parts)
+
+
+def test_ollama_chat_streamed_equals_not_streamed(ol):
+    messages = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Say hi."}]
+    options = {"num_predict": 12, **GREEDY}
+    whole = ol.chat(model="smollm2-135m-instruct", messages=messages, options=options)
+    parts = list(ol.chat(model="smollm2-135m-instruct", messages=messages, options=options, stream=True))
+    assert whole.message.role == "assistant" and whole.message.content
+    assert "".join(p.message.content for p in parts) == whole.message.content
+    assert parts[-1].done and parts[-1].done_reason in ("stop", "length")
+
+
+def test_ollama_chat_keeps_the_conversation(ol):
+    first = [{"role": "user", "content": "Hello"}]
+    longer = first + [{"role": "assistant", "content": "Hi! How can I help?"},
+                      {"role": "user", "content": "Tell me a fact."}]
+    a = ol.chat(model="smollm2", messages=first, options={"num_predict": 1})
+    b = ol.chat(model="smollm2", messages=longer, options={"num_predict": 1})
+    assert b.prompt_eval_count > a.prompt_eval_count
+
+
+def test_ollama_stop_sequence_and_max_tokens(ol):
+    options = {"num_predict": 40, **GREEDY}
+    full = ol.generate(model="smollm2", prompt="List the days of the week.", options=options).response
+    stop = full.split()[len(full.split()) // 2]
+    cut = ol.generate(model="smollm2", prompt="List the days of the week.", options={**options, "stop": [stop]})
+    assert cut.response == full[: full.index(stop)] and cut.done_reason == "stop"
+
+
+def test_ollama_model_not_found(ol):
+    with pytest.raises(ollama.ResponseError) as err:
+        ol.generate(model="llama3:8b", prompt="hi")
+    assert err.value.status_code == 404 and err.value.error == "model 'llama3:8b' not found"
+
+
+def test_ollama_invalid_request(ol):
+    with pytest.raises(ollama.ResponseError) as err:
+        ol.generate(model="smollm2", prompt="hi", options={"temperature": "hot"})
+    assert err.value.status_code == 400 and "temperature" in err.value.error
+
+
+def test_ollama_list_show_ps(ol, server):
+    models = ol.list().models
+    assert [m.model for m in models] == ["smollm2-135m-instruct"]
+    assert models[0].details.family == "llama" and models[0].details.parameter_size == "135M"
+    shown = ol.show("smollm2")
+    assert "im_start" in shown.template and shown.modelinfo["llama.context_length"] == 8192
+    assert ol.ps().models[0].context_length == 8192
+    assert server.request("GET", "/api/version").json()["version"]
+
+
+# ---- openai ----
+
+def test_openai_chat_streamed_equals_not_streamed(oa):
+    kwargs = dict(model="smollm2", messages=[{"role": "user", "content": "Name a colour."}],
+                  max_tokens=12, temperature=0, seed=1)
+    whole = oa.chat.completions.create(**kwargs)
+    events = list(oa.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    text = "".join(e.choices[0].delta.content or "" for e in events if e.choices)
+    assert text == whole.choices[0].message.content and text
+    assert whole.object == "chat.completion" and whole.choices[0].message.role == "assistant"
+    finishes = [e.choices[0].finish_reason for e in events if e.choices and e.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert events[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+
+def test_openai_completion_streamed_equals_not_streamed(oa):
+    kwargs = dict(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
+    whole = oa.completions.create(**kwargs)
+    events = list(oa.completions.create(stream=True, **kwargs))
+    assert "".join(e.choices[0].text for e in events) == whole.choices[0].text
+    assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 8
+
+
+def test_openai_stop_and_max_completion_tokens(oa):
+    base = dict(model="smollm2", messages=[{"role": "user", "content": "Count from one to ten in words."}],
+                temperature=0)
+    full = oa.chat.completions.create(max_completion_tokens=30, **base).choices[0].message.content
+    stop = full.split()[len(full.split()) // 2]
+    cut = oa.chat.completions.create(max_completion_tokens=30, stop=[stop], **base).choices[0]
+    assert cut.message.content == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_openai_models(oa):
+    assert [m.id for m in oa.models.list()] == ["smollm2-135m-instruct"]
+
+
+def test_openai_errors_have_openai_shape(oa):
+    with pytest.raises(openai.NotFoundError) as nf:
+        oa.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert nf.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as n2:
+        oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert n2.value.body["type"] == "invalid_request_error" and "'n'" in n2.value.body["message"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    with pytest.raises(openai.BadRequestError):
+        oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], tools=[tool])
+
+
+# ---- curl -N on every streaming endpoint ----
+
+CURL_CASES = [
+    ("/generate", {"prompt": "Hi", "max_tokens": 4, **GREEDY}, "ndjson"),
+    ("/api/generate", {"model": "smollm2", "prompt": "Hi", "options": {"num_predict": 4}}, "ndjson"),
+    ("/api/chat", {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
+                   "options": {"num_predict": 4}}, "ndjson"),
+    ("/v1/completions", {"model": "smollm2", "prompt": "Hi", "max_tokens": 4, "stream": True}, "sse"),
+    ("/v1/chat/completions", {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}],
+                              "max_tokens": 4, "stream": True}, "sse"),
+]
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+@pytest.mark.parametrize("path,body,kind", CURL_CASES, ids=[c[0] for c in CURL_CASES])
+def test_curl_streams_every_endpoint(server, path, body, kind):
+    out = subprocess.run(["curl", "-sS", "-N", "-i", f"http://127.0.0.1:{server.port}{path}",
+                          "-H", "Content-Type: application/json", "-d", json.dumps(body)],
+                         capture_output=True, timeout=120, check=True).stdout.decode()
+    head, _, payload = out.partition("\r\n\r\n")
+    assert "200 OK" in head and "transfer-encoding: chunked" in head.lower()
+    if kind == "ndjson":
+        objs = [json.loads(line) for line in payload.splitlines()]
+        assert objs[-1]["done"] is True and not any(o.get("done") for o in objs[:-1])
+    else:
+        events = [e for e in payload.split("\n\n") if e]
+        assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+        assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_log_records_the_endpoint(ol, server):
+    ol.chat(model="smollm2", messages=[{"role": "user", "content": "Log this chat."}], options={"num_predict": 2})
+    record = wait_for_log(server.log_file, lambda r: r["endpoint"] == "/api/chat"
+                          and r["prompt"][-1]["content"] == "Log this chat.")
+    assert record["status"] == "done" and record["completion_tokens"] >= 1
