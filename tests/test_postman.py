@@ -37,3 +37,5 @@ def test_request_gets_its_documented_status(server, item):
     assert resp.status == example["code"]
     if example["code"] >= 400:
         assert "error" in resp.json()
+    elif req["url"]["raw"].endswith("/v1/chat/completions") and b'"stream": true' in body:
+        assert resp.headers["content-type"] == "text/event-stream"
