@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Callable
 
 from engine import EMBEDDED_NAME, Engine, Final, GenerationRequest, QueueFull, Sampling, TokenStream
 from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router, json_bytes
+from metrics import Metrics
+from ratelimit import RateLimiter
 from requestlog import RequestLog, utc_timestamp
 
 log = logging.getLogger("minivault.api")
@@ -380,24 +386,136 @@ def usage(final: Final) -> dict:
 # Handlers
 
 
+DEFAULT_CORS_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*")
+
+
+def origin_allowed(origin: str, patterns) -> bool:
+    """`*` allows all; `scheme://host:*` allows that host on any port (or none)."""
+    for pattern in patterns:
+        if pattern == "*" or origin == pattern:
+            return True
+        if pattern.endswith(":*"):
+            base = pattern[:-2]
+            if origin == base or (origin.startswith(base + ":") and origin[len(base) + 1:].isdigit()):
+                return True
+    return False
+
+
+@dataclass
+class Policy:
+    """Who may call what: API key, rate limit, browser origins, what the log keeps."""
+
+    api_key: str | None = None
+    rate_limiter: RateLimiter | None = None
+    cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
+    log_prompts: bool = True
+
+
 class Api:
-    def __init__(self, engine: Engine, request_log: RequestLog):
+    def __init__(self, engine: Engine, request_log: RequestLog, policy: Policy | None = None,
+                 metrics: Metrics | None = None, is_draining: Callable[[], bool] = lambda: False):
         self.engine = engine
         self.request_log = request_log
+        self.policy = policy or Policy()
+        self.metrics = metrics or Metrics()
+        self.is_draining = is_draining
         self.started_at = utc_now_rfc3339()
+        self._register_metrics()
 
     def routes(self, router: Router) -> None:
-        router.add("POST", "/generate", self.generate)
-        router.add("GET", "/health", self.health)
-        router.add("POST", "/api/generate", self.ollama_generate)
-        router.add("POST", "/api/chat", self.ollama_chat)
-        router.add("GET", "/api/tags", self.ollama_tags)
-        router.add("POST", "/api/show", self.ollama_show)
-        router.add("GET", "/api/ps", self.ollama_ps)
-        router.add("GET", "/api/version", self.ollama_version)
-        router.add("POST", "/v1/completions", self.openai_completions)
-        router.add("POST", "/v1/chat/completions", self.openai_chat)
-        router.add("GET", "/v1/models", self.openai_models)
+        add = self._add
+        add(router, "POST", "/generate", self.generate, generation=True)
+        add(router, "GET", "/health", self.health, public=True)
+        add(router, "GET", "/metrics", self.metrics_page)
+        add(router, "POST", "/api/generate", self.ollama_generate, generation=True)
+        add(router, "POST", "/api/chat", self.ollama_chat, generation=True)
+        add(router, "GET", "/api/tags", self.ollama_tags)
+        add(router, "POST", "/api/show", self.ollama_show)
+        add(router, "GET", "/api/ps", self.ollama_ps)
+        add(router, "GET", "/api/version", self.ollama_version)
+        add(router, "POST", "/v1/completions", self.openai_completions, generation=True)
+        add(router, "POST", "/v1/chat/completions", self.openai_chat, generation=True)
+        add(router, "GET", "/v1/models", self.openai_models)
+
+    # ---- the guard in front of every route: CORS, API key, rate limit ----
+
+    def _add(self, router: Router, method: str, path: str, handler, generation: bool = False,
+             public: bool = False) -> None:
+        async def guarded(request: Request, writer: ResponseWriter) -> None:
+            refusal = self._check(request, writer, generation, public)
+            if refusal is None:
+                await handler(request, writer)
+            else:
+                await writer.send_json(refusal.status, self._error_body(path, refusal.message, refusal.status),
+                                       refusal.headers)
+        router.add(method, path, guarded)
+        router.add("OPTIONS", path, self._preflight_for(path))
+
+    def _error_body(self, path: str, message: str, status: int) -> dict:
+        return openai_error(message, status) if path.startswith("/v1/") else {"error": message}
+
+    def _check(self, request: Request, writer: ResponseWriter, generation: bool, public: bool) -> HTTPError | None:
+        """None when the request may go on, else the refusal (401 or 429)."""
+        origin = request.header("origin")
+        if origin and origin_allowed(origin, self.policy.cors_origins):
+            writer.extra_headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                                     ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, RateLimit-Limit, "
+                                                                       "RateLimit-Remaining, RateLimit-Reset")]
+        key = self.policy.api_key
+        if key and not public:
+            given = request.header("authorization") or ""
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                return HTTPError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                 [("WWW-Authenticate", 'Bearer realm="minivault"')])
+        limiter = self.policy.rate_limiter
+        if generation and limiter is not None:
+            decision = limiter.check(request.client, time.monotonic())
+            if not decision.allowed:
+                self.metrics.inc("minivault_rate_limited_total")
+                return HTTPError(429, f"rate limit of {limiter.limit} requests per {limiter.period:g} s "
+                                      f"exceeded; retry later", decision.headers())
+            writer.extra_headers += decision.headers()
+        return None
+
+    def _preflight_for(self, path: str):
+        async def preflight(request: Request, writer: ResponseWriter) -> None:
+            origin = request.header("origin")
+            if not origin or not origin_allowed(origin, self.policy.cors_origins):
+                await writer.send_json(403, {"error": f"origin {origin!r} is not allowed"})
+                return
+            asked = request.header("access-control-request-headers") or "Authorization, Content-Type"
+            await writer.send(204, b"", "", [
+                ("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                ("Access-Control-Allow-Methods", "GET, POST, OPTIONS"),
+                ("Access-Control-Allow-Headers", asked), ("Access-Control-Max-Age", "600")])
+        return preflight
+
+    # ---- metrics ----
+
+    def _register_metrics(self) -> None:
+        m, e = self.metrics, self.engine
+        m.counter("minivault_requests_total", "Generation requests by endpoint and outcome.")
+        m.counter("minivault_http_responses_total", "HTTP responses by route and status code.")
+        m.counter("minivault_tokens_generated_total", "Completion tokens generated.")
+        m.counter("minivault_prompt_tokens_total", "Prompt tokens processed.")
+        m.counter("minivault_cancellations_total", "Generations stopped because the client left.")
+        m.counter("minivault_queue_rejections_total", "Requests refused with 503 because the queue was full.")
+        m.counter("minivault_rate_limited_total", "Requests refused with 429.")
+        m.histogram("minivault_time_to_first_token_seconds", "Time from request to first token.")
+        m.histogram("minivault_request_duration_seconds", "Time from request to end of reply.")
+        m.gauge("minivault_queue_depth", "Requests waiting for a batch slot.", lambda: e.queued)
+        m.gauge("minivault_active_sequences", "Sequences in the running batch.", lambda: e.active_count)
+        m.gauge("minivault_model_load_seconds", "Seconds the model took to load.", lambda: e.load_seconds)
+        m.gauge("minivault_model_loaded", "1 once the model is ready.", lambda: 1.0 if e.ready else 0.0)
+        m.gauge("minivault_log_write_errors_total", "Request log lines that could not be written.",
+                lambda: self.request_log.errors)
+
+    def observe_response(self, path: str, status: int) -> None:
+        self.metrics.inc("minivault_http_responses_total", route=path, code=str(status))
+
+    async def metrics_page(self, request: Request, writer: ResponseWriter) -> None:
+        await writer.send(200, self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     # ---- model names ----
 
@@ -445,7 +563,9 @@ class Api:
 
     async def health(self, request: Request, writer: ResponseWriter) -> None:
         e = self.engine
-        if e.load_error:
+        if self.is_draining():
+            await writer.send_json(503, {"status": "draining", "model": e.model_name})
+        elif e.load_error:
             await writer.send_json(503, {"status": "error", "error": e.load_error})
         elif not e.ready:
             await writer.send_json(503, {"status": "loading", "model": e.model_name, "queued": e.queued})
@@ -541,8 +661,10 @@ class Api:
         try:
             stream = self.engine.submit(gen)
         except QueueFull as exc:
-            message = f"server busy: {exc}; retry later"
-            await writer.send_json(503, shape.error(message, 503), [("Retry-After", "2")])
+            self.metrics.inc("minivault_queue_rejections_total")
+            retry = self.engine.estimated_wait_s()
+            message = f"server busy: {exc}; retry in about {retry} s"
+            await writer.send_json(503, shape.error(message, 503), [("Retry-After", str(retry))])
             return
         shape.request_id = stream.id
         writer.on_disconnect(stream.cancel)
@@ -551,6 +673,8 @@ class Api:
         id_header = [("X-Request-Id", str(stream.id))]
         try:
             item = await stream.next()
+            if isinstance(item, str):
+                self.metrics.observe("minivault_time_to_first_token_seconds", time.monotonic() - started)
             if isinstance(item, Final) and item.error:
                 status = 400 if item.client_error else 500
                 await writer.send_json(status, shape.error(item.error, status), id_header)
@@ -610,4 +734,18 @@ class Api:
         }
         if final is not None and final.error:
             record["error"] = final.error
+        if not self.policy.log_prompts:
+            prompt_text = json.dumps(record["prompt"]) if not isinstance(record["prompt"], str) else record["prompt"]
+            for key, text in (("prompt", prompt_text), ("response", response)):
+                del record[key]
+                record[f"{key}_chars"] = len(text)
+                record[f"{key}_sha256"] = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
         self.request_log.write(record)
+        m = self.metrics
+        m.inc("minivault_requests_total", endpoint=endpoint, status=status)
+        m.observe("minivault_request_duration_seconds", time.monotonic() - started, endpoint=endpoint)
+        if stats:
+            m.inc("minivault_tokens_generated_total", stats.completion_tokens)
+            m.inc("minivault_prompt_tokens_total", stats.prompt_tokens)
+        if status == "cancelled":
+            m.inc("minivault_cancellations_total")

@@ -8,9 +8,11 @@ returns a `TokenStream`; the model thread hands text back with
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import importlib.util
 import logging
+import math
 import os
 import queue
 import random
@@ -375,6 +377,7 @@ class Engine:
         self._stopping = False
         self._loaded = asyncio.Event()
         self._started_ns = 0
+        self._finished_at: collections.deque = collections.deque(maxlen=32)  # loop-side clock
 
     # ---- the event-loop side ----
 
@@ -414,6 +417,19 @@ class Engine:
             stream.in_model = True
             self._inbox.put(stream)
 
+    def _slot_freed(self) -> None:  # runs on the event loop
+        self._finished_at.append(time.monotonic())
+        self._slots.release()
+
+    def estimated_wait_s(self) -> int:
+        """Seconds until a queue slot is likely free, from the recent completion rate."""
+        recent = self._finished_at
+        if len(recent) >= 2 and recent[-1] > recent[0]:
+            rate = (len(recent) - 1) / (recent[-1] - recent[0])
+        else:
+            rate = 0.5
+        return max(1, min(120, math.ceil((self.queued + 1) / rate)))
+
     async def wait_loaded(self) -> None:
         await self._loaded.wait()
 
@@ -435,7 +451,7 @@ class Engine:
         stream = seq_or_stream.stream if isinstance(seq_or_stream, _Sequence) else seq_or_stream
         self._emit(stream, final)
         try:
-            self._loop.call_soon_threadsafe(self._slots.release)
+            self._loop.call_soon_threadsafe(self._slot_freed)
         except RuntimeError:
             pass
 

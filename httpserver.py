@@ -393,6 +393,7 @@ class ResponseWriter:
         self.started = False
         self.finished = False
         self.keep_alive = request.keep_alive
+        self.extra_headers: list[tuple[str, str]] = []  # added to whatever response is sent
 
     @property
     def client_gone(self) -> bool:
@@ -406,15 +407,16 @@ class ResponseWriter:
         keep = self.keep_alive and not self._conn.server.draining
         self.keep_alive = keep
         return [("Date", _http_date()), ("Server", "MiniVault"),
-                ("Connection", "keep-alive" if keep else "close")]
+                ("Connection", "keep-alive" if keep else "close")] + self.extra_headers
 
     async def send(self, status: int, body: bytes, content_type: str,
                    headers: list[tuple[str, str]] | None = None) -> None:
         assert not self.started
         self.started = True
         self.status = status
-        hdrs = self._common_headers() + [("Content-Type", content_type),
-                                         ("Content-Length", str(len(body)))] + (headers or [])
+        framing = [] if status in (204, 304) else [("Content-Type", content_type),
+                                                   ("Content-Length", str(len(body)))]
+        hdrs = self._common_headers() + framing + (headers or [])
         data = encode_head(status, hdrs) + (b"" if self._head_only else body)
         await self._conn.write(data)
         self.finished = True
@@ -615,7 +617,15 @@ class _Connection(asyncio.Protocol):
             except asyncio.TimeoutError:
                 raise HTTPError(408, "request body not received in time")
 
-    async def _send_error(self, err: HTTPError) -> None:
+    def _observe(self, path: str, status: int) -> None:
+        if self.server.observer is not None:
+            try:
+                self.server.observer(path, status)
+            except Exception:
+                log.exception("response observer failed")
+
+    async def _send_error(self, err: HTTPError, path: str = "-") -> None:
+        self._observe(path, err.status)
         body = json_bytes(error_body(err.message))
         headers = [("Date", _http_date()), ("Server", "MiniVault"),
                    ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
@@ -633,6 +643,7 @@ class _Connection(asyncio.Protocol):
                 self.idle = True
                 if self.server.draining:
                     break
+                request = None
                 try:
                     request = await self._read_head()
                     if request is None:
@@ -651,7 +662,8 @@ class _Connection(asyncio.Protocol):
                             await self._read_body()
                         except (HTTPError, ClientGone):
                             pass
-                    await self._send_error(err)
+                    await self._send_error(err, "-" if err.status in (404, 405) or request is None
+                                           else request.path)
                     break
                 writer = ResponseWriter(self, request)
                 await self._call(handler, request, writer)
@@ -676,19 +688,23 @@ class _Connection(asyncio.Protocol):
         except HTTPError as err:
             writer.keep_alive = False
             if not writer.started:
-                await self._send_error(err)
+                await self._send_error(err, request.path)
         except Exception:
             log.exception("handler for %s %s failed", request.method, request.path)
             writer.keep_alive = False
             if not writer.started:
-                await self._send_error(HTTPError(500, "internal server error"))
+                await self._send_error(HTTPError(500, "internal server error"), request.path)
         finally:
             self.disconnect_callbacks.clear()
+            if writer.started:
+                self._observe(request.path, writer.status)
 
 
 class HTTPServer:
-    def __init__(self, router: Router, limits: Limits | None = None, max_connections: int = 1024):
+    def __init__(self, router: Router, limits: Limits | None = None, max_connections: int = 1024,
+                 observer: Callable[[str, int], None] | None = None):
         self.router = router
+        self.observer = observer  # called with (path or "-", status) once per response
         self.limits = limits or Limits()
         self.max_connections = max_connections
         self.connections: set[_Connection] = set()

@@ -9,7 +9,11 @@ import os
 import signal
 import sys
 
-from api import Api
+import ipaddress
+
+from api import DEFAULT_CORS_ORIGINS, Api, Policy
+from metrics import Metrics
+from ratelimit import RateLimiter, parse_rate
 from engine import Engine
 from httpserver import HTTPServer, Limits, Router
 from requestlog import RequestLog
@@ -49,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=int, default=1024, help="open connections before new ones get 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
+    p.add_argument("--log-max-bytes", type=int, default=0, help="rotate the request log past this size (0: never)")
+    p.add_argument("--log-backups", type=int, default=3, help="rotated request logs to keep")
+    p.add_argument("--no-log-prompts", action="store_true",
+                   help="log lengths and SHA-256 of prompts and responses instead of their text")
+    p.add_argument("--rate-limit", default="auto",
+                   help="per-client limit on generation requests, e.g. 30/min, 5/s, off "
+                        "(auto: 30/min when bound to a non-loopback address, else off)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                        "(or set $MINIVAULT_API_KEY)")
+    p.add_argument("--cors-origins", default=",".join(DEFAULT_CORS_ORIGINS),
+                   help="comma-separated browser origins allowed to call the API ('*' for any; "
+                        "host:* for any port)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -60,14 +77,31 @@ async def serve(args: argparse.Namespace) -> int:
     except RuntimeError as exc:
         log.error("%s", exc)
         return 2
-    request_log = RequestLog(args.log_file or None)
+    loopback = is_loopback(args.host)
+    args.api_key = args.api_key or os.environ.get("MINIVAULT_API_KEY") or None
+    try:
+        rate = parse_rate("off" if args.rate_limit == "auto" and loopback else
+                          "30/min" if args.rate_limit == "auto" else args.rate_limit)
+    except ValueError as exc:
+        log.error("--rate-limit: %s", exc)
+        return 2
+    if not loopback and not args.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use the model",
+                    args.host)
+    policy = Policy(api_key=args.api_key or None, rate_limiter=RateLimiter(*rate) if rate else None,
+                    cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
+                    log_prompts=not args.no_log_prompts)
+    request_log = RequestLog(args.log_file or None, max_bytes=args.log_max_bytes, backups=args.log_backups)
     router = Router()
-    Api(engine, request_log).routes(router)
+    server_ref: list[HTTPServer] = []
+    api = Api(engine, request_log, policy, Metrics(), is_draining=lambda: bool(server_ref) and server_ref[0].draining)
+    api.routes(router)
     limits = Limits(max_request_line=args.max_request_line, max_header_bytes=args.max_header_bytes,
                     max_header_count=args.max_headers, max_body=args.max_body,
                     header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
                     body_timeout=args.body_timeout, write_timeout=args.write_timeout)
-    server = HTTPServer(router, limits, max_connections=args.max_connections)
+    server = HTTPServer(router, limits, max_connections=args.max_connections, observer=api.observe_response)
+    server_ref.append(server)
     try:
         await server.start(args.host, args.port)
     except OSError as exc:
@@ -109,6 +143,15 @@ async def serve(args: argparse.Namespace) -> int:
     request_log.close()
     log.info("stopped")
     return 1 if engine.load_error else 0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

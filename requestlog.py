@@ -27,8 +27,13 @@ def encode_line(record: dict) -> bytes:
 
 
 class RequestLog:
-    def __init__(self, path: str | None):
+    """`max_bytes` > 0 rotates the file by size, keeping `backups` older files (.1 newest)."""
+
+    def __init__(self, path: str | None, max_bytes: int = 0, backups: int = 3):
         self.path = path
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._size = 0
         self.errors = 0
         self.written = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -67,6 +72,23 @@ class RequestLog:
             if folder:
                 os.makedirs(folder, exist_ok=True)
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            self._size = os.fstat(self._fd).st_size
+        if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
+            self._rotate()
         written = os.write(self._fd, line)
+        self._size += written
         if written != len(line):
             raise OSError(f"short write ({written} of {len(line)} bytes)")
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        self._fd = None
+        if self.backups > 0:
+            for n in range(self.backups - 1, 0, -1):
+                if os.path.exists(f"{self.path}.{n}"):
+                    os.replace(f"{self.path}.{n}", f"{self.path}.{n + 1}")
+            os.replace(self.path, f"{self.path}.1")
+        else:
+            os.remove(self.path)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._size = 0
