@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test browser bench clean
 
 install: $(STAMP)
 
@@ -19,8 +19,21 @@ $(STAMP): requirements.txt requirements-test.txt Makefile
 run: install
 	$(PY) minivault.py $(ARGS)
 
-test: install
+# The browser tests drive Debian's Chromium (Playwright's own browser download cannot
+# work offline); install it when missing (needs root, as in CI).
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
+	  else echo "the browser tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
+
+test: install browser
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
+	$(PY) bench/throughput.py
+	$(PY) bench/http_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

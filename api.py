@@ -12,6 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 from engine import EMBEDDED_NAME, Engine, Final, GenerationRequest, QueueFull, Sampling, TokenStream
@@ -19,10 +20,12 @@ from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router, j
 from metrics import Metrics
 from ratelimit import RateLimiter
 from requestlog import RequestLog, utc_timestamp
+from staticfiles import StaticFiles
 
 log = logging.getLogger("minivault.api")
 
 VERSION = "0.1.0"
+WEB_ROOT = Path(__file__).resolve().parent / "web"
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 # Tell proxies (nginx) and caches not to hold streamed tokens back.
@@ -420,6 +423,7 @@ class Api:
         self.metrics = metrics or Metrics()
         self.is_draining = is_draining
         self.started_at = utc_now_rfc3339()
+        self.static = StaticFiles(WEB_ROOT)
         self._register_metrics()
 
     def routes(self, router: Router) -> None:
@@ -436,6 +440,9 @@ class Api:
         add(router, "POST", "/v1/completions", self.openai_completions, generation=True)
         add(router, "POST", "/v1/chat/completions", self.openai_chat, generation=True)
         add(router, "GET", "/v1/models", self.openai_models)
+        # The playground page: public files, no secrets in them.
+        router.add("GET", "/", self.static.index)
+        router.add_prefix("GET", self.static.prefix, self.static.file)
 
     # ---- the guard in front of every route: CORS, API key, rate limit ----
 

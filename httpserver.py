@@ -356,14 +356,23 @@ Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
 
 
 class Router:
+    """Exact paths, plus prefixes (`add_prefix`) for a folder of files."""
+
     def __init__(self):
         self._routes: dict[str, dict[str, Handler]] = {}
+        self._prefixes: dict[str, dict[str, Handler]] = {}
 
     def add(self, method: str, path: str, handler: Handler) -> None:
         self._routes.setdefault(path, {})[method] = handler
 
+    def add_prefix(self, method: str, prefix: str, handler: Handler) -> None:
+        self._prefixes.setdefault(prefix, {})[method] = handler
+
     def resolve(self, method: str, path: str) -> Handler:
         methods = self._routes.get(path)
+        if methods is None:
+            matches = [p for p in self._prefixes if path.startswith(p)]
+            methods = self._prefixes[max(matches, key=len)] if matches else None
         if methods is None:
             raise HTTPError(404, f"not found: {path}")
         if method in methods:
