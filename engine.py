@@ -509,30 +509,31 @@ class Engine:
         self._cache = None
         self._mask = None
         while not self._stopping:
-            # Admit waiting requests between steps (block only when idle).
-            while len(active) < self.max_batch:
-                try:
-                    stream = self._inbox.get(block=not active)
-                except queue.Empty:
-                    break
-                if stream is None:
-                    return
-                seq = self._admit(stream)
-                if seq is not None:
-                    active.append(seq)
-            active = self._drop_cancelled(active)
-            if not active:
-                continue
             try:
-                self._decode_step(active)
+                # Admit waiting requests between steps (block only when idle).
+                while len(active) < self.max_batch:
+                    try:
+                        stream = self._inbox.get(block=not active)
+                    except queue.Empty:
+                        break
+                    if stream is None:
+                        self._stopping = True
+                        break
+                    seq = self._admit(stream)
+                    if seq is not None:
+                        active.append(seq)
+                active = self._drop_cancelled(active)
+                if active and not self._stopping:
+                    self._decode_step(active)
+                    active = self._retire(active)
             except Exception as exc:
-                log.exception("decode step failed")
+                # Whatever failed, the batch's state is suspect: end its requests
+                # with an error and start clean; the next requests are unaffected.
+                log.exception("model step failed")
                 for seq in active:
                     self._end(seq, "error", error=f"generation failed: {exc}")
                 active = []
                 self._cache = self._mask = None
-                continue
-            active = self._retire(active)
         for seq in active:
             self._end(seq, "cancelled")
 
@@ -692,6 +693,9 @@ class Engine:
         return [active[i] for i in keep]
 
     def _end(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
+        if not seq.alive:  # ended already: exactly one final event per request
+            return
+        seq.alive = False
         if reason in ("stop", "length"):
             tail = seq.stopper.flush() if reason == "length" else ""
             if tail:
