@@ -372,6 +372,7 @@ class Engine:
         self._admission: asyncio.Queue | None = None
         self._slots: asyncio.Semaphore | None = None
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox: list = []  # (stream, text or Final), model thread only
         self._thread: threading.Thread | None = None
         self._feeder: asyncio.Task | None = None
         self._stopping = False
@@ -441,19 +442,31 @@ class Engine:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
 
+    # Everything the model thread produces in one step goes back in one
+    # call_soon_threadsafe: one wake-up of the event loop per step, not one per
+    # token, which on a 2-core machine keeps torch's threads from being preempted.
+
     def _emit(self, stream: TokenStream, item) -> None:
-        try:
-            self._loop.call_soon_threadsafe(stream._push, item)
-        except RuntimeError:  # the loop has closed: shutting down
-            pass
+        self._outbox.append((stream, item))
 
     def _finish(self, seq_or_stream, final: Final) -> None:
         stream = seq_or_stream.stream if isinstance(seq_or_stream, _Sequence) else seq_or_stream
-        self._emit(stream, final)
+        self._outbox.append((stream, final))
+
+    def _flush_outbox(self) -> None:
+        if not self._outbox:
+            return
+        batch, self._outbox = self._outbox, []
         try:
-            self._loop.call_soon_threadsafe(self._slot_freed)
-        except RuntimeError:
+            self._loop.call_soon_threadsafe(self._deliver, batch)
+        except RuntimeError:  # the loop has closed: shutting down
             pass
+
+    def _deliver(self, batch: list) -> None:  # runs on the event loop
+        for stream, item in batch:
+            stream._push(item)
+            if isinstance(item, Final):
+                self._slot_freed()
 
     # ---- the model thread ----
 
@@ -494,6 +507,7 @@ class Engine:
     def _fail_forever(self) -> None:
         while (stream := self._inbox.get()) is not None:
             self._finish(stream, Final("error", Stats(), error=self.load_error))
+            self._flush_outbox()
 
     def _eos_ids(self) -> set[int]:
         ids = set()
@@ -511,17 +525,24 @@ class Engine:
         while not self._stopping:
             try:
                 # Admit waiting requests between steps (block only when idle).
-                while len(active) < self.max_batch:
+                arrived: list[_Sequence] = []
+                while len(active) + len(arrived) < self.max_batch:
+                    idle = not active and not arrived
+                    if idle:
+                        self._flush_outbox()  # nothing may wait in the outbox while we sleep
                     try:
-                        stream = self._inbox.get(block=not active)
+                        stream = self._inbox.get(block=idle)
                     except queue.Empty:
                         break
                     if stream is None:
                         self._stopping = True
                         break
-                    seq = self._admit(stream)
+                    seq = self._prepare(stream)
                     if seq is not None:
-                        active.append(seq)
+                        arrived.append(seq)
+                for group in self._prefill_groups(arrived):
+                    active += self._prefill(group)
+                self._flush_outbox()  # first tokens go out before the next step
                 active = self._drop_cancelled(active)
                 if active and not self._stopping:
                     self._decode_step(active)
@@ -534,8 +555,10 @@ class Engine:
                     self._end(seq, "error", error=f"generation failed: {exc}")
                 active = []
                 self._cache = self._mask = None
+            self._flush_outbox()
         for seq in active:
             self._end(seq, "cancelled")
+        self._flush_outbox()
 
     def _prompt_ids(self, req: GenerationRequest) -> list[int]:
         if req.messages is not None and self._has_template:
@@ -552,8 +575,8 @@ class Engine:
             text = req.prompt
         return list(self.tokenizer.encode(text))
 
-    def _admit(self, stream: TokenStream) -> _Sequence | None:
-        """Tokenise and prefill one request, then join it to the running batch."""
+    def _prepare(self, stream: TokenStream) -> _Sequence | None:
+        """Tokenise and check one request; None when it ended here (cancelled or invalid)."""
         torch = self._torch
         now = time.monotonic_ns()
         if stream.cancelled:
@@ -579,36 +602,73 @@ class Engine:
         if want < 0:
             want = self.context_length
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-        seq = _Sequence(stream=stream, prompt_ids=ids,
-                        max_tokens=min(want, self.context_length - len(ids)),
-                        detok=Detokenizer(self._backend), stopper=StopMatcher(req.stop),
-                        generator=torch.Generator().manual_seed(seed), start_ns=now,
-                        load_ns=max(0, self._started_ns + int(self.load_seconds * 1e9) - stream.submitted_ns))
-        try:
-            from transformers import DynamicCache
+        return _Sequence(stream=stream, prompt_ids=ids,
+                         max_tokens=min(want, self.context_length - len(ids)),
+                         detok=Detokenizer(self._backend), stopper=StopMatcher(req.stop),
+                         generator=torch.Generator().manual_seed(seed), start_ns=now,
+                         load_ns=max(0, self._started_ns + int(self.load_seconds * 1e9) - stream.submitted_ns))
 
-            cache = DynamicCache(config=self.model.config)
-            out = self.model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
-            seq.cached = len(ids)
-            seq.prompt_eval_ns = time.monotonic_ns() - now
-            self._join(cache, len(ids))
+    def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
+        """Requests that arrived together are prefilled together, unless padding the
+        shorter prompts to the longest would waste more than a quarter of the work."""
+        groups: list[list[_Sequence]] = []
+        for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
+            group = groups[-1] if groups else None
+            if group is not None:
+                longest = len(seq.prompt_ids)
+                real = sum(len(s.prompt_ids) for s in group) + longest
+                if longest * (len(group) + 1) <= 1.25 * real:
+                    group.append(seq)
+                    continue
+            groups.append([seq])
+        return groups
+
+    def _prefill(self, group: list[_Sequence]) -> list[_Sequence]:
+        """One forward pass over the group's prompts (left-padded), joined to the batch.
+
+        Returns the sequences still generating after their first token.
+        """
+        torch = self._torch
+        from transformers import DynamicCache
+
+        started = time.monotonic_ns()
+        width = max(len(s.prompt_ids) for s in group)
+        ids = torch.tensor([[0] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group])
+        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in group])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        try:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                             use_cache=True, logits_to_keep=1)
         except Exception as exc:
             log.exception("prefill failed")
-            self._finish(stream, Final("error", Stats(prompt_tokens=len(ids)), error=f"generation failed: {exc}"))
-            return None
-        self.active_count += 1
-        if self._take(seq, out.logits[0, -1]):
-            return seq
-        self._leave_batch_row(-1)
-        return None
+            for s in group:
+                self._finish(s.stream, Final("error", Stats(prompt_tokens=len(s.prompt_ids)),
+                                             error=f"generation failed: {exc}"))
+            return []
+        self._join(cache, mask)
+        self.active_count += len(group)
+        elapsed = time.monotonic_ns() - started
+        first_row = self._mask.shape[0] - len(group)
+        alive, ended_rows = [], []
+        for i, seq in enumerate(group):
+            seq.cached = len(seq.prompt_ids)
+            seq.prompt_eval_ns = elapsed
+            if self._take(seq, out.logits[i, -1]):
+                alive.append(seq)
+            else:
+                ended_rows.append(first_row + i)
+        if ended_rows:
+            self._select_rows([r for r in range(self._mask.shape[0]) if r not in ended_rows])
+        return alive
 
     # The batch's KV cache: one row per active sequence, left-padded to a common
-    # length; `_mask` marks real positions. A new sequence is prefilled alone and
-    # concatenated in; a finished one is cut out with batch_select_indices.
+    # length; `_mask` marks real positions. Newly arrived sequences are prefilled
+    # (together when they arrive together) and concatenated in; a finished one is cut out with batch_select_indices.
 
-    def _join(self, cache, length: int) -> None:
+    def _join(self, cache, mask) -> None:
         torch = self._torch
-        mask = torch.ones((1, length), dtype=torch.long)
+        length = mask.shape[1]
         if self._cache is None:
             self._cache, self._mask = cache, mask
             return
@@ -618,12 +678,6 @@ class Engine:
             mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(new.keys, width)])
             mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(new.values, width)])
         self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
-
-    def _leave_batch_row(self, row: int) -> None:
-        """Remove one row (by index; -1 = last) from the batch cache."""
-        n = self._mask.shape[0]
-        keep = [i for i in range(n) if i != (row % n)]
-        self._select_rows(keep)
 
     def _select_rows(self, keep: list[int]) -> None:
         torch = self._torch
