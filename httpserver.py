@@ -664,9 +664,10 @@ class _Connection(asyncio.Protocol):
                         await self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     request.body = await self._read_body()
                 except HTTPError as err:
-                    if err.status in (404, 405) and not self.closed:
-                        # The request itself was well formed: read and drop its body,
-                        # so the connection can stay in step for the next one.
+                    if err.status in (404, 405) and not self.closed and not request.expects_continue:
+                        # A well-formed request: read and drop its body, so that closing
+                        # does not reset the connection before the client reads the reply.
+                        # (A client expecting 100-continue has not sent its body.)
                         try:
                             await self._read_body()
                         except (HTTPError, ClientGone):

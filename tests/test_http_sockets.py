@@ -142,6 +142,18 @@ def test_expect_100_continue_with_a_body_too_large_gets_413_instead(live):
     assert resp.status == 413 and b"error" in resp.body
 
 
+def test_expect_100_continue_on_an_unknown_path_gets_404_without_waiting_for_the_body():
+    srv = LiveServer(Limits(body_timeout=60.0))
+    try:
+        with srv.connect() as sock:
+            sock.settimeout(10)  # far less than the body timeout: the 404 must not wait for it
+            sock.sendall(b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+            resp = read_response(sock)
+        assert resp.status == 404 and b"error" in resp.body
+    finally:
+        srv.close()
+
+
 def test_chunked_request_body(live):
     with live.connect() as sock:
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
