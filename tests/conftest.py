@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 
@@ -18,7 +19,9 @@ from serverproc import ServerProcess  # noqa: E402
 def server(tmp_path_factory):
     """The embedded model behind a real server, shared by the end-to-end tests."""
     log_file = tmp_path_factory.mktemp("logs") / "log.jsonl"
-    proc = ServerProcess([], log_file=log_file)
+    # MINIVAULT_TEST_DTYPE=bfloat16 runs the end-to-end tests in that dtype.
+    dtype = os.environ.get("MINIVAULT_TEST_DTYPE", "auto")
+    proc = ServerProcess(["--dtype", dtype], log_file=log_file)
     proc.wait_ready()
     yield proc
     proc.stop()
