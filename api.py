@@ -593,14 +593,34 @@ class Api:
         model = self.check_model(body, required=True)
         if body.get("images"):
             raise HTTPError(400, "images are not supported")
+        if body.get("prompt") in (None, "") and not body.get("system"):
+            await self._loaded_reply(writer, body, {"response": ""})
+            return
         gen, stream = parse_generate(body)
         await self._run(request, writer, gen, stream, "/api/generate", OllamaGenerate(model, 0))
 
     async def ollama_chat(self, request: Request, writer: ResponseWriter) -> None:
         body = parse_json_body(request.body)
         model = self.check_model(body, required=True)
+        if body.get("messages") in (None, []):
+            await self._loaded_reply(writer, body, {"message": {"role": "assistant", "content": ""}})
+            return
         gen, stream = parse_chat(body)
         await self._run(request, writer, gen, stream, "/api/chat", OllamaChat(model, 0))
+
+    async def _loaded_reply(self, writer: ResponseWriter, body: dict, content: dict) -> None:
+        """Ollama's answer to an empty prompt: a request to load the model, done at once."""
+        await self.engine.wait_loaded()
+        if self.engine.load_error:
+            raise HTTPError(500, self.engine.load_error)
+        obj = {"model": body["model"], "created_at": utc_now_rfc3339(), **content,
+               "done": True, "done_reason": "load"}
+        if body.get("stream") is False:
+            await writer.send_json(200, obj)
+        else:
+            await writer.start_stream(200, NDJSON, STREAM_HEADERS)
+            await writer.write(ndjson_line(obj))
+            await writer.end()
 
     async def ollama_tags(self, request: Request, writer: ResponseWriter) -> None:
         await writer.send_json(200, {"models": [self._model_entry()]})

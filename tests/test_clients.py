@@ -64,6 +64,13 @@ def test_ollama_stop_sequence_and_max_tokens(ol):
     assert cut.response == full[: full.index(stop)] and cut.done_reason == "stop"
 
 
+def test_ollama_empty_prompt_loads_the_model_as_ollama_does(ol):
+    loaded = ol.generate(model="smollm2", prompt="")
+    assert loaded.done and loaded.done_reason == "load" and loaded.response == ""
+    chat = ol.chat(model="smollm2", messages=[])
+    assert chat.done and chat.done_reason == "load"
+
+
 def test_ollama_model_not_found(ol):
     with pytest.raises(ollama.ResponseError) as err:
         ol.generate(model="llama3:8b", prompt="hi")
