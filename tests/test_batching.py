@@ -70,3 +70,33 @@ def test_health_answers_while_eight_streams_run(server):
         results = [f.result() for f in futures]
     assert health["status"] == "ok" and health["active"] == 8
     assert all(r.status == 200 and r.lines()[-1]["done"] for r in results)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_streaming(server):
+    """A long prompt does not freeze the running streams for its whole prefill."""
+    arrivals: list[float] = []
+
+    def running_stream():
+        with server.connect() as sock:
+            send_request(sock, "POST", "/generate",
+                         {"prompt": "Write a long story about a lighthouse.", "max_tokens": 250, "temperature": 0})
+            resp = read_response(sock)
+            arrivals.extend(resp.chunk_times)
+
+    runner = threading.Thread(target=running_stream)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while server.request("GET", "/health").json()["active"] < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    long_prompt = "Summarise this. " + "The lighthouse keeper climbed the stairs at dusk. " * 120
+    sent = time.monotonic()
+    with server.connect() as sock:
+        send_request(sock, "POST", "/generate", {"prompt": long_prompt, "max_tokens": 3, "temperature": 0})
+        resp = read_response(sock)
+    first_token = resp.chunk_times[0]
+    runner.join()
+    final = resp.lines()[-1]
+    assert resp.status == 200 and final["done"] and final["prompt_eval_count"] > 1000
+    # The running stream got tokens while the long prompt was being prefilled.
+    assert sum(sent < t < first_token for t in arrivals) >= 3
