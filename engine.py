@@ -487,6 +487,9 @@ class Engine:
                 parameters=sum(p.numel() for p in self.model.parameters()),
                 chat_template=getattr(self.tokenizer, "chat_template", None) or "")
             self._backend = self.tokenizer.backend_tokenizer
+            from transformers import DynamicCache
+
+            self._new_cache = lambda: DynamicCache(config=self.model.config)
         except Exception as exc:
             log.exception("model failed to load")
             self.load_error = f"model failed to load: {exc}"
@@ -541,10 +544,8 @@ class Engine:
                     seq = self._prepare(stream)
                     if seq is not None:
                         arrived.append(seq)
-                from transformers import DynamicCache
-
                 short = [s for s in arrived if len(s.prompt_ids) <= self.PREFILL_CHUNK]
-                self._long_prefills += [(s, DynamicCache(config=self.model.config))
+                self._long_prefills += [(s, self._new_cache())
                                         for s in arrived if len(s.prompt_ids) > self.PREFILL_CHUNK]
                 for group in self._prefill_groups(short):
                     active += self._prefill(group)
@@ -642,14 +643,12 @@ class Engine:
         Returns the sequences still generating after their first token.
         """
         torch = self._torch
-        from transformers import DynamicCache
-
         started = time.monotonic_ns()
         width = max(len(s.prompt_ids) for s in group)
         ids = torch.tensor([[0] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group])
         mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in group])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
+        cache = self._new_cache()
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                              use_cache=True, logits_to_keep=1)
@@ -757,7 +756,11 @@ class Engine:
 
     def _take(self, seq: _Sequence, logits) -> bool:
         """Sample the next token of `seq`, stream its text; False when the sequence ends."""
-        token = sample_token(logits, seq.stream.request.sampling, seq.prompt_ids + seq.completion,
+        # Only the last REPEAT_LAST_N tokens matter to the penalty: never copy a long prompt per token.
+        recent = seq.completion[-REPEAT_LAST_N:]
+        if len(recent) < REPEAT_LAST_N:
+            recent = seq.prompt_ids[len(recent) - REPEAT_LAST_N:] + recent
+        token = sample_token(logits, seq.stream.request.sampling, recent,
                              seq.generator)
         if not seq.first_token_ns:
             seq.first_token_ns = time.monotonic_ns()
