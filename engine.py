@@ -335,7 +335,6 @@ class _Sequence:
     pending: int = -1  # sampled, not yet fed through the model
     cached: int = 0  # real tokens in the KV cache for this row
     completion: list[int] = field(default_factory=list)
-    start_ns: int = 0
     first_token_ns: int = 0
     prompt_eval_ns: int = 0
     load_ns: int = 0
@@ -619,7 +618,7 @@ class Engine:
         return _Sequence(stream=stream, prompt_ids=ids,
                          max_tokens=min(want, self.context_length - len(ids)),
                          detok=Detokenizer(self._backend), stopper=StopMatcher(req.stop),
-                         generator=torch.Generator().manual_seed(seed), start_ns=now,
+                         generator=torch.Generator().manual_seed(seed),
                          load_ns=max(0, self._started_ns + int(self.load_seconds * 1e9) - stream.submitted_ns))
 
     def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
@@ -781,16 +780,13 @@ class Engine:
         return True
 
     def _drop_cancelled(self, active: list[_Sequence]) -> list[_Sequence]:
-        if not any(s.stream.cancelled for s in active):
-            return active
-        keep = [i for i, s in enumerate(active) if not s.stream.cancelled]
         for s in active:
             if s.stream.cancelled:
                 self._end(s, "cancelled")
-        self._select_rows(keep)
-        return [active[i] for i in keep]
+        return self._retire(active)
 
     def _retire(self, active: list[_Sequence]) -> list[_Sequence]:
+        """Cut the sequences that have ended out of the batch."""
         keep = [i for i, s in enumerate(active) if s.alive]
         if len(keep) != len(active):
             self._select_rows(keep)

@@ -12,7 +12,7 @@ import logging
 import re
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit

@@ -69,10 +69,6 @@ class Metrics:
             state[1] += value
             state[2] += 1
 
-    def value(self, name: str, **labels) -> float:
-        with self._lock:
-            return self._values[name].get(tuple(sorted(labels.items())), 0.0)
-
     def render(self) -> str:
         lines: list[str] = []
         with self._lock:

@@ -93,15 +93,14 @@ async def serve(args: argparse.Namespace) -> int:
                     log_prompts=not args.no_log_prompts)
     request_log = RequestLog(args.log_file or None, max_bytes=args.log_max_bytes, backups=args.log_backups)
     router = Router()
-    server_ref: list[HTTPServer] = []
-    api = Api(engine, request_log, policy, Metrics(), is_draining=lambda: bool(server_ref) and server_ref[0].draining)
-    api.routes(router)
     limits = Limits(max_request_line=args.max_request_line, max_header_bytes=args.max_header_bytes,
                     max_header_count=args.max_headers, max_body=args.max_body,
                     header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
                     body_timeout=args.body_timeout, write_timeout=args.write_timeout)
-    server = HTTPServer(router, limits, max_connections=args.max_connections, observer=api.observe_response)
-    server_ref.append(server)
+    server = HTTPServer(router, limits, max_connections=args.max_connections)
+    api = Api(engine, request_log, policy, Metrics(), is_draining=lambda: server.draining)
+    api.routes(router)
+    server.observer = api.observe_response
     try:
         await server.start(args.host, args.port)
     except OSError as exc:
