@@ -486,9 +486,10 @@ class Engine:
                 parameters=sum(p.numel() for p in self.model.parameters()),
                 chat_template=getattr(self.tokenizer, "chat_template", None) or "")
             self._backend = self.tokenizer.backend_tokenizer
-            from transformers import DynamicCache
+            import fastdecode
 
-            self._new_cache = lambda: DynamicCache(config=self.model.config)
+            fastdecode.speed_up_output_head(self.model)
+            self._new_cache = lambda: fastdecode.new_cache(self.model.config)
         except Exception as exc:
             log.exception("model failed to load")
             self.load_error = f"model failed to load: {exc}"

@@ -89,17 +89,17 @@ async def ttft_while_busy(port: int, busy: int, max_tokens: int) -> tuple[float,
 
 
 def bare_decode_rate(max_tokens: int, dtype: str) -> float:
-    """Greedy tokens/s of a plain in-process loop: model, KV cache, argmax; no server."""
+    """Greedy tokens/s of a plain in-process loop: model, the engine's KV cache, argmax; no server."""
     import torch
-    from transformers import DynamicCache
 
     from engine import choose_dtype, load_model, resolve_model
+    from fastdecode import new_cache
 
     model, tok = load_model(resolve_model(None), choose_dtype(dtype), "~/.cache/minivault")
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
                                   tokenize=True, return_dict=False)
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
+        cache = new_cache(model.config)  # the server's cache, so the loop is its ceiling
         logits = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True).logits[0, -1]
         token = int(torch.argmax(logits))
         start = time.perf_counter()

@@ -1,0 +1,83 @@
+"""Two measured fixes that make a decode step over a few rows cheaper on CPU.
+
+Imported by the model thread only (it imports torch, which takes seconds).
+
+- `new_cache`: a KV cache whose layers keep spare room along the sequence, so a
+  decode step writes its keys and values in place. transformers' DynamicLayer
+  concatenates, which copies the whole cache every step: ~10% of an 8-row step.
+- `speed_up_output_head`: the output head computes W @ x^T instead of x @ W^T when
+  2-64 rows come in. MKL packs the right-hand matrix on every call, so the usual
+  order re-packs the 49152x576 head each step; swapped, only the few rows are packed.
+  Measured on a 2-core AVX2 CPU at 8 rows: 20.7 -> 10.8 ms; one row is unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class RoomyLayer(DynamicLayer):
+    """A DynamicLayer whose keys/values are views into buffers with spare room.
+
+    Code that assigns `keys`/`values` directly (joining or cutting rows of the
+    batch) keeps working: the next update sees the tensors are no longer its own
+    views and copies them into fresh buffers, which costs one concatenation.
+    """
+
+    SPARE = 64  # positions of room added whenever a buffer is (re)built
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        old = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        new = old + key_states.shape[-2]
+        if self.keys is not getattr(self, "_own_keys", None) or self._key_room.shape[-2] < new:
+            self._key_room = self._with_room(self.keys, key_states, old, new)
+            self._value_room = self._with_room(self.values, value_states, old, new)
+        self._key_room[:, :, old:new] = key_states
+        self._value_room[:, :, old:new] = value_states
+        self.keys = self._own_keys = self._key_room[:, :, :new]
+        self.values = self._value_room[:, :, :new]
+        return self.keys, self.values
+
+    def _with_room(self, current, incoming, old: int, new: int):
+        shape = list(incoming.shape)
+        shape[-2] = new + self.SPARE
+        room = incoming.new_empty(shape)
+        if old:
+            room[:, :, :old] = current
+        return room
+
+
+def new_cache(config) -> DynamicCache:
+    """transformers' cache for this model, with roomy layers where it would use plain ones."""
+    cache = DynamicCache(config=config)
+    cache.layers = [RoomyLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
+class FewRowsHead(torch.nn.Module):
+    """The output head's Linear, computed in the order MKL handles best for few rows."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x):
+        rows = x.numel() // x.shape[-1]
+        if not 2 <= rows <= 64:  # one row is a gemv either way; many rows amortise the packing
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        y = torch.mm(self.weight, x.reshape(rows, x.shape[-1]).t()).t()
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def speed_up_output_head(model) -> None:
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        model.set_output_embeddings(FewRowsHead(head))

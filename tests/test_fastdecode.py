@@ -1,0 +1,86 @@
+import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+# fastdecode.py: the roomy KV cache must hold exactly what transformers' own cache
+# holds, through every way the engine touches it; the swapped head must compute the
+# same product as nn.Linear.
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from fastdecode import FewRowsHead, RoomyLayer, new_cache
+
+
+def kv(batch: int, length: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, length, 8, generator=g), torch.randn(batch, 3, length, 8, generator=g)
+
+
+def same(a: DynamicLayer, b: DynamicLayer) -> None:
+    assert a.get_seq_length() == b.get_seq_length()
+    assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_roomy_layer_matches_dynamic_layer_over_prefill_and_many_steps():
+    plain, roomy = DynamicLayer(), RoomyLayer()
+    for step, length in enumerate([30] + [1] * (RoomyLayer.SPARE * 2 + 5)):  # crosses the room twice
+        k, v = kv(4, length, step)
+        ka, va = plain.update(k, v)
+        kb, vb = roomy.update(k, v)
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+    same(plain, roomy)
+
+
+def test_roomy_layer_writes_in_place_between_rebuilds():
+    roomy = RoomyLayer()
+    roomy.update(*kv(2, 10, 0))
+    storage = roomy.keys.untyped_storage().data_ptr()
+    for step in range(RoomyLayer.SPARE):
+        roomy.update(*kv(2, 1, step + 1))
+        assert roomy.keys.untyped_storage().data_ptr() == storage
+    roomy.update(*kv(2, 1, 999))  # no room left: a bigger buffer
+    assert roomy.keys.untyped_storage().data_ptr() != storage
+    assert roomy.get_seq_length() == 10 + RoomyLayer.SPARE + 1
+
+
+def test_roomy_layer_follows_rows_cut_columns_trimmed_and_rows_joined():
+    plain, roomy = DynamicLayer(), RoomyLayer()
+    for layer in (plain, roomy):
+        layer.update(*kv(4, 12, 0))
+        layer.update(*kv(4, 1, 1))
+    index = torch.tensor([0, 2, 3])
+    for layer in (plain, roomy):  # a sequence leaves: batch_select_indices
+        layer.batch_select_indices(index)
+        layer.update(*kv(3, 1, 2))
+    same(plain, roomy)
+    for layer in (plain, roomy):  # padding columns go, a new row joins (as Engine._join does)
+        layer.keys, layer.values = layer.keys[:, :, 2:], layer.values[:, :, 2:]
+        extra_k, extra_v = kv(1, layer.keys.shape[-2], 3)
+        layer.keys = torch.cat([layer.keys, extra_k])
+        layer.values = torch.cat([layer.values, extra_v])
+        layer.update(*kv(4, 1, 4))
+    same(plain, roomy)
+
+
+def test_new_cache_uses_roomy_layers_for_a_llama_config():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(num_hidden_layers=3, hidden_size=32, intermediate_size=64,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    cache = new_cache(config)
+    assert len(cache.layers) == 3 and all(type(layer) is RoomyLayer for layer in cache.layers)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8, 64, 65, 200])
+@pytest.mark.parametrize("bias", [False, True])
+def test_few_rows_head_computes_the_linear_product(rows, bias):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(48, 500, bias=bias)
+    head = FewRowsHead(linear)
+    x = torch.randn(rows, 1, 48)  # (batch, positions, hidden) as the model calls it
+    with torch.inference_mode():
+        want, got = linear(x), head(x)
+    assert got.shape == want.shape == (rows, 1, 500)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    if rows == 1:
+        assert torch.equal(got, want)  # a single row takes the very same path
