@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64,
                    help="requests that may wait for the model; beyond it clients get 503")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="weights and activations type (auto: bfloat16 where the CPU has native bfloat16, else float32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="number type (float16: float16 weights, float32 sums; auto: bfloat16 with native bfloat16, else float16 where fbgemm runs, else float32)")
     p.add_argument("--cache-dir", default="~/.cache/minivault",
                    help="where a GGUF model's converted weights are cached ('' to disable)")
     p.add_argument("--max-body", type=int, default=1024 * 1024, help="largest request body in bytes (413 beyond)")

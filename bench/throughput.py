@@ -93,9 +93,11 @@ def bare_decode_rate(max_tokens: int, dtype: str) -> float:
     import torch
 
     from engine import choose_dtype, load_model, resolve_model
-    from fastdecode import new_cache
+    from fastdecode import new_cache, speed_up
 
-    model, tok = load_model(resolve_model(None), choose_dtype(dtype), "~/.cache/minivault")
+    dtype = choose_dtype(dtype)
+    model, tok = load_model(resolve_model(None), dtype, "~/.cache/minivault")
+    speed_up(model, dtype)  # as the engine serves it
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
                                   tokenize=True, return_dict=False)
     with torch.inference_mode():

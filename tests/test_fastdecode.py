@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from fastdecode import FewRowsHead, RoomyLayer, new_cache
+from fastdecode import (FewRowsHead, HalfWeightLinear, RoomyLayer, half_weights_supported, new_cache,
+                        use_half_weights)
 
 
 def kv(batch: int, length: int, seed: int):
@@ -84,3 +85,52 @@ def test_few_rows_head_computes_the_linear_product(rows, bias):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     if rows == 1:
         assert torch.equal(got, want)  # a single row takes the very same path
+
+
+needs_fbgemm = pytest.mark.skipif(not half_weights_supported(), reason="fbgemm float16 needs AVX2 and F16C")
+
+
+@needs_fbgemm
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_half_weight_linear_is_the_product_with_float16_rounded_weights(rows):
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(64, 96)
+    half = HalfWeightLinear(linear)
+    x = torch.randn(rows, 1, 64)
+    with torch.inference_mode():
+        got = half(x)
+        want = torch.nn.functional.linear(x, linear.weight.half().float(), linear.bias)
+    assert got.shape == (rows, 1, 96) and got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_fbgemm
+def test_half_weight_rows_do_not_depend_on_the_other_rows():
+    # Batch fidelity rests on this: one row's output is the same alone or among 8, up
+    # to the summation order of the kernel chosen for that row count (~1e-6, as
+    # with float32's own Linear).
+    torch.manual_seed(0)
+    half = HalfWeightLinear(torch.nn.Linear(576, 1536, bias=False))
+    x = torch.randn(8, 576)
+    with torch.inference_mode():
+        together = half(x)
+        alone = torch.cat([half(x[i:i + 1]) for i in range(8)])
+    assert torch.allclose(together, alone, atol=1e-5, rtol=0)
+
+
+@needs_fbgemm
+def test_use_half_weights_swaps_every_linear_and_keeps_embeddings():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.tensor([[1, 5, 9, 13]])
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        use_half_weights(model)
+        after = model(input_ids=ids).logits
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert isinstance(model.get_output_embeddings(), HalfWeightLinear)
+    assert type(model.get_input_embeddings()) is torch.nn.Embedding
+    assert torch.allclose(before, after, atol=1e-2)
