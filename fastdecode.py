@@ -19,6 +19,7 @@ Imported by the model thread only (it imports torch, which takes seconds).
 from __future__ import annotations
 
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from transformers import DynamicCache
@@ -122,10 +123,14 @@ class HalfWeightLinear(torch.nn.Module):
 
 def use_half_weights(model) -> None:
     """Swap every nn.Linear of a float32 model for a HalfWeightLinear."""
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear:
-                setattr(module, name, HalfWeightLinear(child))
+    slots = [(module, name, child) for module in model.modules()
+             for name, child in module.named_children() if type(child) is torch.nn.Linear]
+    # Packing is single-threaded C++ that releases the GIL: one worker per torch
+    # thread took the embedded model's packing from ~3 s to ~1.3 s.
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        halves = list(pool.map(HalfWeightLinear, [child for _, _, child in slots]))
+    for (module, name, _), half in zip(slots, halves):
+        setattr(module, name, half)
 
 
 def speed_up(model, dtype: str) -> None:
