@@ -91,7 +91,7 @@ needs_fbgemm = pytest.mark.skipif(not half_weights_supported(), reason="fbgemm f
 
 
 @needs_fbgemm
-@pytest.mark.parametrize("rows", [1, 8, 300])
+@pytest.mark.parametrize("rows", [1, 8, 63, 64, 300])
 def test_half_weight_linear_is_the_product_with_float16_rounded_weights(rows):
     torch.manual_seed(rows)
     linear = torch.nn.Linear(64, 96)
@@ -115,7 +115,9 @@ def test_half_weight_rows_do_not_depend_on_the_other_rows():
     with torch.inference_mode():
         together = half(x)
         alone = torch.cat([half(x[i:i + 1]) for i in range(8)])
+        many = half(torch.cat([x, torch.randn(100, 576)]))[:8]  # prefill-sized: the float32 path
     assert torch.allclose(together, alone, atol=1e-5, rtol=0)
+    assert torch.allclose(many, alone, atol=1e-5, rtol=0)
 
 
 @needs_fbgemm
