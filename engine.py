@@ -388,6 +388,7 @@ class Engine:
         self._loaded = asyncio.Event()
         self._started_ns = 0
         self._finished_at: collections.deque = collections.deque(maxlen=32)  # loop-side clock
+        self._prefix = None  # fastdecode.SharedPrefix once loaded, if the model has one
 
     # ---- the event-loop side ----
 
@@ -500,6 +501,11 @@ class Engine:
 
             fastdecode.speed_up(self.model, self.dtype)
             self._new_cache = lambda: fastdecode.new_cache(self.model.config)
+            try:
+                with torch.inference_mode():
+                    self._prefix = self._shared_prefix()
+            except Exception:  # only an optimisation: serve without it
+                log.exception("could not cache the shared prompt prefix")
         except Exception as exc:
             log.exception("model failed to load")
             self.load_error = f"model failed to load: {exc}"
@@ -555,7 +561,7 @@ class Engine:
                     if seq is not None:
                         arrived.append(seq)
                 short = [s for s in arrived if len(s.prompt_ids) <= self.PREFILL_CHUNK]
-                self._long_prefills += [(s, self._new_cache())
+                self._long_prefills += [(s, self._cache_for([s])[0])
                                         for s in arrived if len(s.prompt_ids) > self.PREFILL_CHUNK]
                 for group in self._prefill_groups(short):
                     active += self._prefill(group)
@@ -598,6 +604,33 @@ class Engine:
         else:
             text = req.prompt
         return list(self.tokenizer.encode(text))
+
+    def _shared_prefix(self):
+        """The prompt prefix every default-templated request starts with, cached; or None."""
+        import fastdecode
+
+        if not self._has_template:
+            return None
+        cache = self._new_cache()
+        if not all(type(layer) is fastdecode.RoomyLayer for layer in cache.layers):
+            return None  # e.g. sliding-window layers: keep to the plain path
+        a, b = (self._prompt_ids(GenerationRequest(prompt=p)) for p in ("Hello", "1 + 1?"))
+        n = 0
+        while n < min(len(a), len(b)) and a[n] == b[n]:
+            n += 1
+        if n < 8:  # too short to be worth a special path
+            return None
+        self.model(input_ids=self._torch.tensor([a[:n]]), cache=cache, use_cache=True, logits_to_keep=1)
+        return fastdecode.SharedPrefix(a[:n], cache)
+
+    def _cache_for(self, group: list[_Sequence]) -> tuple[object, int]:
+        """A fresh cache for a prefill, seeded with the shared prefix when every prompt
+        starts with it; returns (cache, tokens already in it)."""
+        cache = self._new_cache()
+        if self._prefix is not None and all(self._prefix.covers(s.prompt_ids) for s in group):
+            self._prefix.seed(cache, len(group))
+            return cache, len(self._prefix.ids)
+        return cache, 0
 
     def _prepare(self, stream: TokenStream) -> _Sequence | None:
         """Tokenise and check one request; None when it ended here (cancelled or invalid)."""
@@ -654,11 +687,13 @@ class Engine:
         """
         torch = self._torch
         started = time.monotonic_ns()
-        width = max(len(s.prompt_ids) for s in group)
-        ids = torch.tensor([[0] * (width - len(s.prompt_ids)) + s.prompt_ids for s in group])
-        mask = torch.tensor([[0] * (width - len(s.prompt_ids)) + [1] * len(s.prompt_ids) for s in group])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = self._new_cache()
+        cache, done = self._cache_for(group)
+        # Each row: [shared prefix, if cached][left padding][rest of its prompt].
+        rests = [s.prompt_ids[done:] for s in group]
+        width = max(len(r) for r in rests)
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rests])
+        mask = torch.tensor([[1] * done + [0] * (width - len(r)) + [1] * len(r) for r in rests])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, done:]
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                              use_cache=True, logits_to_keep=1)

@@ -67,6 +67,27 @@ def new_cache(config) -> DynamicCache:
     return cache
 
 
+class SharedPrefix:
+    """The KV cache of a prompt prefix most requests share, computed once.
+
+    With the embedded model every templated prompt starts with the same ~24 tokens
+    (the default system turn and the user header), two thirds of a short prompt; a
+    prefill seeded with their cached keys and values computes only the rest.
+    """
+
+    def __init__(self, ids: list[int], cache: DynamicCache):
+        self.ids = ids
+        self._layers = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+
+    def covers(self, prompt_ids: list[int]) -> bool:
+        return len(prompt_ids) > len(self.ids) and prompt_ids[:len(self.ids)] == self.ids
+
+    def seed(self, cache: DynamicCache, rows: int) -> None:
+        """Fill an empty cache with the prefix, once per row."""
+        for layer, (keys, values) in zip(cache.layers, self._layers):
+            layer.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+
+
 class FewRowsHead(torch.nn.Module):
     """The output head's Linear, computed in the order MKL handles best for few rows."""
 

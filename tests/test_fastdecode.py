@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from fastdecode import (FewRowsHead, HalfWeightLinear, RoomyLayer, half_weights_supported, new_cache,
-                        use_half_weights)
+from fastdecode import (FewRowsHead, HalfWeightLinear, RoomyLayer, SharedPrefix, half_weights_supported,
+                        new_cache, use_half_weights)
 
 
 def kv(batch: int, length: int, seed: int):
@@ -136,3 +136,35 @@ def test_use_half_weights_swaps_every_linear_and_keeps_embeddings():
     assert isinstance(model.get_output_embeddings(), HalfWeightLinear)
     assert type(model.get_input_embeddings()) is torch.nn.Embedding
     assert torch.allclose(before, after, atol=1e-2)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=100)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_a_prefill_seeded_with_the_shared_prefix_matches_a_full_prefill():
+    # The engine's layout: [cached prefix][left padding][rest of the prompt] per row.
+    model = tiny_llama()
+    prefix, rests = [5, 6, 7, 8, 9], [[11, 12, 13], [21, 22, 23, 24, 25, 26]]
+    with torch.inference_mode():
+        cache = new_cache(model.config)
+        model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
+        shared = SharedPrefix(prefix, cache)
+        assert shared.covers(prefix + [1]) and not shared.covers(prefix) and not shared.covers([4] + prefix)
+
+        seeded = new_cache(model.config)
+        shared.seed(seeded, len(rests))
+        width = max(map(len, rests))
+        ids = torch.tensor([[0] * (width - len(r)) + r for r in rests])
+        mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(r)) + [1] * len(r) for r in rests])
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):]
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=seeded,
+                        use_cache=True).logits[:, -1]
+        for row, rest in enumerate(rests):
+            alone = model(input_ids=torch.tensor([prefix + rest])).logits[0, -1]
+            assert torch.allclose(batched[row], alone, atol=1e-5)
