@@ -230,7 +230,11 @@ def choose_dtype(requested: str) -> str:
         import fastdecode
 
         if requested == "float16" or not _native_bfloat16():
-            return "float16" if fastdecode.half_weights_supported() else "float32"
+            if fastdecode.half_weights_supported():
+                return "float16"
+            if requested == "float16":
+                log.warning("float16 weights need fbgemm (AVX2 and F16C); serving float32")
+            return "float32"
         return "bfloat16"
     return requested
 
