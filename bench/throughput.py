@@ -77,7 +77,8 @@ async def run_clients(port: int, n: int, max_tokens: int) -> dict:
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     return {"tokens_per_s": sum(r["tokens"] for r in results) / elapsed,
             "ttft_p50": pct(ttft, 0.5), "ttft_p95": pct(ttft, 0.95),
-            "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95)}
+            "itl_p50": pct(itl, 0.5), "itl_p95": pct(itl, 0.95),
+            "tokens": [r["tokens"] for r in results]}
 
 
 async def ttft_while_busy(port: int, busy: int, max_tokens: int) -> tuple[float, float]:
@@ -141,6 +142,8 @@ def main() -> None:
                     print(f"{label:12s} clients {n:3d}: {r['tokens_per_s']:6.1f} tok/s  "
                           f"TTFT p50 {r['ttft_p50']:.2f}s p95 {r['ttft_p95']:.2f}s  "
                           f"ITL p50 {r['itl_p50'] * 1000:.0f}ms p95 {r['itl_p95'] * 1000:.0f}ms", flush=True)
+                    if n == 8:  # answers that end early leave the batch narrower for the rest
+                        print(f"{'':12s} tokens per client: {r['tokens']}", flush=True)
                 if batch != "1":
                     latency = asyncio.run(ttft_while_busy(proc.port, 8, args.max_tokens))
                     rates = []
