@@ -518,8 +518,8 @@ class Api:
         m.gauge("minivault_log_write_errors_total", "Request log lines that could not be written.",
                 lambda: self.request_log.errors)
 
-    def observe_response(self, path: str, status: int) -> None:
-        self.metrics.inc("minivault_http_responses_total", route=path, code=str(status))
+    def observe_response(self, route: str, status: int) -> None:
+        self.metrics.inc("minivault_http_responses_total", route=route, code=str(status))
 
     async def metrics_page(self, request: Request, writer: ResponseWriter) -> None:
         await writer.send(200, self.metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")

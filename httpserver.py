@@ -368,17 +368,19 @@ class Router:
     def add_prefix(self, method: str, prefix: str, handler: Handler) -> None:
         self._prefixes.setdefault(prefix, {})[method] = handler
 
-    def resolve(self, method: str, path: str) -> Handler:
-        methods = self._routes.get(path)
+    def resolve(self, method: str, path: str) -> tuple[Handler, str]:
+        """The handler and the route it was registered under (the path or its prefix)."""
+        route, methods = path, self._routes.get(path)
         if methods is None:
             matches = [p for p in self._prefixes if path.startswith(p)]
-            methods = self._prefixes[max(matches, key=len)] if matches else None
+            route = max(matches, key=len) if matches else path
+            methods = self._prefixes[route] if matches else None
         if methods is None:
             raise HTTPError(404, f"not found: {path}")
         if method in methods:
-            return methods[method]
+            return methods[method], route
         if method == "HEAD" and "GET" in methods:
-            return methods["GET"]
+            return methods["GET"], route
         allowed = sorted(set(methods) | ({"HEAD"} if "GET" in methods else set()))
         raise HTTPError(405, f"method {method} not allowed on {path}", [("Allow", ", ".join(allowed))])
 
@@ -443,7 +445,7 @@ class ResponseWriter:
         await self._conn.write(encode_head(status, hdrs))
 
     async def write(self, data: bytes) -> None:
-        """Send one chunk now (flushed: TCP_NODELAY, then wait for the socket to drain)."""
+        """Send one chunk; writes made in one event-loop iteration go out together (_Connection.write)."""
         if self._head_only or not data:
             return
         await self._conn.write(encode_chunk(data))
@@ -626,15 +628,15 @@ class _Connection(asyncio.Protocol):
             except asyncio.TimeoutError:
                 raise HTTPError(408, "request body not received in time")
 
-    def _observe(self, path: str, status: int) -> None:
+    def _observe(self, route: str, status: int) -> None:
         if self.server.observer is not None:
             try:
-                self.server.observer(path, status)
+                self.server.observer(route, status)
             except Exception:
                 log.exception("response observer failed")
 
-    async def _send_error(self, err: HTTPError, path: str = "-") -> None:
-        self._observe(path, err.status)
+    async def _send_error(self, err: HTTPError, route: str = "-") -> None:
+        self._observe(route, err.status)
         body = json_bytes(error_body(err.message))
         headers = [("Date", _http_date()), ("Server", "MiniVault"),
                    ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
@@ -652,14 +654,14 @@ class _Connection(asyncio.Protocol):
                 self.idle = True
                 if self.server.draining:
                     break
-                request = None
+                request, route = None, "-"  # "-": no route matched (yet)
                 try:
                     request = await self._read_head()
                     if request is None:
                         break
                     self.idle = False
                     request.client = self.client
-                    handler = self.server.router.resolve(request.method, request.path)
+                    handler, route = self.server.router.resolve(request.method, request.path)
                     if request.expects_continue and self.parser.buffer == b"":
                         await self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     request.body = await self._read_body()
@@ -672,11 +674,10 @@ class _Connection(asyncio.Protocol):
                             await self._read_body()
                         except (HTTPError, ClientGone):
                             pass
-                    await self._send_error(err, "-" if err.status in (404, 405) or request is None
-                                           else request.path)
+                    await self._send_error(err, route)
                     break
                 writer = ResponseWriter(self, request)
-                await self._call(handler, request, writer)
+                await self._call(handler, route, request, writer)
                 if not writer.keep_alive or self.closed:
                     break
         except ClientGone:
@@ -688,7 +689,7 @@ class _Connection(asyncio.Protocol):
             self.close()
             self.server.connections.discard(self)
 
-    async def _call(self, handler: Handler, request: Request, writer: ResponseWriter) -> None:
+    async def _call(self, handler: Handler, route: str, request: Request, writer: ResponseWriter) -> None:
         try:
             await handler(request, writer)
             if writer.started and not writer.finished:
@@ -698,23 +699,25 @@ class _Connection(asyncio.Protocol):
         except HTTPError as err:
             writer.keep_alive = False
             if not writer.started:
-                await self._send_error(err, request.path)
+                await self._send_error(err, route)
         except Exception:
             log.exception("handler for %s %s failed", request.method, request.path)
             writer.keep_alive = False
             if not writer.started:
-                await self._send_error(HTTPError(500, "internal server error"), request.path)
+                await self._send_error(HTTPError(500, "internal server error"), route)
         finally:
             self.disconnect_callbacks.clear()
             if writer.started:
-                self._observe(request.path, writer.status)
+                self._observe(route, writer.status)
 
 
 class HTTPServer:
-    def __init__(self, router: Router, limits: Limits | None = None, max_connections: int = 1024,
-                 observer: Callable[[str, int], None] | None = None):
+    def __init__(self, router: Router, limits: Limits | None = None, max_connections: int = 1024):
         self.router = router
-        self.observer = observer  # called with (path or "-", status) once per response
+        # Called with (route, status) once per response; route is what the router
+        # matched (a prefix for static files, "-" when nothing did), so the set of
+        # labels stays bounded whatever paths clients send.
+        self.observer: Callable[[str, int], None] | None = None
         self.limits = limits or Limits()
         self.max_connections = max_connections
         self.connections: set[_Connection] = set()

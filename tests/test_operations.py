@@ -17,6 +17,12 @@ from metrics import Metrics
 from ratelimit import RateLimiter, parse_rate
 from serverproc import ServerProcess, read_log, read_response, send_request, wait_for_log
 
+
+
+def metric_families(text: str) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
 # ---- pure parts ----
 
 
@@ -56,7 +62,7 @@ def test_metrics_render_parses_as_prometheus_text():
     m.gauge("depth", "Depth.", lambda: 3)
     m.inc("x_total", endpoint="/a", status="done")
     m.observe("lat_seconds", 0.3, endpoint="/a")
-    families = {f.name: f for f in text_string_to_metric_families(m.render())}
+    families = metric_families(m.render())
     assert families["x"].samples[0].value == 1.0
     assert families["depth"].samples[0].value == 3
     buckets = [s for s in families["lat_seconds"].samples if s.name == "lat_seconds_bucket"]
@@ -87,11 +93,20 @@ def test_health_says_draining_during_shutdown():
 # ---- against the running server (default policy) ----
 
 
+def test_response_metrics_are_labelled_by_route_not_by_whatever_path_was_asked(server):
+    for path in ("/web/no-such-1", "/web/no-such-2", "/no-such-route"):
+        assert server.request("GET", path).status == 404
+    samples = metric_families(server.request("GET", "/metrics").body.decode())["minivault_http_responses"].samples
+    routes = {s.labels["route"] for s in samples}
+    assert "/web/" in routes and "-" in routes
+    assert not any("no-such" in route for route in routes)
+
+
 def test_metrics_endpoint(server):
     server.generate(prompt="Count me.", max_tokens=3, temperature=0)
     resp = server.request("GET", "/metrics")
     assert resp.status == 200 and resp.headers["content-type"].startswith("text/plain")
-    families = {f.name: f for f in text_string_to_metric_families(resp.body.decode())}
+    families = metric_families(resp.body.decode())
     for name in ("minivault_requests", "minivault_tokens_generated", "minivault_time_to_first_token_seconds",
                  "minivault_request_duration_seconds", "minivault_queue_depth", "minivault_active_sequences",
                  "minivault_cancellations", "minivault_model_load_seconds", "minivault_log_write_errors_total"):
@@ -168,7 +183,7 @@ def test_burst_over_the_queue_is_refused_clearly_and_counts_add_up(tmp_path):
         assert len(ok) + len(busy) == n and busy and len(ok) >= 3
         assert all(r.lines()[-1]["done"] for r in ok)
         assert all(int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["error"] for r in busy)
-        families = {f.name: f for f in text_string_to_metric_families(proc.request("GET", "/metrics").body.decode())}
+        families = metric_families(proc.request("GET", "/metrics").body.decode())
         assert families["minivault_queue_rejections"].samples[0].value == len(busy)
         assert proc.stop() == 0
         assert len(read_log(log_file)) == len(ok)
@@ -201,16 +216,18 @@ def test_queued_request_whose_client_leaves_never_reaches_the_model(tmp_path):
 def test_log_survives_sigkill_and_continues_after_restart(tmp_path):
     log_file = tmp_path / "log.jsonl"
     proc = ServerProcess([], log_file=log_file)
-    proc.wait_ready()
-    with ThreadPoolExecutor(6) as pool:
-        list(pool.map(lambda i: proc.generate(prompt=f"Short {i}", max_tokens=2), range(6)))
-        streams = [pool.submit(proc.generate, prompt=f"Long {i}", max_tokens=200) for i in range(4)]
-        wait_for_log(log_file, lambda r: r["prompt"] == "Short 5")
-        proc.proc.send_signal(signal.SIGKILL)
-        proc.proc.wait()
-        for f in streams:
-            with pytest.raises(Exception):
-                f.result()
+    try:
+        proc.wait_ready()
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda i: proc.generate(prompt=f"Short {i}", max_tokens=2), range(6)))
+            streams = [pool.submit(proc.generate, prompt=f"Long {i}", max_tokens=200) for i in range(4)]
+            wait_for_log(log_file, lambda r: r["prompt"] == "Short 5")
+            proc.stop(signal.SIGKILL)
+            for f in streams:
+                with pytest.raises(Exception):
+                    f.result()
+    finally:
+        proc.stop(signal.SIGKILL)
     lines = open(log_file).read().splitlines()
     assert len(lines) >= 6 and all(isinstance(json.loads(line), dict) for line in lines)
     again = ServerProcess([], log_file=log_file)
@@ -233,7 +250,7 @@ def test_failing_log_disk_never_fails_requests(tmp_path):
         for _ in range(3):
             assert proc.generate(prompt="Hi", max_tokens=2).lines()[-1]["done"]
         text = proc.request("GET", "/metrics").body.decode()
-        families = {f.name: f for f in text_string_to_metric_families(text)}
+        families = metric_families(text)
         assert families["minivault_log_write_errors_total"].samples[0].value >= 1
         proc.wait_for_stderr("cannot write the request log")
         assert proc.stderr.count("cannot write the request log") == 1
