@@ -368,7 +368,10 @@ class Router:
     def add_prefix(self, method: str, prefix: str, handler: Handler) -> None:
         self._prefixes.setdefault(prefix, {})[method] = handler
 
-    def resolve(self, method: str, path: str) -> tuple[Handler, str]:
+    def resolve(self, method: str, path: str) -> Handler:
+        return self.match(method, path)[0]
+
+    def match(self, method: str, path: str) -> tuple[Handler, str]:
         """The handler and the route it was registered under (the path or its prefix)."""
         route, methods = path, self._routes.get(path)
         if methods is None:
@@ -661,7 +664,7 @@ class _Connection(asyncio.Protocol):
                         break
                     self.idle = False
                     request.client = self.client
-                    handler, route = self.server.router.resolve(request.method, request.path)
+                    handler, route = self.server.router.match(request.method, request.path)
                     if request.expects_continue and self.parser.buffer == b"":
                         await self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     request.body = await self._read_body()
