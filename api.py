@@ -11,7 +11,6 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -247,10 +246,6 @@ def final_fields(final: Final) -> dict:
             "prompt_eval_duration": s.prompt_eval_ns, "eval_duration": s.eval_ns}
 
 
-def utc_now_rfc3339() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
-
-
 # ---------------------------------------------------------------------------
 # Reply shapes: how each API encodes the same generation (pure)
 
@@ -259,18 +254,16 @@ class Shape:
     """MiniVault's own /generate: NDJSON {"response"} lines, Ollama statistics last."""
 
     content_type = NDJSON
+    request_id = 0  # the engine's id, set once the request is queued
 
-    def __init__(self, model: str, request_id: int, include_usage: bool = False):
+    def __init__(self, model: str):
         self.model = model
-        self.request_id = request_id
-        self.include_usage = include_usage
-        self.created = int(time.time())
 
     def piece(self, text: str) -> bytes:
         return ndjson_line({"response": text})
 
     def end(self, final: Final) -> bytes:
-        return ndjson_line({"response": "", **final_fields(final)})
+        return ndjson_line(self.whole("", final))
 
     def error_line(self, message: str) -> bytes:
         return ndjson_line({"error": message})
@@ -283,33 +276,27 @@ class Shape:
 
 
 class OllamaGenerate(Shape):
-    def piece(self, text: str) -> bytes:
-        return ndjson_line({"model": self.model, "created_at": utc_now_rfc3339(), "response": text, "done": False})
+    def content(self, text: str) -> dict:
+        return {"response": text}
 
-    def end(self, final: Final) -> bytes:
-        return ndjson_line(self.whole("", final))
+    def piece(self, text: str) -> bytes:
+        return ndjson_line({"model": self.model, "created_at": utc_timestamp("auto"), **self.content(text),
+                            "done": False})
 
     def whole(self, text: str, final: Final) -> dict:
-        return {"model": self.model, "created_at": utc_now_rfc3339(), "response": text, **final_fields(final)}
+        return {"model": self.model, "created_at": utc_timestamp("auto"), **self.content(text),
+                **final_fields(final)}
 
 
-class OllamaChat(Shape):
-    def piece(self, text: str) -> bytes:
-        return ndjson_line({"model": self.model, "created_at": utc_now_rfc3339(),
-                            "message": {"role": "assistant", "content": text}, "done": False})
-
-    def end(self, final: Final) -> bytes:
-        return ndjson_line(self.whole("", final))
-
-    def whole(self, text: str, final: Final) -> dict:
-        return {"model": self.model, "created_at": utc_now_rfc3339(),
-                "message": {"role": "assistant", "content": text}, **final_fields(final)}
+class OllamaChat(OllamaGenerate):
+    def content(self, text: str) -> dict:
+        return {"message": {"role": "assistant", "content": text}}
 
 
-def openai_error(message: str, status: int, param: str | None = None) -> dict:
+def openai_error(message: str, status: int) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
     code = {404: "model_not_found", 503: "server_busy", 429: "rate_limit_exceeded"}.get(status)
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
 class OpenAICompletion(Shape):
@@ -318,6 +305,11 @@ class OpenAICompletion(Shape):
     content_type = SSE
     object_name = "text_completion"
     id_prefix = "cmpl-"
+
+    def __init__(self, model: str, include_usage: bool = False):
+        super().__init__(model)
+        self.include_usage = include_usage
+        self.created = int(time.time())
 
     @property
     def id(self) -> str:
@@ -346,8 +338,7 @@ class OpenAICompletion(Shape):
         return self._event(openai_error(message, 500)) + b"data: [DONE]\n\n"
 
     def whole(self, text: str, final: Final) -> dict:
-        body = self._chunk(self._choice(text, finish_reason(final)), usage=usage(final))
-        return body
+        return self._chunk(self._choice(text, finish_reason(final)), usage=usage(final))
 
     def error(self, message: str, status: int) -> dict:
         return openai_error(message, status)
@@ -422,7 +413,7 @@ class Api:
         self.policy = policy or Policy()
         self.metrics = metrics or Metrics()
         self.is_draining = is_draining
-        self.started_at = utc_now_rfc3339()
+        self.started_at = utc_timestamp("auto")
         self.static = StaticFiles(WEB_ROOT)
         self._register_metrics()
 
@@ -584,7 +575,7 @@ class Api:
         body = parse_json_body(request.body)
         model = self.check_model(body)
         gen, stream = parse_generate(body)
-        await self._run(request, writer, gen, stream, "/generate", Shape(model, 0))
+        await self._run(request, writer, gen, stream, "/generate", Shape(model))
 
     # ---- Ollama ----
 
@@ -597,7 +588,7 @@ class Api:
             await self._loaded_reply(writer, body, {"response": ""})
             return
         gen, stream = parse_generate(body)
-        await self._run(request, writer, gen, stream, "/api/generate", OllamaGenerate(model, 0))
+        await self._run(request, writer, gen, stream, "/api/generate", OllamaGenerate(model))
 
     async def ollama_chat(self, request: Request, writer: ResponseWriter) -> None:
         body = parse_json_body(request.body)
@@ -606,14 +597,14 @@ class Api:
             await self._loaded_reply(writer, body, {"message": {"role": "assistant", "content": ""}})
             return
         gen, stream = parse_chat(body)
-        await self._run(request, writer, gen, stream, "/api/chat", OllamaChat(model, 0))
+        await self._run(request, writer, gen, stream, "/api/chat", OllamaChat(model))
 
     async def _loaded_reply(self, writer: ResponseWriter, body: dict, content: dict) -> None:
         """Ollama's answer to an empty prompt: a request to load the model, done at once."""
         await self.engine.wait_loaded()
         if self.engine.load_error:
             raise HTTPError(500, self.engine.load_error)
-        obj = {"model": body["model"], "created_at": utc_now_rfc3339(), **content,
+        obj = {"model": body["model"], "created_at": utc_timestamp("auto"), **content,
                "done": True, "done_reason": "load"}
         if body.get("stream") is False:
             await writer.send_json(200, obj)
@@ -671,7 +662,7 @@ class Api:
         except HTTPError as err:  # OpenAI clients expect their own error shape
             await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
             return
-        shape = (OpenAIChat if chat else OpenAICompletion)(model, 0, include_usage)
+        shape = (OpenAIChat if chat else OpenAICompletion)(model, include_usage)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         await self._run(request, writer, gen, stream, endpoint, shape)
 

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
 import sys
 
-import ipaddress
-
 from api import DEFAULT_CORS_ORIGINS, Api, Policy
-from metrics import Metrics
-from ratelimit import RateLimiter, parse_rate
 from engine import Engine
 from httpserver import HTTPServer, Limits, Router
+from metrics import Metrics
+from ratelimit import RateLimiter, parse_rate
 from requestlog import RequestLog
 
 log = logging.getLogger("minivault")
@@ -88,7 +87,7 @@ async def serve(args: argparse.Namespace) -> int:
     if not loopback and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model",
                     args.host)
-    policy = Policy(api_key=args.api_key or None, rate_limiter=RateLimiter(*rate) if rate else None,
+    policy = Policy(api_key=args.api_key, rate_limiter=RateLimiter(*rate) if rate else None,
                     cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
                     log_prompts=not args.no_log_prompts)
     request_log = RequestLog(args.log_file or None, max_bytes=args.log_max_bytes, backups=args.log_backups)

@@ -17,8 +17,9 @@ from datetime import datetime, timezone
 log = logging.getLogger("minivault.log")
 
 
-def utc_timestamp() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def utc_timestamp(timespec: str = "milliseconds") -> str:
+    """Now in RFC 3339 UTC with a Z (`timespec` as datetime.isoformat takes it)."""
+    return datetime.now(timezone.utc).isoformat(timespec=timespec).replace("+00:00", "Z")
 
 
 def encode_line(record: dict) -> bytes:
