@@ -40,28 +40,26 @@ class Decision:
 class RateLimiter:
     """A bucket of `limit` requests per client, refilled evenly over `period` seconds."""
 
-    MAX_CLIENTS = 100_000  # forget the fullest buckets beyond this: memory stays bounded
+    MAX_CLIENTS = 100_000  # beyond this the least recently seen client is forgotten
 
     def __init__(self, limit: int, period: float):
         self.limit = limit
         self.period = period
         self._rate = limit / period
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, last time)
+        # key -> (tokens, last time), oldest use first: a client seen again moves to the end.
+        self._buckets: dict[str, tuple[float, float]] = {}
 
     def check(self, key: str, now: float) -> Decision:
-        tokens, last = self._buckets.get(key, (float(self.limit), now))
+        tokens, last = self._buckets.pop(key, (float(self.limit), now))
         tokens = min(float(self.limit), tokens + (now - last) * self._rate)
         allowed = tokens >= 1.0
         if allowed:
             tokens -= 1.0
-        if len(self._buckets) >= self.MAX_CLIENTS and key not in self._buckets:
-            self._forget_full(now)
+        if len(self._buckets) >= self.MAX_CLIENTS:
+            # The least recently seen bucket: usually refilled already, so forgetting
+            # it changes nothing; memory stays bounded either way, at O(1) a request.
+            del self._buckets[next(iter(self._buckets))]
         self._buckets[key] = (tokens, now)
         reset = math.ceil((self.limit - tokens) / self._rate)
         retry = 0 if allowed else max(1, math.ceil((1.0 - tokens) / self._rate))
         return Decision(allowed, self.limit, int(tokens), reset, retry)
-
-    def _forget_full(self, now: float) -> None:
-        for key, (tokens, last) in list(self._buckets.items()):
-            if tokens + (now - last) * self._rate >= self.limit:
-                del self._buckets[key]

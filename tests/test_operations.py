@@ -271,3 +271,14 @@ def test_log_rotates_by_size(tmp_path):
     assert all(p.stat().st_size <= 300 for p in tmp_path.iterdir())
     newest = [json.loads(line)["i"] for line in open(path)]
     assert newest[-1] == 29
+
+
+def test_rate_limiter_memory_stays_bounded_and_forgets_the_least_recent_client(monkeypatch):
+    monkeypatch.setattr(RateLimiter, "MAX_CLIENTS", 3)
+    limiter = RateLimiter(1, 60.0)
+    for key in ("a", "b", "c"):
+        assert limiter.check(key, 0.0).allowed
+    assert not limiter.check("a", 1.0).allowed  # "a" is now the most recent
+    assert limiter.check("d", 2.0).allowed  # "b", the least recent, is forgotten
+    assert len(limiter._buckets) == 3
+    assert not limiter.check("a", 3.0).allowed and not limiter.check("c", 3.0).allowed
