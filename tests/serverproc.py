@@ -74,6 +74,14 @@ class ServerProcess:
                 self.proc.wait()
         return self.proc.returncode
 
+    def wait_health(self, field: str, at_least: int, timeout: float = 120.0) -> dict:
+        """Poll /health until its `field` (e.g. "active", "queued") reaches `at_least`."""
+        deadline = time.monotonic() + timeout
+        while (health := self.request("GET", "/health").json())[field] < at_least:
+            assert time.monotonic() < deadline, f"/health {field} never reached {at_least}"
+            time.sleep(0.02)
+        return health
+
     def connect(self, timeout: float = 120.0) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
@@ -144,6 +152,15 @@ class _Reader:
         return data
 
 
+def iter_chunks(r: _Reader):
+    """The chunks of a chunked body, each checked for correct framing, up to the last one."""
+    while (size := int(r.line(), 16)) != 0:
+        data = r.exactly(size)
+        assert r.exactly(2) == b"\r\n", "chunk data must be followed by CRLF"
+        yield data
+    assert r.line() == b"", "chunked body must end with an empty line"
+
+
 def read_response(sock: socket.socket, reader: _Reader | None = None, max_chunks: int | None = None,
                   head_only: bool = False) -> Response:
     """Read one response; chunked bodies are checked for correct framing chunk by chunk."""
@@ -158,13 +175,7 @@ def read_response(sock: socket.socket, reader: _Reader | None = None, max_chunks
     if head_only or status in (100, 204, 304):
         return resp
     if headers.get("transfer-encoding") == "chunked":
-        while True:
-            size = int(r.line(), 16)
-            if size == 0:
-                assert r.line() == b"", "chunked body must end with an empty line"
-                break
-            data = r.exactly(size)
-            assert r.exactly(2) == b"\r\n", "chunk data must be followed by CRLF"
+        for data in iter_chunks(r):
             resp.chunks.append(data)
             resp.chunk_times.append(time.monotonic())
             if max_chunks is not None and len(resp.chunks) >= max_chunks:

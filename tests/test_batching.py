@@ -45,11 +45,7 @@ def test_a_request_joins_a_running_batch_without_waiting_for_it(server):
     with server.connect() as probe:
         for t in threads:
             t.start()
-        # Wait until the long streams are generating (the server reports them active).
-        deadline = time.monotonic() + 120
-        while server.request("GET", "/health").json()["active"] < 3:
-            assert time.monotonic() < deadline, "long streams never became active"
-            time.sleep(0.05)
+        server.wait_health("active", 3)  # the long streams are generating
         send_request(probe, "POST", "/generate", {"prompt": "Hi", "max_tokens": 3, "temperature": 0})
         short = read_response(probe)
         short_done = time.monotonic()
@@ -62,10 +58,7 @@ def test_a_request_joins_a_running_batch_without_waiting_for_it(server):
 def test_health_answers_while_eight_streams_run(server):
     with ThreadPoolExecutor(8) as pool:
         futures = [pool.submit(_greedy, server, p, 40) for p in PROMPTS]
-        deadline = time.monotonic() + 120
-        while server.request("GET", "/health").json()["active"] < 8:
-            assert time.monotonic() < deadline, "the streams never all became active"
-            time.sleep(0.05)
+        server.wait_health("active", 8)
         health = server.request("GET", "/health").json()
         results = [f.result() for f in futures]
     assert health["status"] == "ok" and health["active"] == 8
@@ -85,10 +78,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_streaming(server
 
     runner = threading.Thread(target=running_stream)
     runner.start()
-    deadline = time.monotonic() + 120
-    while server.request("GET", "/health").json()["active"] < 1:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    server.wait_health("active", 1)
     long_prompt = "Summarise this. " + "The lighthouse keeper climbed the stairs at dusk. " * 120
     sent = time.monotonic()
     with server.connect() as sock:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from serverproc import ServerProcess, _Reader, read_log, read_response, send_request, wait_for_log
+from serverproc import (ServerProcess, _Reader, iter_chunks, read_log, read_response, send_request,
+                        wait_for_log)
 
 GREEDY = {"temperature": 0}
 
@@ -247,8 +249,6 @@ def test_head_and_health(server):
 
 
 def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(tmp_path):
-    import signal
-
     proc = ServerProcess(["--max-tokens", "40"], log_file=tmp_path / "log.jsonl")
     try:
         proc.wait_ready()
@@ -265,10 +265,7 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(tmp_path):
                     assert read_response(late).status == 503
             except OSError:
                 pass
-            rest = []
-            while (size := int(reader.line(), 16)) != 0:
-                rest.append(json.loads(reader.exactly(size)))
-                reader.exactly(2)
+            rest = [json.loads(chunk) for chunk in iter_chunks(reader)]
         assert rest[-1]["done"] is True
         assert proc.proc.wait(30) == 0
         assert read_log(tmp_path / "log.jsonl")[-1]["status"] == "done"
@@ -277,8 +274,6 @@ def test_sigterm_lets_the_stream_in_flight_finish_then_exits_0(tmp_path):
 
 
 def test_a_second_signal_exits_at_once(tmp_path):
-    import signal
-
     proc = ServerProcess(["--max-tokens", "300"], log_file=tmp_path / "log.jsonl")
     try:
         proc.wait_ready()

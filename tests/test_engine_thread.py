@@ -65,12 +65,8 @@ def test_every_stream_gets_exactly_one_final_even_when_cancelled_anywhere(tiny_m
             s.cancel()  # others a little later, possibly mid-generation
         finals = []
         for s in streams:
-            items = []
-            while True:
-                item = await s.next()
-                items.append(item)
-                if isinstance(item, Final):
-                    break
+            while not isinstance(item := await s.next(), Final):
+                pass
             finals.append(item)
             assert s._items.empty(), "nothing may follow the final event"
         await engine.close()

@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -201,10 +200,7 @@ def test_queued_request_whose_client_leaves_never_reaches_the_model(tmp_path):
             assert read_response(busy, max_chunks=1).status == 200  # now generating
             waiting = proc.connect()
             send_request(waiting, "POST", "/generate", {"prompt": "I will leave.", "max_tokens": 60})
-            deadline = time.monotonic() + 30
-            while proc.request("GET", "/health").json()["queued"] < 1:  # until it is queued
-                assert time.monotonic() < deadline
-                time.sleep(0.02)
+            proc.wait_health("queued", 1, timeout=30)
             waiting.close()
             record = wait_for_log(log_file, lambda r: r["prompt"] == "I will leave.")
         assert record["status"] == "cancelled" and record["prompt_tokens"] == 0
