@@ -30,8 +30,13 @@ browser:
 test: install browser
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-bench: install
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): requirements-bench.txt $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) bench/throughput.py
 	$(PY) bench/http_bench.py
 
