@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from serverproc import ServerProcess  # noqa: E402
+from tinymodels import save_tiny_gpt2  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +26,11 @@ def server(tmp_path_factory):
     proc.wait_ready()
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_folder(tmp_path_factory):
+    """A tiny random GPT-2 saved as a model folder, built once per session."""
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    save_tiny_gpt2(folder)
+    return folder

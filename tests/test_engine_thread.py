@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
-
 from engine import Engine, Final, GenerationRequest, Sampling
-from test_gpt2_folder import save_tiny_gpt2
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2-engine")
-    save_tiny_gpt2(folder)
-    return str(folder)
 
 
 def _request(n: int = 5) -> GenerationRequest:
@@ -26,9 +16,9 @@ async def _collect(stream) -> tuple[str, Final]:
     return text, stream.final
 
 
-def test_a_failing_step_ends_its_requests_with_an_error_and_the_next_ones_run(tiny_model):
+def test_a_failing_step_ends_its_requests_with_an_error_and_the_next_ones_run(tiny_gpt2_folder):
     async def main():
-        engine = Engine(model=tiny_model, dtype="float32", max_batch=4, cache_dir=None)
+        engine = Engine(model=str(tiny_gpt2_folder), dtype="float32", max_batch=4, cache_dir=None)
         engine.start()
         await engine.wait_loaded()
         real_step = engine._decode_step
@@ -51,9 +41,9 @@ def test_a_failing_step_ends_its_requests_with_an_error_and_the_next_ones_run(ti
     assert all(f.done_reason in ("stop", "length") and f.error is None for _, f in after)
 
 
-def test_every_stream_gets_exactly_one_final_even_when_cancelled_anywhere(tiny_model):
+def test_every_stream_gets_exactly_one_final_even_when_cancelled_anywhere(tiny_gpt2_folder):
     async def main():
-        engine = Engine(model=tiny_model, dtype="float32", max_batch=2, queue_size=64, cache_dir=None)
+        engine = Engine(model=str(tiny_gpt2_folder), dtype="float32", max_batch=2, queue_size=64, cache_dir=None)
         engine.start()
         await engine.wait_loaded()
         streams = [engine.submit(_request(30)) for _ in range(12)]

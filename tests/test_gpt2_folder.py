@@ -11,39 +11,13 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from serverproc import ServerProcess, wait_for_log
-
-CONTEXT = 64
-TRAINING_TEXT = [
-    "The quick brown fox jumps over the lazy dog.",
-    "A language model predicts the next token from the ones before it.",
-    "Streaming servers send each piece of text as soon as it exists.",
-]
-
-
-def save_tiny_gpt2(folder) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(TRAINING_TEXT, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
-    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=eos, eos_token_id=eos)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+from tinymodels import CONTEXT
 
 
 @pytest.fixture(scope="module")
-def gpt2_server(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-gpt2")
-    save_tiny_gpt2(folder)
+def gpt2_server(tiny_gpt2_folder, tmp_path_factory):
     log_file = tmp_path_factory.mktemp("gpt2-logs") / "log.jsonl"
-    proc = ServerProcess(["--model", str(folder), "--dtype", "float32"], log_file=log_file)
+    proc = ServerProcess(["--model", str(tiny_gpt2_folder), "--dtype", "float32"], log_file=log_file)
     proc.wait_ready()
     yield proc
     assert proc.stop() == 0
