@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import shutil
 import time
@@ -28,13 +29,22 @@ def browser():
         b.close()
 
 
+@contextlib.contextmanager
+def open_page(browser, server, **context_args):
+    """The playground in a fresh browser context, closed whatever happens."""
+    context = browser.new_context(**context_args)
+    try:
+        pg = context.new_page()
+        pg.goto(f"http://127.0.0.1:{server.port}/")
+        yield pg
+    finally:
+        context.close()
+
+
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 800})
-    pg = context.new_page()
-    pg.goto(f"http://127.0.0.1:{server.port}/")
-    yield pg
-    context.close()
+    with open_page(browser, server, viewport={"width": 1280, "height": 800}) as pg:
+        yield pg
 
 
 def wait_js(page, expression: str, timeout: float = 120.0) -> None:
@@ -46,11 +56,11 @@ def wait_js(page, expression: str, timeout: float = 120.0) -> None:
         page.wait_for_timeout(30)
 
 
-def _lengths_while_streaming(page, selector: str, done_selector_text: str, timeout: float = 120.0) -> list[int]:
+def _lengths_while_streaming(page, selector: str, done_text: str, timeout: float = 120.0) -> list[int]:
     """Lengths of the answer's text sampled while it streams, until the stats appear."""
     seen: list[int] = []
     deadline = time.monotonic() + timeout
-    while done_selector_text not in (page.text_content("#stats") or ""):
+    while done_text not in (page.text_content("#stats") or ""):
         assert time.monotonic() < deadline, "the answer never finished"
         text = page.text_content(selector) if page.query_selector(selector) else ""
         if not seen or len(text or "") != seen[-1]:
@@ -123,13 +133,10 @@ def test_server_errors_are_shown_in_words(page):
 
 
 def test_readable_on_a_phone_sized_window(browser, server):
-    context = browser.new_context(viewport={"width": 375, "height": 740}, is_mobile=True)
-    pg = context.new_page()
-    pg.goto(f"http://127.0.0.1:{server.port}/")
-    assert pg.evaluate("document.documentElement.scrollWidth") <= 375
-    for selector in ("#prompt", "#send", "#stop"):
-        box = pg.query_selector(selector).bounding_box()
-        assert box["x"] >= 0 and box["x"] + box["width"] <= 375
-    ARTIFACTS.mkdir(exist_ok=True)
-    pg.screenshot(path=str(ARTIFACTS / "playground-phone.png"), full_page=True)
-    context.close()
+    with open_page(browser, server, viewport={"width": 375, "height": 740}, is_mobile=True) as pg:
+        assert pg.evaluate("document.documentElement.scrollWidth") <= 375
+        for selector in ("#prompt", "#send", "#stop"):
+            box = pg.query_selector(selector).bounding_box()
+            assert box["x"] >= 0 and box["x"] + box["width"] <= 375
+        ARTIFACTS.mkdir(exist_ok=True)
+        pg.screenshot(path=str(ARTIFACTS / "playground-phone.png"), full_page=True)
