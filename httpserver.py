@@ -346,7 +346,9 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 
 def json_bytes(obj) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    # Error messages echo what clients sent: a lone surrogate (from a JSON escape) has no
+    # UTF-8 form, and backslashreplace writes it as the JSON escape it came from.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 # ---------------------------------------------------------------------------
@@ -355,12 +357,21 @@ def json_bytes(obj) -> bytes:
 Handler = Callable[[Request, "ResponseWriter"], Awaitable[None]]
 
 
+def error_body(path: str, message: str, status: int) -> dict:
+    """The body of an error reply, unless the application shapes it (Router.error_shape)."""
+    return {"error": message}
+
+
 class Router:
     """Exact paths, plus prefixes (`add_prefix`) for a folder of files."""
 
     def __init__(self):
         self._routes: dict[str, dict[str, Handler]] = {}
         self._prefixes: dict[str, dict[str, Handler]] = {}
+        # (path, message, status) -> the body of every error reply for that path, the
+        # server's own (404, 405, 413...) included: an application whose clients expect
+        # another shape under some paths sets this.
+        self.error_shape: Callable[[str, str, int], dict] = error_body
 
     def add(self, method: str, path: str, handler: Handler) -> None:
         self._routes.setdefault(path, {})[method] = handler
@@ -414,8 +425,12 @@ class ResponseWriter:
         return self._conn.closed
 
     def on_disconnect(self, callback: Callable[[], None]) -> None:
-        """Call `callback` (once) if the client goes away before the response ends."""
-        self._conn.disconnect_callbacks.append(callback)
+        """Call `callback` (once) if the client goes away before the response ends,
+        at once if it already has (a client may close before its handler gets here)."""
+        if self._conn.closed:
+            callback()
+        else:
+            self._conn.disconnect_callbacks.append(callback)
 
     def _common_headers(self) -> list[tuple[str, str]]:
         keep = self.keep_alive and not self._conn.server.draining
@@ -465,8 +480,15 @@ def _http_date() -> str:
     return time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime())
 
 
-def error_body(message: str) -> dict:
-    return {"error": message}
+# Statuses after which the connection cannot be trusted to be in step: close it.
+CLOSING_STATUSES = frozenset({408, 413, 414, 431, 501})
+
+
+def _refusal(err: HTTPError) -> Handler:
+    """A handler that refuses with `err` (a well-formed request for no route)."""
+    async def refuse(request: Request, writer: "ResponseWriter") -> None:
+        raise err
+    return refuse
 
 
 class _Connection(asyncio.Protocol):
@@ -503,8 +525,8 @@ class _Connection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if len(self.server.connections) >= self.server.max_connections or self.server.draining:
-            body = json_bytes(error_body("server busy: too many connections" if not self.server.draining
-                                         else "server is shutting down"))
+            body = json_bytes(error_body("", "server busy: too many connections" if not self.server.draining
+                                         else "server is shutting down", 503))
             transport.write(encode_head(503, [("Content-Type", "application/json"),
                                               ("Content-Length", str(len(body))),
                                               ("Retry-After", "1"), ("Connection", "close")]) + body)
@@ -638,9 +660,11 @@ class _Connection(asyncio.Protocol):
             except Exception:
                 log.exception("response observer failed")
 
-    async def _send_error(self, err: HTTPError, route: str = "-") -> None:
+    async def _send_error(self, err: HTTPError, route: str = "-", request: Request | None = None) -> None:
+        """A protocol error: the framing of what follows is unknown, so the connection closes."""
         self._observe(route, err.status)
-        body = json_bytes(error_body(err.message))
+        path = request.path if request is not None else ""
+        body = json_bytes(self.server.router.error_shape(path, err.message, err.status))
         headers = [("Date", _http_date()), ("Server", "MiniVault"),
                    ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                    ("Connection", "close")] + err.headers
@@ -664,20 +688,21 @@ class _Connection(asyncio.Protocol):
                         break
                     self.idle = False
                     request.client = self.client
-                    handler, route = self.server.router.match(request.method, request.path)
+                    try:
+                        handler, route = self.server.router.match(request.method, request.path)
+                    except HTTPError as err:  # 404 or 405
+                        if request.expects_continue:
+                            # It waits for 100 Continue before sending its body, which may
+                            # or may not follow our answer: only closing is safe.
+                            raise
+                        # A well-formed request: its body is read and dropped like any
+                        # other's, so the connection stays in step and is kept.
+                        handler = _refusal(err)
                     if request.expects_continue and self.parser.buffer == b"":
                         await self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                     request.body = await self._read_body()
                 except HTTPError as err:
-                    if err.status in (404, 405) and not self.closed and not request.expects_continue:
-                        # A well-formed request: read and drop its body, so that closing
-                        # does not reset the connection before the client reads the reply.
-                        # (A client expecting 100-continue has not sent its body.)
-                        try:
-                            await self._read_body()
-                        except (HTTPError, ClientGone):
-                            pass
-                    await self._send_error(err, route)
+                    await self._send_error(err, route, request)
                     break
                 writer = ResponseWriter(self, request)
                 await self._call(handler, route, request, writer)
@@ -699,19 +724,31 @@ class _Connection(asyncio.Protocol):
                 await writer.end()
         except ClientGone:
             writer.keep_alive = False
-        except HTTPError as err:
-            writer.keep_alive = False
-            if not writer.started:
-                await self._send_error(err, route)
-        except Exception:
-            log.exception("handler for %s %s failed", request.method, request.path)
-            writer.keep_alive = False
-            if not writer.started:
-                await self._send_error(HTTPError(500, "internal server error"), route)
+        except Exception as exc:
+            err = exc if isinstance(exc, HTTPError) else None
+            if err is None:
+                log.exception("handler for %s %s failed", request.method, request.path)
+                err = HTTPError(500, "internal server error")
+                writer.keep_alive = False  # a bug: let the client start afresh
+            await self._send_handler_error(err, request, writer)
         finally:
             self.disconnect_callbacks.clear()
             if writer.started:
                 self._observe(route, writer.status)
+
+    async def _send_handler_error(self, err: HTTPError, request: Request, writer: ResponseWriter) -> None:
+        """Answer a request (read whole) that its handler refused, as its success would be
+        sent: with the headers the handler added (CORS, rate limit), keeping the connection."""
+        if err.status in CLOSING_STATUSES:
+            writer.keep_alive = False
+        if writer.started:
+            writer.keep_alive = False  # mid-reply: a cut connection is the only signal left
+            return
+        body = self.server.router.error_shape(request.path, err.message, err.status)
+        try:
+            await writer.send_json(err.status, body, err.headers)
+        except ClientGone:
+            writer.keep_alive = False
 
 
 class HTTPServer:

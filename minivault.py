@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import signal
 import sys
 
-from api import DEFAULT_CORS_ORIGINS, Api, Policy
+from api import DEFAULT_CORS_ORIGINS, Api, Policy, allowed_hosts_option, is_loopback
 from engine import Engine
 from httpserver import HTTPServer, Limits, Router
 from metrics import Metrics
@@ -36,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for the model; beyond it clients get 503")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="number type (float16: float16 weights, float32 sums; auto: bfloat16 with native bfloat16, else float16 where fbgemm runs, else float32)")
+                   help="number type (float16: float16 weights, float32 sums; auto: float16 where fbgemm runs (AVX2 + F16C), else float32; bfloat16 only when asked: it is not batch-invariant)")
     p.add_argument("--cache-dir", default="~/.cache/minivault",
                    help="where a GGUF model's converted weights are cached ('' to disable)")
     p.add_argument("--max-body", type=int, default=1024 * 1024, help="largest request body in bytes (413 beyond)")
@@ -65,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origins", default=",".join(DEFAULT_CORS_ORIGINS),
                    help="comma-separated browser origins allowed to call the API ('*' for any; "
                         "host:* for any port)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated host names requests may be addressed to (the Host header), besides "
+                        "localhost, 127.x.x.x and [::1]; '*' for any (default: those only when --host is a "
+                        "loopback address, which stops DNS rebinding; any host otherwise)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -89,7 +92,8 @@ async def serve(args: argparse.Namespace) -> int:
                     args.host)
     policy = Policy(api_key=args.api_key, rate_limiter=RateLimiter(*rate) if rate else None,
                     cors_origins=tuple(o.strip() for o in args.cors_origins.split(",") if o.strip()),
-                    log_prompts=not args.no_log_prompts)
+                    log_prompts=not args.no_log_prompts,
+                    allowed_hosts=allowed_hosts_option(args.allowed_hosts, loopback))
     request_log = RequestLog(args.log_file or None, max_bytes=args.log_max_bytes, backups=args.log_backups)
     router = Router()
     limits = Limits(max_request_line=args.max_request_line, max_header_bytes=args.max_header_bytes,
@@ -141,15 +145,6 @@ async def serve(args: argparse.Namespace) -> int:
     request_log.close()
     log.info("stopped")
     return 1 if engine.load_error else 0
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

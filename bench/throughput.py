@@ -43,7 +43,7 @@ async def stream_once(port: int, prompt: str, max_tokens: int) -> dict:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
     start = time.perf_counter()
-    writer.write(b"POST /generate HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
     await reader.readuntil(b"\r\n\r\n")
     times, tokens = [], 0
@@ -96,7 +96,8 @@ def bare_decode_rate(max_tokens: int, dtype: str) -> float:
     """Greedy tokens/s of a plain in-process loop: model, the engine's KV cache, argmax; no server."""
     import torch
 
-    from engine import choose_dtype, load_model, resolve_model
+    from modelsource import resolve_model
+    from transformers_runner import choose_dtype, load_model
     from fastdecode import new_cache, speed_up
 
     dtype = choose_dtype(dtype)

@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-from api import final_fields, ndjson_line, parse_generate, parse_json_body
+from api import (
+    MAX_JSON_DEPTH, _options_fields, allowed_hosts_option, final_fields, host_allowed, ndjson_line, parse_chat,
+    parse_generate, parse_json_body, parse_openai, parse_options, same_origin,
+)
 from engine import Final, Stats
 from httpserver import HTTPError
 
@@ -172,3 +175,201 @@ def test_ndjson_line_is_one_object_and_one_newline(text):
     assert line.endswith(b"\n")
     assert line.count(b"\n") == 1
     assert json.loads(line) == {"response": text}
+
+
+# ---------------------------------------------------------------------------
+# Issue 11: bodies json.loads accepts but nothing after it can use
+
+
+@pytest.mark.parametrize("body", [
+    rb'{"prompt": "hi", "model": "\ud800"}',
+    rb'{"prompt": "a\udfffb"}',
+    rb'{"\ud800": 1}',
+    rb'{"messages": [{"role": "user", "content": ["\udc00"]}]}',
+    rb'{"options": {"stop": ["x\ud83d"]}}',
+], ids=["value", "low half", "key", "nested", "high half then nothing"])
+def test_lone_surrogate_escape_anywhere_is_400(body):
+    assert rejected(parse_json_body, body).message == \
+        "request body holds an invalid Unicode escape (lone surrogate)"
+
+
+def test_surrogate_pair_escape_is_one_character_and_accepted():
+    assert parse_json_body(rb'{"prompt": "\ud83d\ude00"}') == {"prompt": "😀"}
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000,
+    b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    b'{"a": ' + b"[" * 65 + b"]" * 65 + b"}",
+], ids=["unclosed", "closed", "just over the limit"])
+def test_deep_nesting_is_400_not_a_recursion_error(body):
+    assert "nested deeper than" in rejected(parse_json_body, body).message
+
+
+def test_nesting_at_the_limit_is_accepted():
+    body = b'{"a": ' + b"[" * (MAX_JSON_DEPTH - 1) + b"]" * (MAX_JSON_DEPTH - 1) + b"}"
+    assert "a" in parse_json_body(body)
+
+
+def test_integer_of_thousands_of_digits_is_400():
+    assert "too many digits" in rejected(parse_json_body, b'{"seed": ' + b"9" * 5000 + b"}").message
+
+
+# ---------------------------------------------------------------------------
+# Chat messages: a role that is a list or an object (unhashable) is a 400, not a 500
+
+
+@pytest.mark.parametrize("role", [["user"], {"user": 1}, 5, None, True])
+@pytest.mark.parametrize("parse", [
+    lambda m: parse_chat({"messages": m}),
+    lambda m: parse_openai({"messages": m}, chat=True),
+], ids=["ollama", "openai"])
+def test_chat_role_of_the_wrong_type_is_400_naming_it(parse, role):
+    err = rejected(parse, [{"role": "user", "content": "hi"}, {"role": role, "content": "x"}])
+    assert "'messages[1].role'" in err.message
+
+
+@pytest.mark.parametrize("content", [["hi"], {"text": "hi"}, 5])
+def test_ollama_chat_content_of_the_wrong_type_is_400_naming_it(content):
+    assert "'messages[0].content'" in rejected(parse_chat, {"messages": [{"role": "user", "content": content}]}).message
+
+
+def test_include_usage_of_the_wrong_type_is_400():
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": "yes"}}
+    assert "include_usage" in rejected(parse_openai, body, True).message
+
+
+# ---------------------------------------------------------------------------
+# Options: top-level fields win over `options`, aliases included
+
+
+@pytest.mark.parametrize("top, inner", [
+    ({"max_tokens": 10}, {"num_predict": 3}),
+    ({"num_predict": 10}, {"max_tokens": 3}),
+    ({"max_tokens": 10}, {"max_tokens": 3}),
+])
+def test_top_level_max_tokens_wins_over_either_alias_in_options(top, inner):
+    _, max_tokens, _ = parse_options(_options_fields({**top, "options": inner}))
+    assert max_tokens == 10
+
+
+def test_max_tokens_in_options_alone_is_used():
+    _, max_tokens, _ = parse_options(_options_fields({"options": {"num_predict": 3}}))
+    assert max_tokens == 3
+
+
+# ---------------------------------------------------------------------------
+# Options: ranges, the penalties, the seed, the temperature epsilon
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "str", {}, [], True, 2.01, -2.5])
+def test_openai_penalty_outside_its_range_or_type_is_400_naming_it(name, value):
+    assert f"'{name}'" in rejected(parse_options, {name: value}).message
+
+
+@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
+def test_openai_penalties_reach_sampling_from_every_endpoint(name):
+    s, _, _ = parse_options({name: -1.5})
+    assert getattr(s, name) == -1.5
+    req, _, _ = parse_openai({"prompt": "hi", name: 2}, chat=False)
+    assert getattr(req.sampling, name) == 2.0
+    req, _ = parse_generate({"prompt": "hi", "options": {name: 0.5}})
+    assert getattr(req.sampling, name) == 0.5
+
+
+@pytest.mark.parametrize("seed, expected", [
+    (42, 42),
+    (-1, 2 ** 64 - 1),
+    (2 ** 64, 0),
+    (2 ** 70 + 5, 5),
+    (1e308, int(1e308) % 2 ** 64),
+    (-5.0, 2 ** 64 - 5),
+])
+def test_any_integer_seed_is_reduced_to_the_generator_range(seed, expected):
+    s, _, _ = parse_options({"seed": seed})
+    assert s.seed == expected and 0 <= s.seed < 2 ** 64
+
+
+@pytest.mark.parametrize("seed", [1.5, "7", float("nan"), float("inf")])
+def test_seed_that_is_no_integer_is_400(seed):
+    assert "'seed'" in rejected(parse_options, {"seed": seed}).message
+
+
+@pytest.mark.parametrize("temperature, expected", [(1e-300, 0.0), (5e-5, 0.0), (1e-4, 1e-4), (0.7, 0.7)])
+def test_temperature_too_small_to_divide_by_is_greedy(temperature, expected):
+    s, _, _ = parse_options({"temperature": temperature})
+    assert s.temperature == expected
+
+
+@pytest.mark.parametrize("field, value", [
+    ("repeat_penalty", 0.009),
+    ("repeat_penalty", 10.5),
+    ("top_k", 1_000_001),
+    ("top_k", 10 ** 30),
+    ("mirostat", 1),
+    ("mirostat", "2"),
+    ("tfs_z", 0.95),
+    ("typical_p", 0.5),
+    ("min_p", 0.05),
+    ("repeat_last_n", 128),
+], ids=lambda v: repr(v))
+def test_option_we_cannot_honour_or_out_of_range_is_400_naming_it(field, value):
+    assert f"'{field}'" in rejected(parse_generate, {"prompt": "hi", "options": {field: value}}).message
+
+
+def test_options_at_their_neutral_values_and_resource_options_are_accepted():
+    options = {"mirostat": 0, "mirostat_tau": 5.0, "mirostat_eta": 0.1, "tfs_z": 1.0, "typical_p": 1,
+               "min_p": 0.0, "repeat_last_n": 64, "penalize_newline": True, "num_ctx": 4096,
+               "num_thread": 4, "num_gpu": 0, "num_batch": 512, "use_mmap": True, "use_mlock": False,
+               "numa": False, "low_vram": False, "main_gpu": 0, "num_keep": 4,
+               "repeat_penalty": 0.01, "top_k": 1_000_000}
+    req, _ = parse_generate({"prompt": "hi", "options": options})
+    assert (req.sampling.repeat_penalty, req.sampling.top_k) == (0.01, 1_000_000)
+
+
+# ---------------------------------------------------------------------------
+# Host names (DNS rebinding) and same-origin pages
+
+
+@pytest.mark.parametrize("host, allowed, ok", [
+    ("127.0.0.1:3000", (), True),
+    ("127.1.2.3", (), True),
+    ("localhost:3000", (), True),
+    ("LocalHost", (), True),
+    ("[::1]:3000", (), True),
+    ("[::1]", (), True),
+    (None, (), True),  # HTTP/1.0 without Host: no browser
+    ("evil.example:3000", (), False),
+    ("evil.example", (), False),
+    ("localhost.evil.example", (), False),
+    ("127.0.0.1.evil.example", (), False),
+    ("myhost.lan:3000", ("myhost.lan",), True),
+    ("other.lan:3000", ("myhost.lan",), False),
+    ("evil.example", None, True),
+    ("evil.example", ("*",), True),
+])
+def test_host_allowed(host, allowed, ok):
+    assert host_allowed(host, allowed) is ok
+
+
+@pytest.mark.parametrize("value, loopback, expected", [
+    (None, True, ()),
+    (None, False, None),
+    ("myhost.lan, Other.lan:3000", True, ("myhost.lan", "other.lan")),
+    ("*", True, None),
+    ("a.lan,*", False, None),
+])
+def test_allowed_hosts_option(value, loopback, expected):
+    assert allowed_hosts_option(value, loopback) == expected
+
+
+@pytest.mark.parametrize("origin, host, same", [
+    ("http://127.0.0.1:3000", "127.0.0.1:3000", True),
+    ("http://192.168.1.5:3000", "192.168.1.5:3000", True),
+    ("http://evil.example", "127.0.0.1:3000", False),
+    ("null", "127.0.0.1:3000", False),
+    ("http://127.0.0.1:3000", None, False),
+])
+def test_same_origin(origin, host, same):
+    assert same_origin(origin, host) is same

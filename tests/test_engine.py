@@ -1,6 +1,7 @@
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-# The pure pieces of engine.py: stop strings, incremental detokenising, sampling, model lookup.
+# The pure pieces behind the engine: stop strings, incremental detokenising (textstream),
+# sampling, model lookup (modelsource).
 
 import functools
 from pathlib import Path
@@ -11,7 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from engine import REPEAT_LAST_N, Detokenizer, Sampling, StopMatcher, resolve_model, sample_token
+from engine import Sampling
+from modelsource import resolve_model
+from sampling import REPEAT_LAST_N, sample_token
+from textstream import Detokenizer, StopMatcher
 
 
 # ---------------------------------------------------------------------------
@@ -264,3 +268,37 @@ def test_no_model_means_the_embedded_gguf_file():
     src = resolve_model(None)
     assert src.kind == "gguf"
     assert Path(src.location).is_file() and src.location.endswith(".gguf")
+
+
+# Issue 11, row 2: settings at the edge of their ranges never make sampling fail.
+@pytest.mark.parametrize("settings_", [
+    dict(temperature=1e-300), dict(temperature=5e-324), dict(temperature=100.0),
+    dict(repeat_penalty=1e-300, temperature=0.7), dict(repeat_penalty=1e300, temperature=0.7),
+    dict(presence_penalty=2.0, frequency_penalty=2.0, temperature=0.7), dict(top_p=1e-300, temperature=1.0)])
+def test_extreme_settings_still_give_a_token(settings_):
+    from collections import Counter
+
+    logits = torch.tensor([0.0, 3.0, -2.0, 1e4, float("-inf")])
+    s = Sampling(**{**PLAIN, **settings_})
+    token = sample_token(logits, s, [1, 3], gen(), Counter({3: 5}))
+    assert 0 <= token < 4
+
+
+def test_presence_and_frequency_penalties_lower_tokens_already_generated():
+    from collections import Counter
+
+    logits = torch.tensor([2.0, 1.9, 1.0])
+    greedy = dict(temperature=0, top_p=1.0, top_k=0, repeat_penalty=1.0)
+    assert sample_token(logits, Sampling(**greedy), [], gen(), Counter({0: 1})) == 0
+    assert sample_token(logits, Sampling(**greedy, presence_penalty=0.2), [], gen(), Counter({0: 1})) == 1
+    assert sample_token(logits, Sampling(**greedy, frequency_penalty=0.06), [], gen(), Counter({0: 1})) == 0
+    assert sample_token(logits, Sampling(**greedy, frequency_penalty=0.06), [], gen(), Counter({0: 2})) == 1
+
+
+def test_a_row_sampler_takes_any_integer_seed_and_repeats_itself():
+    from sampling import RowSampler
+
+    logits = torch.zeros(50)
+    for seed in (0, 2 ** 64, 10 ** 30, -(2 ** 70)):
+        a, b = (RowSampler(Sampling(temperature=1.0, **PLAIN), seed, [1, 2]) for _ in range(2))
+        assert [a.next(logits) for _ in range(10)] == [b.next(logits) for _ in range(10)]

@@ -171,7 +171,7 @@ def test_a_prefill_seeded_with_the_shared_prefix_matches_a_full_prefill():
 
 
 def test_choose_dtype_keeps_explicit_choices_and_picks_a_served_type_for_auto():
-    from engine import choose_dtype
+    from transformers_runner import choose_dtype
 
     assert choose_dtype("float32") == "float32" and choose_dtype("bfloat16") == "bfloat16"
     assert choose_dtype("float16") == ("float16" if half_weights_supported() else "float32")

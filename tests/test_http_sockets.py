@@ -13,7 +13,10 @@ import threading
 
 import pytest
 
-from httpserver import HTTPServer, Limits, Router
+from api import Api, Policy
+from httpserver import HTTPError, HTTPServer, Limits, Router
+from metrics import Metrics
+from ratelimit import RateLimiter
 from serverproc import _Reader, encode_request, read_response
 
 
@@ -65,6 +68,12 @@ class LiveServer:
             await writer.write(b'{"response": "last"}\n')
             await writer.end()
 
+        async def refuse(request, writer):
+            # As the API's guard does: headers for whatever reply goes out, then a refusal.
+            writer.extra_headers.append(("X-Extra", "kept"))
+            raise HTTPError(400, "refused by the handler")
+
+        self.router.add("POST", "/refuse", refuse)
         self.router.add("POST", "/echo", echo)
         self.router.add("GET", "/echo", echo)
         self.router.add("GET", "/crash", crash)
@@ -149,6 +158,8 @@ def test_expect_100_continue_on_an_unknown_path_gets_404_without_waiting_for_the
             sock.settimeout(10)  # far less than the body timeout: the 404 must not wait for it
             sock.sendall(b"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
             resp = read_response(sock)
+            # Its body may or may not follow the 404: only closing keeps us in step.
+            assert resp.headers["connection"] == "close" and closed_by_server(sock)
         assert resp.status == 404 and b"error" in resp.body
     finally:
         srv.close()
@@ -270,3 +281,181 @@ def _one(srv, method: str, path: str):
     with srv.connect() as sock:
         sock.sendall(encode_request(method, path))
         return read_response(sock)
+
+
+# ---------------------------------------------------------------------------
+# Refusals of well-formed requests keep the connection (issue 11)
+
+
+def test_pipelined_unknown_paths_each_get_a_404_on_one_connection(live):
+    with live.connect() as sock:
+        sock.sendall(encode_request("GET", "/nope") + encode_request("GET", "/nope") + encode_request("GET", "/echo"))
+        reader = _Reader(sock)
+        statuses = [read_response(sock, reader) for _ in range(3)]
+    assert [r.status for r in statuses] == [404, 404, 200]
+    assert statuses[0].headers["connection"] == "keep-alive"
+
+
+def test_a_404_or_405_with_a_body_drops_the_body_and_keeps_the_connection(live):
+    with live.connect() as sock:
+        sock.sendall(encode_request("POST", "/nope", b"dropped") + encode_request("DELETE", "/echo", b"also")
+                     + encode_request("POST", "/echo", b"kept"))
+        reader = _Reader(sock)
+        missing, wrong, echoed = (read_response(sock, reader) for _ in range(3))
+    assert (missing.status, wrong.status) == (404, 405) and wrong.headers["allow"] == "GET, HEAD, POST"
+    assert echoed.body == b"kept"
+
+
+def test_handler_refusal_carries_the_handlers_headers_and_keeps_the_connection(live):
+    with live.connect() as sock:
+        sock.sendall(encode_request("POST", "/refuse", b"{}") + encode_request("GET", "/echo"))
+        reader = _Reader(sock)
+        refused = read_response(sock, reader)
+        assert (refused.status, refused.json()) == (400, {"error": "refused by the handler"})
+        assert refused.headers["x-extra"] == "kept" and refused.headers["connection"] == "keep-alive"
+        assert read_response(sock, reader).status == 200
+
+
+def test_handler_refusal_still_closes_when_the_request_asked_to(live):
+    with live.connect() as sock:
+        sock.sendall(encode_request("POST", "/refuse", b"{}", headers={"Connection": "close"}))
+        assert read_response(sock).headers["connection"] == "close"
+        assert closed_by_server(sock)
+
+
+def test_the_router_error_shape_shapes_every_error_reply(live):
+    live.router.error_shape = lambda path, message, status: {"path": path, "status": status}
+    with live.connect() as sock:
+        sock.sendall(encode_request("GET", "/nope") + encode_request("PUT", "/echo")
+                     + encode_request("POST", "/refuse", b"{}")
+                     + b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+        reader = _Reader(sock)
+        bodies = [read_response(sock, reader).json() for _ in range(4)]
+    assert bodies == [{"path": "/nope", "status": 404}, {"path": "/echo", "status": 405},
+                      {"path": "/refuse", "status": 400}, {"path": "/echo", "status": 400}]
+
+
+# ---------------------------------------------------------------------------
+# The API's guard over real sockets, with a fake engine (no model)
+
+
+class _FakeEngine:
+    model_name, ready, load_error, queued, active_count, load_seconds = "m", True, None, 0, 0, 1.0
+
+    def __init__(self):
+        self.submitted = []
+
+    def submit(self, gen):
+        self.submitted.append(gen)
+        raise AssertionError("the guard should have refused this request")
+
+
+class _FakeLog:
+    errors = 0
+
+
+@pytest.fixture
+def api_server():
+    """A LiveServer with the API's routes, for a given Policy; yields (server, engine)."""
+    servers = []
+
+    def start(policy: Policy):
+        srv = LiveServer(Limits())
+        engine = _FakeEngine()
+        Api(engine, _FakeLog(), policy, Metrics()).routes(srv.router)
+        servers.append(srv)
+        return srv, engine
+
+    yield start
+    for srv in servers:
+        srv.close()
+
+
+def _ask(srv, method, path, body=None, headers=None):
+    with srv.connect() as sock:
+        sock.sendall(encode_request(method, path, body, headers))
+        return read_response(sock)
+
+
+EVIL = "http://evil.example"
+
+
+def test_cross_site_simple_post_is_refused_before_the_generation_runs(api_server):
+    srv, engine = api_server(Policy())
+    text_plain = {"Content-Type": "text/plain", "Origin": EVIL}
+    resp = _ask(srv, "POST", "/generate", b'{"prompt": "hi"}', text_plain)
+    assert (resp.status, resp.json()) == (403, {"error": f"origin '{EVIL}' is not allowed"})
+    assert "access-control-allow-origin" not in resp.headers
+    openai = _ask(srv, "POST", "/v1/chat/completions", b'{"messages": []}', text_plain).json()
+    assert openai["error"]["message"] == f"origin '{EVIL}' is not allowed"
+    assert _ask(srv, "GET", "/api/version", headers={"Origin": EVIL}).status == 403
+    assert engine.submitted == []
+
+
+def test_requests_without_origin_or_from_allowed_and_same_origins_go_through(api_server):
+    srv, _ = api_server(Policy(cors_origins=("http://localhost:*",)))
+    assert _ask(srv, "GET", "/api/version").status == 200
+    allowed = _ask(srv, "GET", "/api/version", headers={"Origin": "http://localhost:5173"})
+    assert allowed.status == 200 and allowed.headers["access-control-allow-origin"] == "http://localhost:5173"
+    own = f"127.0.0.1:{srv.port}"  # the playground's own fetches, whatever --cors-origins says
+    assert _ask(srv, "GET", "/api/version", headers={"Host": own, "Origin": f"http://{own}"}).status == 200
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/api/tags"), ("POST", "/generate"), ("GET", "/"),
+                                          ("GET", "/web/app.js"), ("OPTIONS", "/api/chat"),
+                                          ("GET", "/health")])
+def test_foreign_host_is_refused_on_every_route_when_bound_to_loopback(api_server, method, path):
+    srv, engine = api_server(Policy(allowed_hosts=()))
+    resp = _ask(srv, method, path, b'{"prompt": "hi"}' if method == "POST" else None,
+                {"Host": "rebound.example:3000", "Origin": "http://localhost:5173"})
+    assert resp.status == 403
+    assert resp.json() == {"error": "host 'rebound.example:3000' is not allowed; "
+                                    "start with --allowed-hosts rebound.example to allow it"}
+    assert engine.submitted == []
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.1:3000", "localhost:3000", "[::1]:3000", "myhost.lan:80"])
+def test_loopback_and_listed_hosts_are_served(api_server, host):
+    srv, _ = api_server(Policy(allowed_hosts=("myhost.lan",)))
+    assert _ask(srv, "GET", "/api/version", headers={"Host": host}).status == 200
+    assert _ask(srv, "GET", "/", headers={"Host": host}).status == 200
+
+
+def test_any_host_is_served_when_the_policy_allows_any(api_server):
+    srv, _ = api_server(Policy(allowed_hosts=None))
+    assert _ask(srv, "GET", "/api/version", headers={"Host": "anything.example"}).status == 200
+
+
+def test_error_reply_on_generate_carries_cors_and_rate_limit_headers_and_keeps_the_connection(api_server):
+    srv, _ = api_server(Policy(rate_limiter=RateLimiter(100, 60.0)))
+    origin = {"Origin": "http://localhost:5173"}
+    with srv.connect() as sock:
+        sock.sendall(encode_request("POST", "/generate", {"prompt": ""}, origin)
+                     + encode_request("GET", "/api/version", headers=origin))
+        reader = _Reader(sock)
+        refused = read_response(sock, reader)
+        assert refused.status == 400 and "prompt" in refused.json()["error"]
+        assert refused.headers["access-control-allow-origin"] == "http://localhost:5173"
+        assert refused.headers["ratelimit-limit"] == "100"
+        assert refused.headers["connection"] == "keep-alive"
+        assert read_response(sock, reader).status == 200
+
+
+def test_lone_surrogate_in_a_body_is_a_400_on_every_api(api_server):
+    srv, _ = api_server(Policy())
+    body = rb'{"prompt": "hi", "model": "\ud800", "messages": [{"role": "user", "content": "hi"}]}'
+    for path in ("/generate", "/api/generate", "/v1/chat/completions"):
+        resp = _ask(srv, "POST", path, body)
+        assert resp.status == 400 and "lone surrogate" in resp.body.decode()
+
+
+def test_everything_under_v1_answers_in_openai_error_shape(api_server):
+    srv, _ = api_server(Policy(api_key="k"))
+    missing = _ask(srv, "GET", "/v1/nope")
+    wrong = _ask(srv, "GET", "/v1/chat/completions")
+    unauthorised = _ask(srv, "GET", "/v1/models")
+    for resp, status in ((missing, 404), (wrong, 405), (unauthorised, 401)):
+        assert resp.status == status
+        assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    assert wrong.headers["allow"] == "OPTIONS, POST"
+    assert _ask(srv, "GET", "/nope").json() == {"error": "not found: /nope"}

@@ -10,6 +10,7 @@ import pathlib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import json  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 
 import h11  # noqa: E402
@@ -26,6 +27,7 @@ from httpserver import (  # noqa: E402
     Router,
     encode_chunk,
     encode_head,
+    json_bytes,
     parse_head,
 )
 
@@ -574,6 +576,14 @@ def test_encode_head(status, phrase):
 
 def test_encode_head_without_headers():
     assert encode_head(204, []) == b"HTTP/1.1 204 No Content\r\n\r\n"
+
+
+@pytest.mark.parametrize("text", ["\ud800", "model '\udfff' not found", "k\ud83d"])
+def test_json_bytes_never_raises_on_a_lone_surrogate_and_stays_valid_json(text):
+    # Error messages echo client text, and a JSON escape can make a lone surrogate.
+    data = json_bytes({"error": text, text: 1})
+    data.decode("utf-8")  # strict: valid UTF-8 on the wire
+    assert json.loads(data) == {"error": text, text: 1}
 
 
 def decode_chunked(data: bytes) -> bytes:

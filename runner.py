@@ -1,0 +1,73 @@
+"""The interface between the scheduler and a model, and the model's facts.
+
+A runner owns the model, its tokenizer and the KV cache of the running batch. It has
+no threads and no asyncio: the scheduler (engine.py) calls it from the model thread
+only, and its tests call it directly. Rows of the batch are numbered 0..rows-1 in the
+order they joined; `keep` cuts rows out and renumbers the rest in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the event loop may know of the loaded model: one immutable snapshot,
+    published once by the model thread."""
+
+    name: str
+    architecture: str = ""
+    parameters: int = 0
+    chat_template: str = ""
+    context_length: int = 0
+    dtype: str = ""
+    device: str = "cpu"
+    max_prompt_chars: int = 0  # longer prompts cannot fit the context, whatever they say
+    load_seconds: float = 0.0
+
+
+class Runner(Protocol):
+    tokenizer: Any  # a transformers tokenizer: chat template, encoding, detokenising
+    architecture: str
+    parameters: int
+    context_length: int
+    dtype: str
+    device: str
+    eos_ids: frozenset[int]
+
+    @property
+    def rows(self) -> int:
+        """Rows in the running batch."""
+
+    def remember_prefix(self, ids: list[int]) -> None:
+        """Cache a prompt prefix many requests share; later prefills reuse it."""
+
+    def prefill(self, prompts: list[list[int]]):
+        """Compute the prompts in one pass and join them to the batch as new last rows.
+        Returns the logits of each one's last position, [len(prompts), vocab]. On an
+        exception the batch is as it was."""
+
+    def begin(self, prompt: list[int]) -> Any:
+        """Start a prefill computed a chunk at a time (`advance`), apart from the batch."""
+
+    def advance(self, partial: Any, tokens: int):
+        """Compute up to `tokens` more of a partial prefill. Returns None while some
+        are left; else joins it to the batch as the new last row and returns its logits [1, vocab]."""
+
+    def decode(self, tokens: list[int]):
+        """Feed one token per row; returns the next logits of every row, [rows, vocab]."""
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these rows of the batch, in this order."""
+
+    def reset(self) -> None:
+        """Forget the batch (after a failure left it in doubt)."""
+
+
+def load_runner(source, dtype: str, cache_dir: str | None) -> Runner:
+    """The runner for a model source. Imports torch: call it on the model thread."""
+    from transformers_runner import TransformersRunner
+
+    return TransformersRunner.load(source, dtype, cache_dir)

@@ -1,0 +1,249 @@
+"""The request lifecycle under attack: random bodies with extreme values on every
+endpoint, clients that leave at any moment, and failures injected into every stage of
+the model thread. After each example every request has had exactly one final event
+and one log line, the slots are all back, and the queue is empty.
+
+The real engine, API and HTTP server run in this process on the tiny GPT-2 (issue 11).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from engine import Final
+from inprocess import STAGES, Faults, GatedRunner, ScriptedRunner, faulty_text_stages, http, live_server, wait_until
+
+ENDPOINTS = ("/generate", "/api/generate", "/api/chat", "/v1/completions", "/v1/chat/completions")
+EXTREMES = [None, 0, -1, 1, 2, 0.5, 1e-300, 5e-324, 1e308, -1e308, 2 ** 64, 10 ** 30, -(2 ** 63) - 1, "x", "",
+            [], {}, True, False, [1], ["\n", "e"], {"a": 1}, {"num_predict": 3}, {"temperature": 1e-300},
+            "\ud800"]
+VALID = {"temperature": [0, 0.7, 1.5], "top_p": [0.5, 1], "top_k": [0, 1, 40], "seed": [0, 7, 2 ** 63],
+         "repeat_penalty": [1, 1.3], "max_tokens": [1, 4, 20], "num_predict": [2, 5], "stop": ["e", ["o", "x"]],
+         "presence_penalty": [0, 1.5], "frequency_penalty": [-1, 2], "stream": [True, False], "raw": [True],
+         "system": ["Be brief."], "options": [{"temperature": 0}, {"num_predict": 3}]}
+FIELD_VALUES = st.sampled_from(sorted(VALID)).flatmap(
+    lambda name: st.tuples(st.just(name), st.one_of(st.sampled_from(VALID[name]), st.sampled_from(EXTREMES))))
+PROMPTS = st.one_of(st.sampled_from(["The quick brown fox", "A language model", "Streaming servers send"]),
+                    st.text(max_size=24),
+                    st.sampled_from(["<|endoftext|> jumps", "x" * 5000, "", "   ", "\ud800"]))
+
+
+def body_for(endpoint: str, model: str, prompt: str, fields: dict) -> dict:
+    if endpoint in ("/api/chat", "/v1/chat/completions"):
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    else:
+        body = {"model": model, "prompt": prompt}
+    return {**body, "max_tokens": 6, **fields}
+
+
+REQUESTS = st.lists(st.tuples(st.sampled_from(ENDPOINTS), PROMPTS,
+                              st.lists(FIELD_VALUES, max_size=3).map(dict),
+                              st.sampled_from([None, None, "at once", "after head"])),
+                    min_size=1, max_size=6)
+FAULTS = st.dictionaries(st.sampled_from(STAGES), st.sets(st.integers(0, 5), min_size=1, max_size=2), max_size=3)
+
+
+def check_reply(reply, endpoint: str, faulty: bool) -> None:
+    """Every reply is a whole answer or a JSON error; 500s only where a fault was injected."""
+    if reply.status != 200:
+        assert reply.status in (400, 404, 503) or (faulty and reply.status == 500), (reply.status, reply.body)
+        assert "error" in reply.json()
+        return
+    content_type = reply.headers["content-type"]
+    if content_type.startswith("text/event-stream"):
+        assert reply.body.endswith(b"data: [DONE]\n\n")
+        events = [json.loads(e[6:]) for e in reply.body.decode().split("\n\n") if e and e != "data: [DONE]"]
+        assert faulty or not any("error" in e for e in events)
+    elif content_type.startswith("application/x-ndjson"):
+        lines = reply.lines()
+        assert lines[-1].get("done") is True or (faulty and "error" in lines[-1])
+    else:
+        assert "error" not in reply.json()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(requests=REQUESTS, plan=FAULTS, max_batch=st.integers(1, 3), queue_size=st.integers(1, 4),
+       chunk=st.sampled_from([8, 256]))
+def test_any_mix_of_bodies_disconnects_and_failures_leaves_the_books_balanced(
+        tiny_gpt2_folder, requests, plan, max_batch, queue_size, chunk):
+    faults = Faults(plan={k: set(v) for k, v in plan.items()})
+
+    async def main(log_path):
+        async with live_server(tiny_gpt2_folder, log_path, faults=faults, max_batch=max_batch,
+                               queue_size=queue_size) as live:
+            live.engine.PREFILL_CHUNK = chunk  # 8: the tiny model's prompts are prefilled in chunks
+            finals = count_finals(live.engine)
+            model = live.engine.model_name
+            replies = await asyncio.gather(*[
+                http(live.port, "POST", endpoint, body_for(endpoint, model, prompt, fields), leave=leave)
+                for endpoint, prompt, fields, leave in requests])
+            await live.settled()
+            for (endpoint, *_), reply in zip(requests, replies):
+                if reply is not None:
+                    check_reply(reply, endpoint, faulty=bool(plan))
+            assert live.books() == {"free_slots": max_batch, "queued": 0, "active": 0, "live": 0}
+            # Exactly one final event: from the model thread, or from the queue for one
+            # whose client left before it got a slot.
+            assert all(s.final is not None and finals[s.id] == (1 if s.in_model else 0) for s in live.streams)
+            faults.plan.clear()  # the server must still answer normally
+            after = await http(live.port, "POST", "/generate", {"prompt": "The quick", "max_tokens": 3,
+                                                                "stream": False})
+            assert after.status == 200 and after.json()["done"] is True
+            await live.settled()
+            logged = [line["id"] for line in live.log_lines()]
+            assert sorted(logged) == sorted(s.id for s in live.streams), "one log line per request"
+
+    with tempfile.TemporaryDirectory() as tmp, faulty_text_stages(faults):
+        asyncio.run(main(Path(tmp) / "log.jsonl"))
+
+
+def count_finals(engine) -> collections.Counter:
+    """Final events the model thread hands back, per request id (duplicates included)."""
+    counts = collections.Counter()
+    real = engine._deliver
+
+    def deliver(batch):
+        for stream, item in batch:
+            if isinstance(item, Final):
+                counts[stream.id] += 1
+        real(batch)
+
+    engine._deliver = deliver
+    return counts
+
+
+
+# ---------------------------------------------------------------------------
+# One regression test per row of issue 11's table that lives in the engine
+# (the HTTP and validation rows are in test_api.py and test_http_sockets.py).
+
+
+def answer_text(reply: dict) -> str:
+    """The generated text of a non-streamed reply, in any of the API shapes."""
+    if "choices" in reply:
+        choice = reply["choices"][0]
+        return choice["message"]["content"] if "message" in choice else choice["text"]
+    return reply["message"]["content"] if "message" in reply else reply["response"]
+
+
+def run_live(folder, tmp_path, scenario, **kwargs):
+    async def main():
+        async with live_server(folder, tmp_path / "log.jsonl", **kwargs) as live:
+            await scenario(live)
+            await live.settled()
+            assert live.books() == {"free_slots": live.engine.max_batch, "queued": 0, "active": 0, "live": 0}
+            return live.log_lines()
+    return asyncio.run(main())
+
+
+def generate(live, leave=None, **fields):
+    return http(live.port, "POST", "/generate", {"prompt": "The quick brown fox", "max_tokens": 5, **fields},
+                leave=leave)
+
+
+@pytest.mark.parametrize("seed", [10 ** 23, 2 ** 64, 1e308, -(2 ** 70)])
+def test_row1_an_out_of_range_seed_is_answered_beside_normal_requests(tiny_gpt2_folder, tmp_path, seed):
+    async def scenario(live):
+        replies = await asyncio.gather(*[generate(live, seed=seed, temperature=1) for _ in range(8)],
+                                       *[generate(live) for _ in range(3)])
+        assert all(r.status == 200 and r.lines()[-1]["done"] for r in replies), [r.body for r in replies]
+    run_live(tiny_gpt2_folder, tmp_path, scenario, max_batch=2)
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324])
+def test_row2_a_vanishing_temperature_is_greedy_on_every_endpoint(tiny_gpt2_folder, tmp_path, endpoint,
+                                                                   temperature):
+    async def scenario(live):
+        model = live.engine.model_name
+        tiny = body_for(endpoint, model, "The quick brown fox", {"temperature": temperature, "stream": False})
+        greedy = body_for(endpoint, model, "The quick brown fox", {"temperature": 0, "stream": False})
+        replies = await asyncio.gather(http(live.port, "POST", endpoint, tiny),
+                                       http(live.port, "POST", endpoint, greedy))
+        assert [r.status for r in replies] == [200, 200]
+        assert answer_text(replies[0].json()) == answer_text(replies[1].json())
+    run_live(tiny_gpt2_folder, tmp_path, scenario, max_batch=2)
+
+
+def test_row3_a_client_that_leaves_before_its_handler_listens_still_stops_its_generation(
+        tiny_gpt2_folder, tmp_path):
+    gated = {}
+
+    async def scenario(live):
+        await generate(live, leave="at once", stream=False, max_tokens=-1)
+        await wait_until(lambda: live.streams and live.streams[0].cancelled)
+        gated["runner"].gate.set()
+
+    from runner import load_runner
+    from modelsource import resolve_model
+
+    gated["runner"] = GatedRunner(load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None))
+    lines = run_live(tiny_gpt2_folder, tmp_path, scenario, runner=gated["runner"])
+    assert [(line["status"], line["done_reason"]) for line in lines] == [("cancelled", "cancelled")]
+
+
+def test_row4_every_request_writes_its_log_line_whoever_leaves_when(tiny_gpt2_folder, tmp_path):
+    async def scenario(live):
+        await asyncio.gather(generate(live, leave="at once"), generate(live, leave="after head"),
+                             generate(live, seed=2 ** 80), generate(live, temperature=1e-300, stream=False))
+    lines = run_live(tiny_gpt2_folder, tmp_path, scenario, max_batch=1)
+    assert len(lines) == 4 and len({line["id"] for line in lines}) == 4
+
+
+def test_row5_queued_clients_that_leave_give_their_places_back_at_once(tiny_gpt2_folder, tmp_path):
+    from modelsource import resolve_model
+    from runner import load_runner
+
+    gated = GatedRunner(load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None))
+
+    async def scenario(live):
+        running = asyncio.ensure_future(generate(live))
+        await wait_until(lambda: gated.waiting.is_set())  # the one slot is taken
+        for _ in range(4):
+            await generate(live, leave="at once")
+        await wait_until(lambda: len(live.streams) == 5)
+        await wait_until(lambda: live.engine.queued == 0)  # not when a slot frees: now
+        newcomer = asyncio.ensure_future(generate(live))
+        await wait_until(lambda: len(live.streams) == 6)
+        assert live.engine.queued == 1  # admitted to the queue, not refused with 503
+        gated.gate.set()
+        assert (await running).status == 200 and (await newcomer).status == 200
+
+    lines = run_live(tiny_gpt2_folder, tmp_path, scenario, runner=gated, max_batch=1, queue_size=4)
+    assert sorted(line["status"] for line in lines) == ["cancelled"] * 4 + ["done"] * 2
+
+
+def test_row6_text_held_back_for_a_stop_string_that_never_comes_is_kept_at_the_end(tiny_gpt2_folder, tmp_path):
+    from transformers import AutoTokenizer
+
+    scripted = ScriptedRunner(AutoTokenizer.from_pretrained(tiny_gpt2_folder), "How are you today?")
+
+    async def scenario(live):
+        for stop in (None, ["?ZZZ"], "y?Z"):
+            for stream in (True, False):
+                reply = await generate(live, stop=stop, stream=stream, max_tokens=50)
+                text = "".join(line["response"] for line in reply.lines())
+                assert text == "How are you today?", (stop, stream, text)
+                assert reply.lines()[-1]["done_reason"] == "stop"
+    run_live(tiny_gpt2_folder, tmp_path, scenario, runner=scripted)
+
+
+def test_row11_a_prompt_too_long_for_the_context_is_refused_before_the_model_thread(tiny_gpt2_folder, tmp_path):
+    faults = Faults()  # counts the calls of every stage, fails none
+
+    async def scenario(live):
+        limit = live.engine.facts.max_prompt_chars
+        reply = await http(live.port, "POST", "/generate", {"prompt": "x" * (limit + 1)})
+        assert reply.status == 400 and "characters" in reply.json()["error"]
+        assert faults.calls.get("prepare", 0) == 0  # never tokenised
+        reply = await http(live.port, "POST", "/generate", {"prompt": "0123456789" * 10})  # fits the
+        assert reply.status == 400 and "tokens" in reply.json()["error"]  # characters, not the tokens
+    run_live(tiny_gpt2_folder, tmp_path, scenario, faults=faults)

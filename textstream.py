@@ -1,0 +1,57 @@
+"""Streamed text, pure: stop strings across chunk boundaries and incremental detokenising."""
+
+from __future__ import annotations
+
+
+class StopMatcher:
+    """Finds stop strings in streamed text, across chunk boundaries.
+
+    Text that could still be the start of a stop string is held back, so a stop
+    string is never emitted, not even in part. Whatever ends the answer, `flush`
+    gives back what is still held (nothing after a stop string was hit).
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        buf = self._held + text
+        # The stop that completes first wins (ties: the one starting first), which is
+        # what streaming sees, so the result does not depend on how text is chunked.
+        hits = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
+        if hits:
+            self._held = ""
+            return buf[: min(hits)[1]], True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), 0, -1):
+                if buf.endswith(s[:n]):
+                    keep = max(keep, n)
+                    break
+        self._held = buf[len(buf) - keep:]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+class Detokenizer:
+    """Incremental detokeniser: never a split UTF-8 character, chunks add up to the whole.
+
+    Wraps `tokenizers.decoders.DecodeStream`, which buffers byte-level tokens until
+    they form whole characters.
+    """
+
+    def __init__(self, tokenizer):
+        from tokenizers.decoders import DecodeStream
+
+        self._tokenizer = tokenizer  # a `tokenizers.Tokenizer`
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def step(self, token_id: int) -> str:
+        return self._stream.step(self._tokenizer, token_id) or ""
