@@ -468,22 +468,17 @@ class Engine:
 
     def _step(self) -> bool:
         """One turn: admit, prefill, decode. False once told to stop."""
-        running = self._admit()
-        self._prefill_arrivals(running.arrived)
+        arrived, stop = self._admit()
+        self._prefill_arrivals(arrived)
         if self._long:
             self._prefill_chunk()
         self._flush()  # first tokens go out before the next step
         self._cut_ended()
-        if self._batch and not running.stop:
+        if self._batch and not stop:
             self._decode_step()
             self._cut_ended()
         self._check_accounts()
-        return not running.stop
-
-    @dataclass
-    class _Admitted:
-        arrived: list
-        stop: bool = False
+        return not stop
 
     def _next_inbox(self, block: bool):
         try:
@@ -491,9 +486,10 @@ class Engine:
         except queue.Empty:
             return None
 
-    def _admit(self) -> "Engine._Admitted":
-        """Take waiting requests between steps (block only when idle) and prepare them."""
-        admitted = Engine._Admitted([])
+    def _admit(self) -> tuple[list[_Sequence], bool]:
+        """Take waiting requests between steps (block only when idle) and prepare them.
+        Returns (the prepared ones, whether the engine is told to stop)."""
+        arrived: list[_Sequence] = []
         while len(self._live) < self.max_batch:
             idle = not self._live
             if idle:
@@ -503,8 +499,7 @@ class Engine:
             except queue.Empty:
                 break
             if stream is None:
-                admitted.stop = True
-                break
+                return arrived, True
             seq = _Sequence(stream)
             self._live[stream.id] = seq
             if stream.cancelled:
@@ -518,8 +513,8 @@ class Engine:
             except Exception as exc:
                 self._fail([seq], exc, "preparing the prompt")
                 continue
-            admitted.arrived.append(seq)
-        return admitted
+            arrived.append(seq)
+        return arrived, False
 
     def _prepare(self, seq: _Sequence) -> None:
         """Tokenise and check one request; raises RequestInvalid when it cannot be served."""
