@@ -207,7 +207,8 @@ class Engine:
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_batch: int = 8,
                  queue_size: int = 64, default_max_tokens: int = 300,
-                 cache_dir: str | None = "~/.cache/minivault", load_runner: Callable | None = None):
+                 cache_dir: str | None = "~/.cache/minivault", runner: str = "auto",
+                 load_runner: Callable | None = None):
         self.source = resolve_model(model)
         self.model_name = self.source.name
         self.requested_dtype = dtype
@@ -218,7 +219,8 @@ class Engine:
         self.facts = ModelFacts(name=self.model_name)  # replaced once, by the loaded model's
         self.ready = False
         self.load_error: str | None = None
-        self._load_runner = load_runner
+        self.runner_kind = runner
+        self._load_runner = load_runner  # (source, dtype, cache_dir) -> a runner; tests inject their own
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admission: AdmissionQueue | None = None
         self._in_model = 0  # loop side: streams handed to the model thread (a batch slot each), not yet ended
@@ -393,8 +395,11 @@ class Engine:
             # These import torch (seconds): the server listens meanwhile.
             import runner
 
-            load = self._load_runner or runner.load_runner
-            self._runner = load(self.source, self.requested_dtype, self.cache_dir)
+            if self._load_runner is not None:
+                self._runner = self._load_runner(self.source, self.requested_dtype, self.cache_dir)
+            else:
+                self._runner = runner.load_runner(self.source, self.requested_dtype, self.cache_dir,
+                                                  self.runner_kind)
             from prompts import PromptBuilder
 
             self._prompts = PromptBuilder(self._runner.tokenizer)

@@ -34,8 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64,
                    help="requests that may wait for the model; beyond it clients get 503")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
-                   help="number type (float16: float16 weights, float32 sums; auto: float16 where fbgemm runs (AVX2 + F16C), else float32; bfloat16 only when asked: it is not batch-invariant)")
+    p.add_argument("--runner", choices=["auto", "llama", "transformers"], default="auto",
+                   help="what computes the model: auto: our own Llama runner for Llama-architecture models "
+                        "(SmolLM2, Llama, Mistral), transformers for every other")
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "int8", "bfloat16"], default="auto",
+                   help="number type (float16: float16 weights, float32 sums; int8: int8 weights and per-row int8 "
+                        "activations, llama runner only; auto: float16 where fbgemm runs (AVX2 + F16C), else "
+                        "float32; bfloat16 only when asked: with transformers it is not batch-invariant)")
     p.add_argument("--cache-dir", default="~/.cache/minivault",
                    help="where a GGUF model's converted weights are cached ('' to disable)")
     p.add_argument("--max-body", type=int, default=1024 * 1024, help="largest request body in bytes (413 beyond)")
@@ -75,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace) -> int:
     try:
         engine = Engine(model=args.model, dtype=args.dtype, max_batch=args.max_batch, queue_size=args.queue_size,
-                        default_max_tokens=args.max_tokens, cache_dir=args.cache_dir or None)
+                        default_max_tokens=args.max_tokens, cache_dir=args.cache_dir or None,
+                        runner=args.runner)
     except RuntimeError as exc:
         log.error("%s", exc)
         return 2

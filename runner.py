@@ -66,8 +66,28 @@ class Runner(Protocol):
         """Forget the batch (after a failure left it in doubt)."""
 
 
-def load_runner(source, dtype: str, cache_dir: str | None) -> Runner:
-    """The runner for a model source. Imports torch: call it on the model thread."""
-    from transformers_runner import TransformersRunner
+RUNNERS = ("auto", "llama", "transformers")
 
-    return TransformersRunner.load(source, dtype, cache_dir)
+
+def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto") -> Runner:
+    """The runner for a model source. `auto`: our own Llama runner for the architectures
+    it computes, transformers' for every other. Imports torch: call it on the model thread."""
+    import llama_runner
+    import transformers_runner as hf
+
+    dtype = hf.choose_dtype(dtype)
+    if runner == "transformers" and dtype == "int8":
+        raise RuntimeError("--dtype int8 needs the llama runner (--runner llama)")
+    model, tokenizer = hf.load_model(source, dtype if runner == "transformers" else "float32", cache_dir)
+    eos_ids = hf.eos_ids(model, tokenizer)
+    if runner != "transformers":
+        fast = llama_runner.from_transformers(model, tokenizer, dtype, eos_ids)
+        if fast is not None:
+            return fast
+        if runner == "llama":
+            raise RuntimeError(f"the llama runner does not compute {model.config.model_type!r} models")
+        if dtype == "int8":
+            raise RuntimeError(f"--dtype int8 needs the llama runner, which does not compute "
+                               f"{model.config.model_type!r} models")
+        model = model.to(hf.torch_dtype(dtype))
+    return hf.TransformersRunner(model, tokenizer, dtype, eos_ids)

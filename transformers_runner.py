@@ -49,15 +49,20 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()[:24]
 
 
+def torch_dtype(dtype: str):
+    """The dtype a transformers model is held in: float16 means float16 weights on a
+    float32 model (fastdecode.use_half_weights)."""
+    return {"float32": torch.float32, "float16": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
 def load_model(source, dtype: str, cache_dir: str | None):
     """Returns (model, tokenizer). A GGUF file is converted once and cached as safetensors."""
-    # float16 means float16 weights on a float32 model (fastdecode.use_half_weights).
-    torch_dtype = {"float32": torch.float32, "float16": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    held = torch_dtype(dtype)
     if source.kind == "gguf":
         cached = Path(cache_dir).expanduser() / _file_digest(source.location) if cache_dir else None
         if cached is not None and (cached / "config.json").exists():
             log.info("loading cached weights from %s", cached)
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch_dtype)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=held)
             tokenizer = AutoTokenizer.from_pretrained(cached)
         else:
             folder, name = os.path.split(source.location)
@@ -67,9 +72,9 @@ def load_model(source, dtype: str, cache_dir: str | None):
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
             if cached is not None:
                 _save_cache(model, tokenizer, cached)
-            model = model.to(torch_dtype)
+            model = model.to(held)
     else:
-        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(source.location, dtype=held)
         tokenizer = AutoTokenizer.from_pretrained(source.location)
     model.eval()
     return model, tokenizer
@@ -93,7 +98,7 @@ def _save_cache(model, tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _eos_ids(model, tokenizer) -> frozenset[int]:
+def eos_ids(model, tokenizer) -> frozenset[int]:
     ids = set()
     for value in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
         if isinstance(value, int):
@@ -115,7 +120,7 @@ class PartialPrefill:
 class TransformersRunner:
     device = "cpu"
 
-    def __init__(self, model, tokenizer, dtype: str):
+    def __init__(self, model, tokenizer, dtype: str, eos_ids: frozenset[int]):
         self.model = model
         self.tokenizer = tokenizer
         self.dtype = dtype
@@ -124,16 +129,10 @@ class TransformersRunner:
         self.parameters = sum(p.numel() for p in model.parameters())
         self.context_length = int(getattr(config, "max_position_embeddings", 0)
                                   or getattr(config, "n_positions", 0) or 2048)
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = eos_ids
         fastdecode.speed_up(model, dtype)
         self._prefix: fastdecode.SharedPrefix | None = None
         self.reset()
-
-    @classmethod
-    def load(cls, source, dtype: str, cache_dir: str | None) -> TransformersRunner:
-        dtype = choose_dtype(dtype)
-        model, tokenizer = load_model(source, dtype, cache_dir)
-        return cls(model, tokenizer, dtype)
 
     @property
     def rows(self) -> int:

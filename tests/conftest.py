@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from serverproc import ServerProcess  # noqa: E402
-from tinymodels import save_tiny_gpt2  # noqa: E402
+from tinymodels import save_tiny_gpt2, save_tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -33,4 +33,12 @@ def tiny_gpt2_folder(tmp_path_factory):
     """A tiny random GPT-2 saved as a model folder, built once per session."""
     folder = tmp_path_factory.mktemp("tiny-gpt2")
     save_tiny_gpt2(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory, tiny_gpt2_folder):
+    """A tiny random Llama saved as a model folder: what the llama runner computes."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    save_tiny_llama(folder, tiny_gpt2_folder)
     return folder

@@ -1,25 +1,32 @@
-"""transformers_runner.py without threads or sockets: the batch it keeps gives every row
-the logits that row would get alone, through joins, cuts, chunked and seeded prefills."""
+"""The runners without threads or sockets (runner.py's interface): the batch a runner
+keeps gives every row the logits that row would get alone, through joins, cuts,
+chunked and seeded prefills. Checked against transformers' own forward."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from modelsource import resolve_model
-from transformers_runner import TransformersRunner
+from runner import load_runner
 
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
 
 
-@pytest.fixture()
-def runner(tiny_gpt2_folder):
-    return TransformersRunner.load(resolve_model(str(tiny_gpt2_folder)), "float32", None)
+@pytest.fixture(params=["transformers/gpt2", "transformers/llama", "llama/llama"])
+def runner(request, tiny_gpt2_folder, tiny_llama_folder):
+    kind, model = request.param.split("/")
+    folder = tiny_gpt2_folder if model == "gpt2" else tiny_llama_folder
+    r = load_runner(resolve_model(str(folder)), "float32", None, kind)
+    assert type(r).__name__ == {"transformers": "TransformersRunner", "llama": "LlamaRunner"}[kind]
+    r.reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return r
 
 
 def alone(runner, ids) -> torch.Tensor:
     with torch.inference_mode():
-        return runner.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        return runner.reference(input_ids=torch.tensor([ids])).logits[0, -1]
 
 
 def assert_rows_match(runner, logits, histories) -> None:
@@ -86,3 +93,31 @@ def test_decode_refuses_a_token_count_that_is_not_the_batch(runner):
     runner.prefill(PROMPTS[:2])
     with pytest.raises(ValueError):
         runner.decode([1])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8", "bfloat16"])
+def test_the_llama_runner_gives_a_row_the_same_logits_alone_and_in_a_batch(tiny_llama_folder, dtype):
+    import fastdecode
+
+    if dtype == "float16" and not fastdecode.half_weights_supported():
+        pytest.skip("fbgemm float16 needs AVX2 and F16C")
+    r = load_runner(resolve_model(str(tiny_llama_folder)), dtype, None, "llama")
+    solo = []
+    for p in PROMPTS:
+        r.reset()
+        solo.append(r.prefill([p])[0])
+    r.reset()
+    batched = r.prefill(PROMPTS)
+    for row, logits in enumerate(solo):
+        assert torch.allclose(batched[row], logits, atol=1e-5, rtol=0), (dtype, row)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        exact = reference(input_ids=torch.tensor([PROMPTS[2]])).logits[0, -1]
+    assert int(batched[2].argmax()) == int(exact.argmax())  # close to float32, if not equal
+
+
+def test_the_llama_runner_refuses_other_architectures(tiny_gpt2_folder):
+    with pytest.raises(RuntimeError, match="does not compute"):
+        load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None, "llama")
+    with pytest.raises(RuntimeError, match="int8"):
+        load_runner(resolve_model(str(tiny_gpt2_folder)), "int8", None)
