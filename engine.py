@@ -402,12 +402,12 @@ class Engine:
                                                   self.runner_kind)
             from prompts import PromptBuilder
 
-            self._prompts = PromptBuilder(self._runner.tokenizer)
+            self._prompts = PromptBuilder(self._runner.codec)
             self._cache_shared_prefix()
             r = self._runner
             facts = ModelFacts(
                 name=self.model_name, architecture=r.architecture, parameters=r.parameters,
-                chat_template=getattr(r.tokenizer, "chat_template", None) or "",
+                chat_template=r.codec.chat_template or "",
                 context_length=r.context_length, dtype=r.dtype, device=r.device,
                 max_prompt_chars=self._prompts.max_prompt_chars(r.context_length),
                 load_seconds=time.monotonic() - t0)
@@ -543,7 +543,7 @@ class Engine:
         seq.max_tokens = min(want, context - len(ids))
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
         seq.sampler = sampling.RowSampler(req.sampling, seed, ids)
-        seq.detok = Detokenizer(self._runner.tokenizer.backend_tokenizer)
+        seq.detok = Detokenizer(self._runner.codec.backend)
         seq.stopper = StopMatcher(req.stop)
         loaded_ns = self._started_ns + int(self._facts.load_seconds * 1e9)
         seq.load_ns = max(0, loaded_ns - seq.stream.submitted_ns)

@@ -118,15 +118,6 @@ def speed_up_output_head(model) -> None:
 warnings.filterwarnings("ignore", message=r".*fbgemm.*deprecated")
 
 
-def half_weights_supported() -> bool:
-    """fbgemm's float16 kernels need AVX2 and F16C; torch raises without them."""
-    try:
-        packed = torch.fbgemm_pack_gemm_matrix_fp16(torch.ones(4, 4))
-        return bool(torch.fbgemm_linear_fp16_weight(torch.ones(2, 4), packed, torch.zeros(4)).sum() == 32)
-    except Exception:
-        return False
-
-
 class HalfWeightLinear(torch.nn.Module):
     """A Linear whose weight is rounded to float16; activations and sums stay float32.
 

@@ -9,7 +9,9 @@ per-row activation scales) 10.3 / 14.4.
 
 from __future__ import annotations
 
+import logging
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,36 @@ import torch.nn.functional as F
 # torch 2.13 marks the fbgemm float16 ops deprecated; they are what makes float16 fast.
 warnings.filterwarnings("ignore", message=r".*fbgemm.*deprecated")
 
+log = logging.getLogger("minivault.linears")
+
 KINDS = ("float32", "float16", "int8", "bfloat16")
+
+
+def half_weights_supported() -> bool:
+    """fbgemm's float16 kernels need AVX2 and F16C; torch raises without them."""
+    try:
+        packed = torch.fbgemm_pack_gemm_matrix_fp16(torch.ones(4, 4))
+        return bool(torch.fbgemm_linear_fp16_weight(torch.ones(2, 4), packed, torch.zeros(4)).sum() == 32)
+    except Exception:
+        return False
+
+
+def choose_dtype(requested: str) -> str:
+    """`auto`: float16 weights where fbgemm runs (AVX2 + F16C), else float32.
+
+    Never bfloat16 by default, even where the CPU computes it natively: through
+    transformers its 8-bit mantissa in the activations flipped near-ties, so greedy
+    answers changed with what else was in the batch (5 of 8 prompts differed at 48
+    tokens). float16 weights with float32 sums keep every row's answer its own (0 of
+    8 differed) at about the speed of int8 here, without int8's error (bench/quality.py).
+    """
+    if requested in ("auto", "float16"):
+        if half_weights_supported():
+            return "float16"
+        if requested == "float16":
+            log.warning("float16 weights need fbgemm (AVX2 and F16C); serving float32")
+        return "float32"
+    return requested
 
 
 class Float32Linear:
@@ -57,6 +88,19 @@ class Int8Linear:
         return torch._int_mm(xq, self.weight_t).float() * x_scale * self.scale
 
 
+class Int8WeightLinear:
+    """int8 weights with one scale per output channel, multiplied by bfloat16
+    activations (torch's weight-only int8 kernel, fast with AVX-512); float32 out."""
+
+    def __init__(self, weight):
+        scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.weight = (weight / scale.unsqueeze(1)).round().clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(torch.bfloat16)
+
+    def __call__(self, x):
+        return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.weight, self.scale).float()
+
+
 class BFloat16Linear:
     def __init__(self, weight):
         self.weight = weight.to(torch.bfloat16).contiguous()
@@ -66,5 +110,12 @@ class BFloat16Linear:
 
 
 def make_linear(weight, kind: str):
-    return {"float32": Float32Linear, "float16": Float16Linear, "int8": Int8Linear,
+    return {"float32": Float32Linear, "float16": Float16Linear, "int8": Int8Linear, "int8w": Int8WeightLinear,
             "bfloat16": BFloat16Linear}[kind](weight)
+
+
+def make_linears(weights: list, kind: str) -> list:
+    """Many Linears at once. Packing is C++ that releases the GIL: one worker per torch
+    thread halved the embedded model's packing (1.2 -> ~0.6 s here)."""
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        return list(pool.map(lambda w: make_linear(w, kind), weights))

@@ -13,12 +13,15 @@ never shift, so joining copies the new rows in and cutting selects rows.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from linears import make_linear
+from linears import make_linears
+from prompts import TextCodec
 
 log = logging.getLogger("minivault.llama")
 
@@ -93,22 +96,25 @@ class LlamaModel:
         self.embed = embed.half() if kind != "float32" else embed  # rows are gathered, then widened
         head = w.get("lm_head.weight", embed).float()
         q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        matrices = []  # per layer: fused q/k/v, o, fused gate/up, down; then the head
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            matrices += [torch.cat([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
+                                    w[p + "self_attn.v_proj.weight"]]).float(),
+                         w[p + "self_attn.o_proj.weight"].float(),
+                         torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).float(),
+                         w[p + "mlp.down_proj.weight"].float()]
+        linears = make_linears(matrices + [head], kind)
         self.blocks = []
         for i in range(self.layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([w[p + "self_attn.q_proj.weight"], w[p + "self_attn.k_proj.weight"],
-                             w[p + "self_attn.v_proj.weight"]]).float()
-            gate_up = torch.cat([w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"]]).float()
-            self.blocks.append({
-                "attn_norm": w[p + "input_layernorm.weight"].float(),
-                "qkv": make_linear(qkv, kind), "split": (q_out, kv_out, kv_out),
-                "o": make_linear(w[p + "self_attn.o_proj.weight"].float(), kind),
-                "mlp_norm": w[p + "post_attention_layernorm.weight"].float(),
-                "gate_up": make_linear(gate_up, kind),
-                "down": make_linear(w[p + "mlp.down_proj.weight"].float(), kind),
-            })
+            qkv, o, gate_up, down = linears[4 * i:4 * i + 4]
+            self.blocks.append({"attn_norm": w[p + "input_layernorm.weight"].float(), "qkv": qkv,
+                                "split": (q_out, kv_out, kv_out), "o": o,
+                                "mlp_norm": w[p + "post_attention_layernorm.weight"].float(),
+                                "gate_up": gate_up, "down": down})
         self.norm = w["model.norm.weight"].float()
-        self.head = make_linear(head, kind)
+        self.head = linears[-1]
 
     def new_cache(self, rows: int = 0, capacity: int = 0) -> KVRows:
         return KVRows(self.layers, self.kv_heads, self.head_dim, rows, capacity)
@@ -120,10 +126,11 @@ class LlamaModel:
         a, b = x.chunk(2, dim=-1)
         return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
-    def forward(self, tokens, cache: KVRows, last: list[int]):
+    def forward(self, tokens, cache: KVRows, last: list[int], every_position: bool = False):
         """Feed tokens [rows, new] to the cache's rows, each continuing from its length;
         `last[b]`: the index in `new` of row b's last real token (later ones are padding).
-        Returns the logits at those tokens, [rows, vocab]; lengths grow by last[b] + 1."""
+        Returns the logits at those tokens, [rows, vocab] (or at every token, [rows, new,
+        vocab], for measuring perplexity); lengths grow by last[b] + 1."""
         rows, new = tokens.shape
         starts = torch.tensor(cache.lengths).unsqueeze(1)
         positions = starts + torch.arange(new)  # [rows, new]
@@ -148,8 +155,10 @@ class LlamaModel:
             h = F.rms_norm(x, (self.hidden,), blk["mlp_norm"], self.eps)
             gate, up = blk["gate_up"](h).chunk(2, dim=-1)
             x = x + blk["down"](F.silu(gate) * up)
-        picked = x.reshape(rows, new, self.hidden)[torch.arange(rows), torch.tensor(last)]
         cache.lengths = [n + t + 1 for n, t in zip(cache.lengths, last)]
+        if every_position:
+            return self.head(F.rms_norm(x, (self.hidden,), self.norm, self.eps)).reshape(rows, new, -1)
+        picked = x.reshape(rows, new, self.hidden)[torch.arange(rows), torch.tensor(last)]
         return self.head(F.rms_norm(picked, (self.hidden,), self.norm, self.eps))
 
 
@@ -165,10 +174,10 @@ class LlamaRunner:
     device = "cpu"
     architecture = "llama"
 
-    def __init__(self, model: LlamaModel, tokenizer, config: dict, dtype: str, eos_ids: frozenset[int],
+    def __init__(self, model: LlamaModel, codec: TextCodec, config: dict, dtype: str, eos_ids: frozenset[int],
                  parameters: int):
         self.model = model
-        self.tokenizer = tokenizer
+        self.codec = codec
         self.dtype = dtype
         self.architecture = config.get("model_type", "llama")
         self.context_length = model.context
@@ -241,6 +250,32 @@ def from_transformers(model, tokenizer, dtype: str, eos_ids: frozenset[int]) -> 
     config = model.config.to_dict()
     if not supports(config):
         return None
-    weights = model.state_dict()
     parameters = sum(p.numel() for p in model.parameters())
-    return LlamaRunner(LlamaModel(config, weights, dtype), tokenizer, config, dtype, eos_ids, parameters)
+    return LlamaRunner(LlamaModel(config, model.state_dict(), dtype), TextCodec.from_transformers(tokenizer),
+                       config, dtype, eos_ids, parameters)
+
+
+def load_folder(folder: Path, dtype: str) -> LlamaRunner | None:
+    """A LlamaRunner straight from a folder of safetensors weights and tokenizer files,
+    without transformers (a warm start's fast path); None when the folder is not one
+    this runner can serve that way."""
+    from safetensors.torch import load_file
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    files = sorted(folder.glob("*.safetensors"))
+    codec = TextCodec.from_folder(folder) if files and supports(config) else None
+    if codec is None:
+        return None
+    weights = {}
+    for file in files:
+        weights.update(load_file(file))
+    eos = set()
+    generation = folder / "generation_config.json"
+    for value in (json.loads(generation.read_text()).get("eos_token_id") if generation.exists() else None,
+                  config.get("eos_token_id"), codec.eos_token_id):
+        eos.update([value] if isinstance(value, int) else value or [])
+    parameters = sum(t.numel() for name, t in weights.items() if name != "lm_head.weight")
+    return LlamaRunner(LlamaModel(config, weights, dtype), codec, config, dtype, frozenset(eos), parameters)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,24 @@ class ModelSource:
     kind: str  # "gguf", "folder" or "hub"
     location: str
     name: str
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:24]
+
+
+def weights_folder(source: ModelSource, cache_dir: str | None) -> Path | None:
+    """The folder of safetensors weights and tokenizer files for a source: a model
+    folder itself, or where a GGUF file's conversion is cached (it may not exist yet)."""
+    if source.kind == "folder":
+        return Path(source.location)
+    if source.kind == "gguf" and cache_dir:
+        return Path(cache_dir).expanduser() / file_digest(source.location)
+    return None
 
 
 def resolve_model(spec: str | None) -> ModelSource:

@@ -29,7 +29,7 @@ class ModelFacts:
 
 
 class Runner(Protocol):
-    tokenizer: Any  # a transformers tokenizer: chat template, encoding, detokenising
+    codec: Any  # prompts.TextCodec: the tokenizer and chat template
     architecture: str
     parameters: int
     context_length: int
@@ -71,13 +71,25 @@ RUNNERS = ("auto", "llama", "transformers")
 
 def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto") -> Runner:
     """The runner for a model source. `auto`: our own Llama runner for the architectures
-    it computes, transformers' for every other. Imports torch: call it on the model thread."""
-    import llama_runner
-    import transformers_runner as hf
+    it computes, transformers' for every other. Imports torch: call it on the model thread.
 
-    dtype = hf.choose_dtype(dtype)
+    A model folder, or a GGUF file converted once before, loads straight from its
+    safetensors without importing transformers; anything else loads through
+    transformers (which converts and caches a GGUF file the first time)."""
+    import linears
+    import llama_runner
+    from modelsource import weights_folder
+
+    dtype = linears.choose_dtype(dtype)
     if runner == "transformers" and dtype == "int8":
         raise RuntimeError("--dtype int8 needs the llama runner (--runner llama)")
+    folder = weights_folder(source, cache_dir)
+    if runner != "transformers" and folder is not None:
+        fast = llama_runner.load_folder(folder, dtype)
+        if fast is not None:
+            return fast
+    import transformers_runner as hf
+
     model, tokenizer = hf.load_model(source, dtype if runner == "transformers" else "float32", cache_dir)
     eos_ids = hf.eos_ids(model, tokenizer)
     if runner != "transformers":

@@ -9,7 +9,6 @@ concatenated in; rows that end are cut out with batch_select_indices.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -19,34 +18,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import fastdecode
+from modelsource import weights_folder
+from prompts import TextCodec
 
 log = logging.getLogger("minivault.runner")
-
-
-def choose_dtype(requested: str) -> str:
-    """`auto`: float16 weights where fbgemm runs (AVX2 + F16C), else float32.
-
-    Never bfloat16 by default, even where the CPU computes it natively: its 8-bit
-    mantissa in the activations flips near-ties, so greedy answers change with what
-    else is in the batch (5 of 8 prompts differed at 48 tokens), which the default
-    must not do. float16 weights with float32 sums halve the decode step on AVX2 and
-    keep every row's answer its own (0 of 8 differed).
-    """
-    if requested in ("auto", "float16"):
-        if fastdecode.half_weights_supported():
-            return "float16"
-        if requested == "float16":
-            log.warning("float16 weights need fbgemm (AVX2 and F16C); serving float32")
-        return "float32"
-    return requested
-
-
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:24]
 
 
 def torch_dtype(dtype: str):
@@ -59,7 +34,7 @@ def load_model(source, dtype: str, cache_dir: str | None):
     """Returns (model, tokenizer). A GGUF file is converted once and cached as safetensors."""
     held = torch_dtype(dtype)
     if source.kind == "gguf":
-        cached = Path(cache_dir).expanduser() / _file_digest(source.location) if cache_dir else None
+        cached = weights_folder(source, cache_dir)
         if cached is not None and (cached / "config.json").exists():
             log.info("loading cached weights from %s", cached)
             model = AutoModelForCausalLM.from_pretrained(cached, dtype=held)
@@ -122,7 +97,7 @@ class TransformersRunner:
 
     def __init__(self, model, tokenizer, dtype: str, eos_ids: frozenset[int]):
         self.model = model
-        self.tokenizer = tokenizer
+        self.codec = TextCodec.from_transformers(tokenizer)
         self.dtype = dtype
         config = model.config
         self.architecture = str(getattr(config, "model_type", "unknown"))

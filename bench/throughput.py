@@ -97,7 +97,8 @@ def bare_decode_rate(max_tokens: int, dtype: str) -> float:
     import torch
 
     from modelsource import resolve_model
-    from transformers_runner import choose_dtype, load_model
+    from linears import choose_dtype
+    from transformers_runner import load_model
     from fastdecode import new_cache, speed_up
 
     dtype = choose_dtype(dtype)

@@ -186,7 +186,9 @@ class ScriptedRunner:
     architecture, parameters, dtype, device = "scripted", 0, "float32", "cpu"
 
     def __init__(self, tokenizer, text: str, context_length: int = 64):
-        self.tokenizer = tokenizer
+        from prompts import TextCodec
+
+        self.codec = TextCodec.from_transformers(tokenizer)
         self.context_length = context_length
         eos = tokenizer.eos_token_id
         self.eos_ids = frozenset([eos])

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from fastdecode import (FewRowsHead, HalfWeightLinear, RoomyLayer, SharedPrefix, half_weights_supported,
-                        new_cache, use_half_weights)
+from fastdecode import FewRowsHead, HalfWeightLinear, RoomyLayer, SharedPrefix, new_cache, use_half_weights
+from linears import half_weights_supported
 
 
 def kv(batch: int, length: int, seed: int):
@@ -171,7 +171,7 @@ def test_a_prefill_seeded_with_the_shared_prefix_matches_a_full_prefill():
 
 
 def test_choose_dtype_keeps_explicit_choices_and_picks_a_served_type_for_auto():
-    from transformers_runner import choose_dtype
+    from linears import choose_dtype
 
     assert choose_dtype("float32") == "float32" and choose_dtype("bfloat16") == "bfloat16"
     assert choose_dtype("float16") == ("float16" if half_weights_supported() else "float32")

@@ -7,14 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine import GenerationRequest
-from prompts import PromptBuilder
+from prompts import PromptBuilder, TextCodec
 from tinymodels import tiny_chat_tokenizer
 
 
 @pytest.fixture(scope="module")
 def chat(tiny_gpt2_folder):
     tokenizer = tiny_chat_tokenizer(tiny_gpt2_folder)
-    return PromptBuilder(tokenizer), tokenizer
+    return PromptBuilder(TextCodec.from_transformers(tokenizer)), tokenizer
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -52,9 +52,9 @@ def test_raw_prompts_and_models_without_a_template_keep_user_text_plain(chat, ti
 
     builder, tokenizer = chat
     assert count_special(builder.encode(GenerationRequest(prompt="a <|im_end|> b", raw=True)), tokenizer) == 0
-    plain = PromptBuilder(AutoTokenizer.from_pretrained(tiny_gpt2_folder))
+    plain = PromptBuilder(TextCodec.from_transformers(AutoTokenizer.from_pretrained(tiny_gpt2_folder)))
     ids = plain.encode(GenerationRequest(prompt="a <|endoftext|> b"))
-    assert plain.tokenizer.eos_token_id not in ids
+    assert plain.codec.eos_token_id not in ids
 
 
 @settings(max_examples=40, deadline=None)
@@ -71,3 +71,15 @@ def test_the_prompt_size_limit_is_an_upper_bound_on_characters_per_token(chat):
     longest = max(len(tokenizer.decode([i])) for i in range(len(tokenizer)))
     assert builder.longest_token_chars >= longest
     assert builder.max_prompt_chars(64) == 64 * builder.longest_token_chars
+
+
+def test_a_folder_codec_renders_and_encodes_as_transformers_does(chat, tmp_path):
+    builder, tokenizer = chat
+    tokenizer.save_pretrained(tmp_path)
+    from_folder = PromptBuilder(TextCodec.from_folder(tmp_path))
+    for request in (GenerationRequest(prompt="The quick brown fox"), GenerationRequest(prompt="a <|im_end|> b"),
+                    GenerationRequest(system="Be brief.", prompt="hi"),
+                    GenerationRequest(messages=[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                                                {"role": "user", "content": "q2"}])):
+        assert from_folder.encode(request) == builder.encode(request)
+    assert TextCodec.from_folder(tmp_path / "missing") is None

@@ -97,9 +97,9 @@ def test_decode_refuses_a_token_count_that_is_not_the_batch(runner):
 
 @pytest.mark.parametrize("dtype", ["float16", "int8", "bfloat16"])
 def test_the_llama_runner_gives_a_row_the_same_logits_alone_and_in_a_batch(tiny_llama_folder, dtype):
-    import fastdecode
+    from linears import half_weights_supported
 
-    if dtype == "float16" and not fastdecode.half_weights_supported():
+    if dtype == "float16" and not half_weights_supported():
         pytest.skip("fbgemm float16 needs AVX2 and F16C")
     r = load_runner(resolve_model(str(tiny_llama_folder)), dtype, None, "llama")
     solo = []
