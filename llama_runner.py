@@ -27,6 +27,7 @@ log = logging.getLogger("minivault.llama")
 
 SUPPORTED = {"llama", "mistral"}
 CAPACITY_STEP = 256  # cache positions added at a time when a row outgrows the buffers
+SPAN_BUCKET = 256  # attention spans are whole buckets (a multiple of CAPACITY_STEP)
 
 
 def supports(config: dict) -> bool:
@@ -93,7 +94,9 @@ class LlamaModel:
         self.cos, self.sin = angles.cos(), angles.sin()  # [context, head_dim / 2]
         w = weights
         embed = w["model.embed_tokens.weight"].float()
-        self.embed = embed.half() if kind != "float32" else embed  # rows are gathered, then widened
+        # Rows are gathered, then widened. (Copies: a tensor kept from a memory-mapped
+        # weights file keeps the whole mapping resident.)
+        self.embed = embed.half() if kind != "float32" else embed.clone()
         head = w.get("lm_head.weight", embed).float()
         q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
         matrices = []  # per layer: fused q/k/v, o, fused gate/up, down; then the head
@@ -109,11 +112,11 @@ class LlamaModel:
         for i in range(self.layers):
             p = f"model.layers.{i}."
             qkv, o, gate_up, down = linears[4 * i:4 * i + 4]
-            self.blocks.append({"attn_norm": w[p + "input_layernorm.weight"].float(), "qkv": qkv,
+            self.blocks.append({"attn_norm": w[p + "input_layernorm.weight"].float().clone(), "qkv": qkv,
                                 "split": (q_out, kv_out, kv_out), "o": o,
-                                "mlp_norm": w[p + "post_attention_layernorm.weight"].float(),
+                                "mlp_norm": w[p + "post_attention_layernorm.weight"].float().clone(),
                                 "gate_up": gate_up, "down": down})
-        self.norm = w["model.norm.weight"].float()
+        self.norm = w["model.norm.weight"].float().clone()
         self.head = linears[-1]
 
     def new_cache(self, rows: int = 0, capacity: int = 0) -> KVRows:
@@ -134,7 +137,11 @@ class LlamaModel:
         rows, new = tokens.shape
         starts = torch.tensor(cache.lengths).unsqueeze(1)
         positions = starts + torch.arange(new)  # [rows, new]
-        span = int(positions.max()) + 1
+        # Attention runs over a span rounded up to a whole bucket, so a row's sums run
+        # over the same length alone as beside longer rows of the same bucket: summed
+        # over another length, float rounding differed in the last bits, which the
+        # bfloat16 activations of int8 turned into other greedy tokens.
+        span = math.ceil((int(positions.max()) + 1) / SPAN_BUCKET) * SPAN_BUCKET
         cache.ensure(span)
         # Row b's token t sees every key at or before its own position.
         visible = (torch.arange(span) <= positions.unsqueeze(-1)).unsqueeze(1)  # [rows, 1, new, span]
@@ -244,33 +251,36 @@ class LlamaRunner:
             self._cache.keep(rows)
 
 
-def from_transformers(model, tokenizer, dtype: str, eos_ids: frozenset[int]) -> LlamaRunner | None:
-    """A LlamaRunner computing a loaded transformers model, or None if this runner does
-    not compute its architecture. The transformers model can be dropped afterwards."""
+def from_transformers(model, tokenizer, dtype: str, eos_ids: frozenset[int]) -> LlamaRunner:
+    """A LlamaRunner computing a loaded transformers model (which can be dropped afterwards)."""
     config = model.config.to_dict()
-    if not supports(config):
-        return None
     parameters = sum(p.numel() for p in model.parameters())
     return LlamaRunner(LlamaModel(config, model.state_dict(), dtype), TextCodec.from_transformers(tokenizer),
                        config, dtype, eos_ids, parameters)
 
 
-def load_folder(folder: Path, dtype: str) -> LlamaRunner | None:
-    """A LlamaRunner straight from a folder of safetensors weights and tokenizer files,
-    without transformers (a warm start's fast path); None when the folder is not one
-    this runner can serve that way."""
-    from safetensors.torch import load_file
-
+def servable_folder(folder: Path) -> bool:
+    """A folder this runner loads by itself: a supported config, safetensors weights,
+    tokenizer files."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError):
-        return None
-    files = sorted(folder.glob("*.safetensors"))
-    codec = TextCodec.from_folder(folder) if files and supports(config) else None
+        return False
+    return (supports(config) and any(folder.glob("*.safetensors")) and (folder / "tokenizer.json").exists()
+            and (folder / "tokenizer_config.json").exists())
+
+
+def load_folder(folder: Path, dtype: str) -> LlamaRunner | None:
+    """A LlamaRunner straight from a servable folder, without transformers (a warm
+    start's fast path); None if its tokenizer files need transformers."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    codec = TextCodec.from_folder(folder)
     if codec is None:
         return None
     weights = {}
-    for file in files:
+    for file in sorted(folder.glob("*.safetensors")):
         weights.update(load_file(file))
     eos = set()
     generation = folder / "generation_config.json"
@@ -278,4 +288,18 @@ def load_folder(folder: Path, dtype: str) -> LlamaRunner | None:
                   config.get("eos_token_id"), codec.eos_token_id):
         eos.update([value] if isinstance(value, int) else value or [])
     parameters = sum(t.numel() for name, t in weights.items() if name != "lm_head.weight")
-    return LlamaRunner(LlamaModel(config, weights, dtype), codec, config, dtype, frozenset(eos), parameters)
+    runner = LlamaRunner(LlamaModel(config, weights, dtype), codec, config, dtype, frozenset(eos), parameters)
+    del weights
+    _give_back_freed_memory()
+    return runner
+
+
+def _give_back_freed_memory() -> None:
+    """The float32 weights read while building are freed, but glibc keeps freed heap
+    unless asked; asking took the resident size down by ~200 MB here."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -38,9 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what computes the model: auto: our own Llama runner for Llama-architecture models "
                         "(SmolLM2, Llama, Mistral), transformers for every other")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "int8", "bfloat16"], default="auto",
-                   help="number type (float16: float16 weights, float32 sums; int8: int8 weights and per-row int8 "
-                        "activations, llama runner only; auto: float16 where fbgemm runs (AVX2 + F16C), else "
-                        "float32; bfloat16 only when asked: with transformers it is not batch-invariant)")
+                   help="number type (float16: float16 weights, float32 sums; int8: int8 weights, bfloat16 activations, "
+                        "llama runner only; auto: int8 where the CPU has bfloat16 instructions and the llama "
+                        "runner serves, else float16 where fbgemm runs (AVX2 + F16C), else float32; bfloat16 "
+                        "only when asked: with transformers it is not batch-invariant)")
     p.add_argument("--cache-dir", default="~/.cache/minivault",
                    help="where a GGUF model's converted weights are cached ('' to disable)")
     p.add_argument("--max-body", type=int, default=1024 * 1024, help="largest request body in bytes (413 beyond)")

@@ -80,26 +80,23 @@ def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto")
     import llama_runner
     from modelsource import weights_folder
 
-    dtype = linears.choose_dtype(dtype)
-    if runner == "transformers" and dtype == "int8":
-        raise RuntimeError("--dtype int8 needs the llama runner (--runner llama)")
     folder = weights_folder(source, cache_dir)
-    if runner != "transformers" and folder is not None:
-        fast = llama_runner.load_folder(folder, dtype)
+    if runner != "transformers" and folder is not None and llama_runner.servable_folder(folder):
+        fast = llama_runner.load_folder(folder, linears.choose_dtype(dtype, int8_computable=True))
         if fast is not None:
             return fast
     import transformers_runner as hf
 
-    model, tokenizer = hf.load_model(source, dtype if runner == "transformers" else "float32", cache_dir)
-    eos_ids = hf.eos_ids(model, tokenizer)
-    if runner != "transformers":
-        fast = llama_runner.from_transformers(model, tokenizer, dtype, eos_ids)
-        if fast is not None:
-            return fast
-        if runner == "llama":
-            raise RuntimeError(f"the llama runner does not compute {model.config.model_type!r} models")
-        if dtype == "int8":
-            raise RuntimeError(f"--dtype int8 needs the llama runner, which does not compute "
-                               f"{model.config.model_type!r} models")
-        model = model.to(hf.torch_dtype(dtype))
-    return hf.TransformersRunner(model, tokenizer, dtype, eos_ids)
+    if runner == "transformers":
+        dtype = linears.choose_dtype(dtype, int8_computable=False)
+        model, tokenizer = hf.load_model(source, dtype, cache_dir)
+        return hf.TransformersRunner(model, tokenizer, dtype, hf.eos_ids(model, tokenizer))
+    model, tokenizer = hf.load_model(source, "float32", cache_dir)
+    ours = llama_runner.supports(model.config.to_dict())
+    if runner == "llama" and not ours:
+        raise RuntimeError(f"the llama runner does not compute {model.config.model_type!r} models")
+    dtype = linears.choose_dtype(dtype, int8_computable=ours)
+    if ours:
+        return llama_runner.from_transformers(model, tokenizer, dtype, hf.eos_ids(model, tokenizer))
+    model = model.to(hf.torch_dtype(dtype))
+    return hf.TransformersRunner(model, tokenizer, dtype, hf.eos_ids(model, tokenizer))

@@ -101,7 +101,7 @@ def bare_decode_rate(max_tokens: int, dtype: str) -> float:
     from transformers_runner import load_model
     from fastdecode import new_cache, speed_up
 
-    dtype = choose_dtype(dtype)
+    dtype = choose_dtype(dtype, int8_computable=False)
     model, tok = load_model(resolve_model(None), dtype, "~/.cache/minivault")
     speed_up(model, dtype)  # as the engine serves it
     ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,

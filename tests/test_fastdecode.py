@@ -168,11 +168,3 @@ def test_a_prefill_seeded_with_the_shared_prefix_matches_a_full_prefill():
         for row, rest in enumerate(rests):
             alone = model(input_ids=torch.tensor([prefix + rest])).logits[0, -1]
             assert torch.allclose(batched[row], alone, atol=1e-5)
-
-
-def test_choose_dtype_keeps_explicit_choices_and_picks_a_served_type_for_auto():
-    from linears import choose_dtype
-
-    assert choose_dtype("float32") == "float32" and choose_dtype("bfloat16") == "bfloat16"
-    assert choose_dtype("float16") == ("float16" if half_weights_supported() else "float32")
-    assert choose_dtype("auto") in {"float16", "float32", "bfloat16"}

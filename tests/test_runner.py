@@ -95,25 +95,35 @@ def test_decode_refuses_a_token_count_that_is_not_the_batch(runner):
         runner.decode([1])
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "int8", "bfloat16", "float32"])
 def test_the_llama_runner_gives_a_row_the_same_logits_alone_and_in_a_batch(tiny_llama_folder, dtype):
     from linears import half_weights_supported
 
     if dtype == "float16" and not half_weights_supported():
         pytest.skip("fbgemm float16 needs AVX2 and F16C")
     r = load_runner(resolve_model(str(tiny_llama_folder)), dtype, None, "llama")
-    solo = []
-    for p in PROMPTS:
+
+    def greedy(prompts, steps=6):
         r.reset()
-        solo.append(r.prefill([p])[0])
-    r.reset()
-    batched = r.prefill(PROMPTS)
-    for row, logits in enumerate(solo):
-        assert torch.allclose(batched[row], logits, atol=1e-5, rtol=0), (dtype, row)
+        logits = r.prefill(prompts)
+        seen = [logits]
+        for _ in range(steps):
+            logits = r.decode([int(x) for x in logits.argmax(-1)])
+            seen.append(logits)
+        return torch.stack(seen, dim=1)  # [rows, steps + 1, vocab]
+
+    batched = greedy(PROMPTS)
+    for row, prompt in enumerate(PROMPTS):
+        alone = greedy([prompt])[0]
+        if dtype == "int8":  # integer weights, bfloat16 activations: bit for bit
+            assert torch.equal(alone, batched[row]), row
+        else:  # float32 sums may differ in the last bit, never more
+            assert torch.allclose(alone, batched[row], atol=1e-5, rtol=0), (dtype, row)
+        assert torch.equal(alone.argmax(-1), batched[row].argmax(-1))
     reference = AutoModelForCausalLM.from_pretrained(tiny_llama_folder, dtype=torch.float32).eval()
     with torch.inference_mode():
         exact = reference(input_ids=torch.tensor([PROMPTS[2]])).logits[0, -1]
-    assert int(batched[2].argmax()) == int(exact.argmax())  # close to float32, if not equal
+    assert int(batched[2, 0].argmax()) == int(exact.argmax())  # close to float32, if not equal
 
 
 def test_the_llama_runner_refuses_other_architectures(tiny_gpt2_folder):
@@ -121,3 +131,15 @@ def test_the_llama_runner_refuses_other_architectures(tiny_gpt2_folder):
         load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None, "llama")
     with pytest.raises(RuntimeError, match="int8"):
         load_runner(resolve_model(str(tiny_gpt2_folder)), "int8", None)
+
+
+def test_choose_dtype_keeps_explicit_choices_and_picks_by_the_cpu_for_auto():
+    from linears import choose_dtype, half_weights_supported, native_bfloat16
+
+    assert choose_dtype("float32", True) == "float32" and choose_dtype("bfloat16", False) == "bfloat16"
+    assert choose_dtype("float16", True) == ("float16" if half_weights_supported() else "float32")
+    assert choose_dtype("auto", True) == ("int8" if native_bfloat16() else
+                                          "float16" if half_weights_supported() else "float32")
+    assert choose_dtype("auto", False) in {"float16", "float32"}  # never bfloat16, never int8
+    with pytest.raises(RuntimeError, match="int8"):
+        choose_dtype("int8", False)
