@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test browser bench clean
+.PHONY: install run test browser proxies cluster bench clean
 
 install: $(STAMP)
 
@@ -27,8 +27,22 @@ browser:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; \
 	  else echo "the browser tests need Debian's chromium: sudo apt-get install chromium" >&2; exit 1; fi; }
 
-test: install browser
+# The scale-out tests, `make cluster` and bench/scaleout.py run Debian's HAProxy and nginx
+# (in /usr/sbin, off a user's PATH); install them when missing (needs root, as in CI).
+proxies:
+	@PATH="$$PATH:/usr/sbin:/sbin"; command -v haproxy >/dev/null && command -v nginx >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy nginx; \
+	  else echo "the scale-out tests need Debian's haproxy and nginx: sudo apt-get install haproxy nginx" >&2; exit 1; fi; }
+
+test: install browser proxies
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# N local replicas on ports 3001.. behind HAProxy on 3000 (deploy/haproxy.cfg); Ctrl-C
+# stops them. ARGS go to every replica.
+N ?= 2
+cluster: install proxies
+	$(PY) scripts/cluster.py -n $(N) -- $(ARGS)
 
 BENCH_STAMP := $(VENV)/.bench-installed
 
@@ -36,9 +50,10 @@ $(BENCH_STAMP): requirements-bench.txt $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-bench.txt
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) proxies
 	$(PY) bench/throughput.py
 	$(PY) bench/http_bench.py
+	$(PY) bench/scaleout.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

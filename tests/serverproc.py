@@ -19,7 +19,7 @@ START_TIMEOUT = 240.0  # a first start converts the GGUF file (about 35 s here)
 
 
 class ServerProcess:
-    def __init__(self, args: list[str], log_file=None, port: int = 0):
+    def __init__(self, args: list[str], log_file=None, port: int = 0, env: dict[str, str] | None = None):
         self.log_file = log_file
         if log_file is not None:
             args = ["--log-file", str(log_file), *args]
@@ -30,7 +30,8 @@ class ServerProcess:
         self.port = 0
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "minivault.py"), "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            text=True)
         threading.Thread(target=self._read_stderr, daemon=True).start()
 
     def _read_stderr(self) -> None:
