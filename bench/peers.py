@@ -4,7 +4,8 @@
 
 Starts, one after the other: llama.cpp's server (llama-cpp-python[server], from
 requirements-bench.txt; `--n_threads 2 --interrupt_requests False`, so concurrent
-requests are not cut), MiniVault with its defaults, and MiniVault with --max-batch 1.
+requests are not cut), MiniVault with its defaults, MiniVault with --max-batch 1, and
+MiniVault with --runner transformers (the path before our own Llama runner).
 Each gets the same OpenAI /v1/completions load, greedy, streamed: 8 fixed prompts one
 after another (1 client), then all 8 at once (8 clients); then one long prompt each of
 ~0.7k, ~2.7k and ~5.3k tokens (prefill rate = prompt tokens / time to first token).
@@ -64,14 +65,15 @@ class Server:
         while True:
             assert self.proc.poll() is None, f"{name} exited"
             assert time.monotonic() < deadline, f"{name} did not start"
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/v1/models")
+            try:  # ready: a one-token completion is answered (MiniVault queues it while loading)
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                conn.request("POST", "/v1/completions", json.dumps({"prompt": "Hi", "max_tokens": 1}),
+                             {"Content-Type": "application/json"})
                 if conn.getresponse().status == 200:
                     break
             except OSError:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -84,11 +86,11 @@ class Server:
 def complete(port: int, prompt: str, max_tokens: int) -> dict:
     """One streamed greedy completion: its TTFT, duration and tokens (text events)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                       "model": "m"})
+    body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True})
     start = time.perf_counter()
-    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json", "Host": "127.0.0.1"})
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     resp = conn.getresponse()
+    assert resp.status == 200, (resp.status, resp.read()[:300])
     first, tokens, text = None, 0, []
     for raw in resp:
         line = raw.decode().strip()
@@ -162,6 +164,9 @@ def main() -> None:
                        *args.minivault_args.split()]),
         ("minivault --max-batch 1", [sys.executable, "minivault.py", "--port", str(port), "--log-file", "",
                                      "--max-batch", "1", *args.minivault_args.split()]),
+        # The path every model had before our own runner: the baseline for TTFT and prefill.
+        ("minivault --runner transformers", [sys.executable, "minivault.py", "--port", str(port), "--log-file", "",
+                                             "--runner", "transformers"]),
     ]
     for name, argv in servers:
         if argv[0] != sys.executable and not shutil.which(argv[0]) and not os.path.exists(argv[0]):
@@ -190,6 +195,12 @@ def main() -> None:
               f"memory {ours['rss_mb'] / peer['rss_mb']:.2f}x")
     if ours and one:
         print(f"MiniVault 8 clients / its own --max-batch 1: {ours['many_tps'] / one['many_tps']:.2f}x")
+    before = runs.get("minivault --runner transformers")
+    if ours and before:
+        print(f"MiniVault / its transformers runner: 1 client {ours['single_tps'] / before['single_tps']:.2f}x, "
+              f"8 clients {ours['many_tps'] / before['many_tps']:.2f}x, TTFT p50 at 8 "
+              f"{ours['many_ttft_p50'] / before['many_ttft_p50']:.2f}x, prefill " +
+              " / ".join(f"{a[1] / b[1]:.2f}x" for a, b in zip(ours["prefill"], before["prefill"])))
 
 
 if __name__ == "__main__":
