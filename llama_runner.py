@@ -129,6 +129,16 @@ class LlamaModel:
         a, b = x.chunk(2, dim=-1)
         return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
 
+    def _attend_one(self, q, keys, values, visible):
+        """Attention for one new token per row, as two batched matmuls: each key head
+        serves its group of query heads without copying keys. scaled_dot_product_attention
+        took 184 us a layer for 8 rows over 256 positions here, mostly overhead."""
+        rows = q.shape[0]
+        group = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        scores = torch.matmul(group, keys.transpose(-1, -2)) * self.head_dim ** -0.5
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        return torch.matmul(probs, values).reshape(rows, 1, self.heads, self.head_dim)
+
     def forward(self, tokens, cache: KVRows, last: list[int], every_position: bool = False):
         """Feed tokens [rows, new] to the cache's rows, each continuing from its length;
         `last[b]`: the index in `new` of row b's last real token (later ones are padding).
@@ -156,9 +166,12 @@ class LlamaModel:
             keys, values = cache.k[i], cache.v[i]  # [rows, kv_heads, capacity, head_dim]
             keys[row_index, :, positions] = k
             values[row_index, :, positions] = v
-            attn = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys[:, :, :span], values[:, :, :span], attn_mask=visible, enable_gqa=True)
-            x = x + blk["o"](attn.transpose(1, 2).reshape(rows * new, self.heads * self.head_dim))
+            if new == 1:
+                attn = self._attend_one(q, keys[:, :, :span], values[:, :, :span], visible)
+            else:
+                attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, :span], values[:, :, :span],
+                                                      attn_mask=visible, enable_gqa=True).transpose(1, 2)
+            x = x + blk["o"](attn.reshape(rows * new, self.heads * self.head_dim))
             h = F.rms_norm(x, (self.hidden,), blk["mlp_norm"], self.eps)
             gate, up = blk["gate_up"](h).chunk(2, dim=-1)
             x = x + blk["down"](F.silu(gate) * up)

@@ -143,3 +143,16 @@ def test_choose_dtype_keeps_explicit_choices_and_picks_by_the_cpu_for_auto():
     assert choose_dtype("auto", False) in {"float16", "float32"}  # never bfloat16, never int8
     with pytest.raises(RuntimeError, match="int8"):
         choose_dtype("int8", False)
+
+
+def test_the_llama_runner_built_from_a_loaded_transformers_model_computes_the_same(tiny_llama_folder, monkeypatch):
+    # The path of a first start from a GGUF file (converted by transformers) or a hub id.
+    import llama_runner
+
+    source = resolve_model(str(tiny_llama_folder))
+    from_folder = load_runner(source, "float32", None)
+    monkeypatch.setattr(llama_runner, "servable_folder", lambda folder: False)
+    from_model = load_runner(source, "float32", None)
+    assert type(from_model).__name__ == "LlamaRunner" and from_model.parameters == from_folder.parameters
+    assert from_model.eos_ids == from_folder.eos_ids
+    assert torch.equal(from_model.prefill(PROMPTS), from_folder.prefill(PROMPTS))
