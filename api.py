@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+from urllib.parse import unquote
 
 from engine import (Engine, Final, GenerationRequest, QueueFull, RequestInvalid, Sampling,
                     ShuttingDown, TokenStream)
@@ -543,9 +544,11 @@ class Api:
         add(router, "POST", "/api/show", self.ollama_show)
         add(router, "GET", "/api/ps", self.ollama_ps)
         add(router, "GET", "/api/version", self.ollama_version)
+        add(router, "POST", "/api/pull", self.ollama_pull)
         add(router, "POST", "/v1/completions", self.openai_completions, generation=True)
         add(router, "POST", "/v1/chat/completions", self.openai_chat, generation=True)
         add(router, "GET", "/v1/models", self.openai_models)
+        add(router, "GET", "/v1/models/", self.openai_model, prefix=True)
         # The playground page: public files, no secrets in them; only the Host is checked.
         router.add("GET", "/", self._host_guard(self.static.index))
         router.add_prefix("GET", self.static.prefix, self._host_guard(self.static.file))
@@ -554,9 +557,10 @@ class Api:
     # ---- the guard in front of every route: Host, Origin, API key, rate limit ----
 
     def _add(self, router: Router, method: str, path: str, handler, generation: bool = False,
-             public: bool = False) -> None:
-        router.add(method, path, self._guard(handler, lambda r, w: self._check(r, w, generation, public)))
-        router.add("OPTIONS", path, self._host_guard(self._preflight_for(path)))
+             public: bool = False, prefix: bool = False) -> None:
+        add = router.add_prefix if prefix else router.add
+        add(method, path, self._guard(handler, lambda r, w: self._check(r, w, generation, public)))
+        add("OPTIONS", path, self._host_guard(self._preflight_for(path)))
 
     @staticmethod
     def _guard(handler, check: Callable[[Request, ResponseWriter], HTTPError | None]):
@@ -682,14 +686,23 @@ class Api:
                 "families": [facts.architecture] if facts.architecture else None,
                 "parameter_size": size if params else "", "quantization_level": quant}
 
-    def _model_entry(self) -> dict:
+    def listed_names(self) -> list[str]:
+        """The names Ollama clients see in /api/tags, `name:tag` as Ollama lists them:
+        clients match a bare name against these (ChatOllama, llm-ollama)."""
+        names = [f"{self.engine.model_name.lower()}:latest"]
+        if self.engine.model_name.lower() == EMBEDDED_NAME:
+            names.append("smollm2:latest")
+        return names
+
+    def _model_entry(self, name: str) -> dict:
         e = self.engine
         try:
             size = os.path.getsize(e.source.location) if os.path.isfile(e.source.location) else 0
         except OSError:
             size = 0
-        return {"name": e.model_name, "model": e.model_name, "modified_at": self.started_at, "size": size,
-                "digest": f"{e.model_name}:{e.dtype}", "details": self._details()}
+        digest = hashlib.sha256(f"{e.model_name}:{e.dtype}".encode()).hexdigest()
+        return {"name": name, "model": name, "modified_at": self.started_at, "size": size,
+                "digest": digest, "details": self._details()}
 
     # ---- MiniVault ----
 
@@ -718,6 +731,9 @@ class Api:
         model = self.check_model(body, required=True)
         if body.get("images"):
             raise HTTPError(400, "images are not supported")
+        for name in ("suffix", "logprobs", "top_logprobs"):  # fill-in-the-middle, token probabilities
+            if body.get(name) not in (None, "", False, 0):
+                raise HTTPError(400, f"'{name}' is not supported")
         if body.get("prompt") in (None, "") and not body.get("system"):
             await self._loaded_reply(writer, body, {"response": ""})
             return
@@ -738,8 +754,11 @@ class Api:
         await self.engine.wait_loaded()
         if self.engine.load_error:
             raise HTTPError(500, self.engine.load_error)
+        # keep_alive 0 asks Ollama to unload; the only model here stays loaded, but the
+        # answer says what was asked, as clients check it.
+        unload = body.get("keep_alive") in (0, "0", "0s", "0m")
         obj = {"model": body["model"], "created_at": utc_timestamp("auto"), **content,
-               "done": True, "done_reason": "load"}
+               "done": True, "done_reason": "unload" if unload else "load"}
         if body.get("stream") is False:
             await writer.send_json(200, obj)
         else:
@@ -748,7 +767,21 @@ class Api:
             await writer.end()
 
     async def ollama_tags(self, request: Request, writer: ResponseWriter) -> None:
-        await writer.send_json(200, {"models": [self._model_entry()]})
+        await writer.send_json(200, {"models": [self._model_entry(name) for name in self.listed_names()]})
+
+    async def ollama_pull(self, request: Request, writer: ResponseWriter) -> None:
+        """Nothing to download: the model a client asks for is the one served, or a 404."""
+        body = parse_json_body(request.body)
+        if body.get("model") is None and body.get("name") is not None:
+            body["model"] = body["name"]
+        self.check_model(body, required=True)
+        done = {"status": "success"}
+        if body.get("stream") is False:
+            await writer.send_json(200, done)
+        else:
+            await writer.start_stream(200, NDJSON, STREAM_HEADERS)
+            await writer.write(ndjson_line(done))
+            await writer.end()
 
     async def ollama_show(self, request: Request, writer: ResponseWriter) -> None:
         body = parse_json_body(request.body)
@@ -771,7 +804,7 @@ class Api:
     async def ollama_ps(self, request: Request, writer: ResponseWriter) -> None:
         models = []
         if self.engine.ready:
-            entry = self._model_entry()
+            entry = self._model_entry(self.listed_names()[0])
             entry.pop("modified_at")
             models.append({**entry, "expires_at": "2999-12-31T23:59:59Z", "size_vram": 0,
                            "context_length": self.engine.context_length})
@@ -800,10 +833,18 @@ class Api:
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         await self._run(request, writer, gen, stream, endpoint, shape)
 
+    def _openai_model(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "minivault"}
+
     async def openai_models(self, request: Request, writer: ResponseWriter) -> None:
-        created = int(time.time())
-        await writer.send_json(200, {"object": "list", "data": [
-            {"id": self.engine.model_name, "object": "model", "created": created, "owned_by": "minivault"}]})
+        await writer.send_json(200, {"object": "list", "data": [self._openai_model(self.engine.model_name)]})
+
+    async def openai_model(self, request: Request, writer: ResponseWriter) -> None:
+        """GET /v1/models/{id}: the served model under any name it answers to."""
+        name = unquote(request.path[len("/v1/models/"):])
+        if name.lower() not in self.model_names():
+            raise HTTPError(404, f"model '{name}' not found")
+        await writer.send_json(200, self._openai_model(name))
 
     # ---- the one generation path behind every shape ----
 

@@ -71,6 +71,20 @@ def test_ollama_empty_prompt_loads_the_model_as_ollama_does(ol):
     assert chat.done and chat.done_reason == "load"
 
 
+def test_ollama_keep_alive_zero_answers_unload_and_pull_knows_the_served_model(ol):
+    assert ol.generate(model="smollm2", prompt="", keep_alive=0).done_reason == "unload"
+    assert ol.pull("smollm2").status == "success"
+    with pytest.raises(ollama.ResponseError) as err:
+        ol.pull("llama3:8b")
+    assert err.value.status_code == 404
+
+
+def test_ollama_fields_that_cannot_be_honoured_are_refused(ol):
+    with pytest.raises(ollama.ResponseError) as err:
+        ol.generate(model="smollm2", prompt="def f(", suffix="    return 1")
+    assert err.value.status_code == 400 and "suffix" in err.value.error
+
+
 def test_ollama_model_not_found(ol):
     with pytest.raises(ollama.ResponseError) as err:
         ol.generate(model="llama3:8b", prompt="hi")
@@ -85,7 +99,7 @@ def test_ollama_invalid_request(ol):
 
 def test_ollama_list_show_ps(ol, server):
     models = ol.list().models
-    assert [m.model for m in models] == ["smollm2-135m-instruct"]
+    assert [m.model for m in models] == ["smollm2-135m-instruct:latest", "smollm2:latest"]  # name:tag
     assert models[0].details.family == "llama" and models[0].details.parameter_size == "135M"
     shown = ol.show("smollm2")
     assert "im_start" in shown.template and shown.modelinfo["llama.context_length"] == 8192
@@ -128,6 +142,9 @@ def test_openai_stop_and_max_completion_tokens(oa):
 
 def test_openai_models(oa):
     assert [m.id for m in oa.models.list()] == ["smollm2-135m-instruct"]
+    assert oa.models.retrieve("smollm2").id == "smollm2"
+    with pytest.raises(openai.NotFoundError):
+        oa.models.retrieve("gpt-4o")
 
 
 def test_openai_errors_have_openai_shape(oa):
