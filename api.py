@@ -304,6 +304,41 @@ def parse_openai(body: dict, chat: bool) -> tuple[GenerationRequest, bool, bool]
     return req, stream, include_usage
 
 
+def _refuse_set(body: dict, names) -> None:
+    for name in names:
+        if body.get(name) is not None:
+            raise HTTPError(400, f"'{name}' is not supported")
+
+
+def parse_openai_embeddings(body: dict) -> tuple[list, str]:
+    """OpenAI's /v1/embeddings `input` (a string, strings, token ids or lists of them)
+    and `encoding_format`."""
+    _refuse_set(body, ("dimensions",))
+    value = body.get("input")
+    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_token(t) for t in value)):
+        value = [value]
+    if (not isinstance(value, list) or not value or
+            not all(isinstance(v, str) or (isinstance(v, list) and v and all(_is_token(t) for t in v))
+                    for v in value)):
+        raise HTTPError(400, "'input' must be a non-empty string, list of strings, token ids or lists of them")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise HTTPError(400, "'encoding_format' must be 'float' or 'base64'")
+    return value, encoding
+
+
+def _is_token(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _base64_floats(vector: list[float]) -> str:
+    """OpenAI's base64 encoding: the little-endian float32 bytes."""
+    import base64
+    import struct
+
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
 def ndjson_line(obj: dict) -> bytes:
     return json_bytes(obj) + b"\n"
 
@@ -545,6 +580,9 @@ class Api:
         add(router, "GET", "/api/ps", self.ollama_ps)
         add(router, "GET", "/api/version", self.ollama_version)
         add(router, "POST", "/api/pull", self.ollama_pull)
+        add(router, "POST", "/api/embed", self.ollama_embed, generation=True)
+        add(router, "POST", "/api/embeddings", self.ollama_embeddings, generation=True)
+        add(router, "POST", "/v1/embeddings", self.openai_embeddings, generation=True)
         add(router, "POST", "/v1/completions", self.openai_completions, generation=True)
         add(router, "POST", "/v1/chat/completions", self.openai_chat, generation=True)
         add(router, "GET", "/v1/models", self.openai_models)
@@ -689,10 +727,8 @@ class Api:
     def listed_names(self) -> list[str]:
         """The names Ollama clients see in /api/tags, `name:tag` as Ollama lists them:
         clients match a bare name against these (ChatOllama, llm-ollama)."""
-        names = [f"{self.engine.model_name.lower()}:latest"]
-        if self.engine.model_name.lower() == EMBEDDED_NAME:
-            names.append("smollm2:latest")
-        return names
+        name = self.engine.model_name.lower()
+        return ["smollm2:latest" if name == EMBEDDED_NAME else f"{name}:latest"]
 
     def _model_entry(self, name: str) -> dict:
         e = self.engine
@@ -775,12 +811,11 @@ class Api:
         if body.get("model") is None and body.get("name") is not None:
             body["model"] = body["name"]
         self.check_model(body, required=True)
-        done = {"status": "success"}
         if body.get("stream") is False:
-            await writer.send_json(200, done)
-        else:
+            await writer.send_json(200, {"status": "success"})
+        else:  # Ollama's status stream, in short
             await writer.start_stream(200, NDJSON, STREAM_HEADERS)
-            await writer.write(ndjson_line(done))
+            await writer.write(ndjson_line({"status": "pulling manifest"}) + ndjson_line({"status": "success"}))
             await writer.end()
 
     async def ollama_show(self, request: Request, writer: ResponseWriter) -> None:
@@ -845,6 +880,76 @@ class Api:
         if name.lower() not in self.model_names():
             raise HTTPError(404, f"model '{name}' not found")
         await writer.send_json(200, self._openai_model(name))
+
+    # ---- embeddings ----
+
+    async def ollama_embed(self, request: Request, writer: ResponseWriter) -> None:
+        body = parse_json_body(request.body)
+        model = self.check_model(body, required=True)
+        _refuse_set(body, ("dimensions",))
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else inputs
+        if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
+            raise HTTPError(400, "'input' must be a string or a list of strings")
+        truncate = _boolean("truncate", body["truncate"]) if body.get("truncate") is not None else True
+        started = time.monotonic()
+        final = await self._embed(request, writer, inputs, truncate, "/api/embed") if inputs else None
+        await writer.send_json(200, {
+            "model": model, "embeddings": final.embeddings if final else [],
+            "total_duration": final.stats.total_ns if final else int((time.monotonic() - started) * 1e9),
+            "load_duration": final.stats.load_ns if final else 0,
+            "prompt_eval_count": final.stats.prompt_tokens if final else 0})
+
+    async def ollama_embeddings(self, request: Request, writer: ResponseWriter) -> None:
+        """Ollama's older endpoint: one `prompt`, one `embedding`."""
+        body = parse_json_body(request.body)
+        model = self.check_model(body, required=True)
+        prompt = _string("prompt", body.get("prompt", ""))
+        if not prompt:  # as Ollama answers an empty prompt
+            await writer.send_json(200, {"embedding": []})
+            return
+        final = await self._embed(request, writer, [prompt], True, "/api/embeddings")
+        await writer.send_json(200, {"embedding": final.embeddings[0]})
+
+    async def openai_embeddings(self, request: Request, writer: ResponseWriter) -> None:
+        try:
+            body = parse_json_body(request.body)
+            model = self.check_model(body)
+            inputs, encoding = parse_openai_embeddings(body)
+            final = await self._embed(request, writer, inputs, False, "/v1/embeddings")
+        except HTTPError as err:  # OpenAI clients expect their own error shape
+            await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
+            return
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _base64_floats(v) if encoding == "base64" else v}
+                for i, v in enumerate(final.embeddings)]
+        tokens = final.stats.prompt_tokens
+        await writer.send_json(200, {"object": "list", "data": data, "model": model,
+                                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    async def _embed(self, request: Request, writer: ResponseWriter, inputs: list, truncate: bool,
+                     endpoint: str) -> Final:
+        """Run an embedding request through the engine's queue; its Final, or an HTTPError."""
+        started = time.monotonic()
+        try:
+            stream = self.engine.submit(GenerationRequest(embed_inputs=inputs, truncate=truncate))
+        except RequestInvalid as exc:
+            raise HTTPError(400, str(exc)) from None
+        except (QueueFull, ShuttingDown) as exc:
+            self.metrics.inc("minivault_queue_rejections_total")
+            retry = self.engine.estimated_wait_s()
+            raise HTTPError(503, f"server busy: {exc}; retry in about {retry} s", [("Retry-After", str(retry))])
+        stream.on_final(lambda s: self._log(request, s, endpoint, started))
+        writer.on_disconnect(stream.cancel)
+        try:
+            final = await stream.wait_final()
+        finally:
+            stream.cancel()  # a no-op once it has ended
+        if final.error:
+            raise HTTPError(400 if final.client_error else 500, final.error)
+        if final.embeddings is None:
+            raise HTTPError(503, "the embedding was cancelled")
+        return final
 
     # ---- the one generation path behind every shape ----
 
@@ -912,7 +1017,8 @@ class Api:
             "id": stream.id,
             "endpoint": endpoint,
             "status": status,
-            "prompt": gen.prompt if gen.messages is None else gen.messages,
+            "prompt": (gen.embed_inputs if gen.embed_inputs is not None else
+                       gen.prompt if gen.messages is None else gen.messages),
             "response": response,
             "done_reason": final.done_reason,
             "prompt_tokens": stats.prompt_tokens,

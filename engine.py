@@ -55,9 +55,14 @@ class GenerationRequest:
     max_tokens: int | None = None  # None: the engine's default
     stop: list[str] = field(default_factory=list)
     sampling: Sampling = field(default_factory=Sampling)
+    # An embedding request instead: texts (embedded as given, no template) or token id lists.
+    embed_inputs: list | None = None
+    truncate: bool = True  # an input longer than the context is cut to it (else a 400)
 
     def text_chars(self) -> int:
         """Characters of user text: what the prompt size limit counts before tokenising."""
+        if self.embed_inputs is not None:
+            return max((len(i) for i in self.embed_inputs if isinstance(i, str)), default=0)
         if self.messages is not None:
             return sum(len(m.get("content") or "") for m in self.messages)
         return len(self.prompt) + len(self.system or "")
@@ -81,6 +86,7 @@ class Final:
     stats: Stats
     error: str | None = None
     client_error: bool = False  # the request was at fault (e.g. prompt too long): a 400
+    embeddings: list[list[float]] | None = None  # an embedding request's vectors, in input order
 
 
 class QueueFull(Exception):
@@ -191,6 +197,8 @@ class _Sequence:
     stopper: object = None  # textstream.StopMatcher
     sampler: object = None  # sampling.RowSampler
     partial: object = None  # the runner's partial prefill of a long prompt
+    inputs: list = field(default_factory=list)  # an embedding request's token ids, per input
+    vectors: list = field(default_factory=list)  # ... and the vectors computed so far
     pending: int = -1  # sampled, not yet fed through the model
     completion_tokens: int = 0
     first_token_ns: int = 0
@@ -237,6 +245,7 @@ class Engine:
         self._live: dict[int, _Sequence] = {}  # every request taken off the inbox, until it ends
         self._batch: list[_Sequence] = []  # row i of the runner's batch is _batch[i]
         self._long: list[_Sequence] = []  # long prompts being prefilled a chunk per step
+        self._embedding: list[_Sequence] = []  # embedding requests, one input computed per step
         self._outbox: list = []  # (stream, text or Final)
 
     # ---- what the event loop reads ----
@@ -380,7 +389,9 @@ class Engine:
                       load_ns=seq.load_ns, prompt_eval_ns=seq.prompt_eval_ns,
                       eval_ns=now - seq.first_token_ns if seq.first_token_ns else 0,
                       total_ns=now - seq.stream.submitted_ns)
-        self._outbox.append((seq.stream, Final(reason, stats, error=error, client_error=client_error)))
+        embeddings = seq.vectors if seq.inputs and reason == "stop" else None
+        self._outbox.append((seq.stream, Final(reason, stats, error=error, client_error=client_error,
+                                               embeddings=embeddings)))
 
     def _fail(self, seqs, exc: BaseException, stage: str) -> None:
         log.error("%s failed for %d request(s): %r", stage, len(seqs), exc, exc_info=exc)
@@ -465,7 +476,7 @@ class Engine:
         self._flush()
 
     def _forget_all(self) -> None:
-        self._batch, self._long = [], []
+        self._batch, self._long, self._embedding = [], [], []
         try:
             self._runner.reset()
         except Exception:
@@ -474,7 +485,10 @@ class Engine:
     def _step(self) -> bool:
         """One turn: admit, prefill, decode. False once told to stop."""
         arrived, stop = self._admit()
-        self._prefill_arrivals(arrived)
+        self._embedding += [s for s in arrived if s.inputs]
+        self._prefill_arrivals([s for s in arrived if not s.inputs])
+        if self._embedding:
+            self._embed_one()
         if self._long:
             self._prefill_chunk()
         self._flush()  # first tokens go out before the next step
@@ -528,6 +542,10 @@ class Engine:
 
         req = seq.stream.request
         context = self._facts.context_length
+        if req.embed_inputs is not None:
+            seq.inputs = [self._embedding_ids(i, req.truncate, context) for i in req.embed_inputs]
+            seq.prompt_ids = [t for ids in seq.inputs for t in ids]  # counted as prompt tokens
+            return
         try:
             ids = self._prompts.encode(req)
         except ValueError as exc:
@@ -547,6 +565,38 @@ class Engine:
         seq.stopper = StopMatcher(req.stop)
         loaded_ns = self._started_ns + int(self._facts.load_seconds * 1e9)
         seq.load_ns = max(0, loaded_ns - seq.stream.submitted_ns)
+
+    def _embedding_ids(self, value, truncate: bool, context: int) -> list[int]:
+        ids = self._prompts.encode_plain(value) if isinstance(value, str) else list(value)
+        if not ids:
+            raise RequestInvalid("an input to embed is empty")
+        if any(not 0 <= t < self._prompts.vocab_size for t in ids):
+            raise RequestInvalid(f"token ids must be in [0, {self._prompts.vocab_size})")
+        if len(ids) > context:
+            if not truncate:
+                raise RequestInvalid(f"an input is {len(ids)} tokens; the model's context is {context} tokens")
+            ids = ids[:context]
+        return ids
+
+    def _embed_one(self) -> None:
+        """One input of the oldest embedding request per step, so streams keep flowing;
+        each input alone, so its vector never depends on what else is computed."""
+        seq = self._embedding[0]
+        if seq.stream.cancelled:
+            self._embedding.pop(0)
+            self._end(seq, "cancelled")
+            return
+        started = time.monotonic_ns()
+        try:
+            seq.vectors.append(self._runner.embed(seq.inputs[len(seq.vectors)]))
+        except Exception as exc:
+            self._embedding.pop(0)
+            self._fail([seq], exc, "embedding")
+            return
+        seq.prompt_eval_ns += time.monotonic_ns() - started
+        if len(seq.vectors) == len(seq.inputs):
+            self._embedding.pop(0)
+            self._end(seq, "stop")
 
     def _prefill_arrivals(self, arrived: list[_Sequence]) -> None:
         short = [s for s in arrived if len(s.prompt_ids) <= self.PREFILL_CHUNK]
@@ -661,7 +711,7 @@ class Engine:
     def _check_accounts(self) -> None:
         """Every live request is in the batch or a long prefill, and the batch is the
         runner's: anything else is a bug, and ends those requests rather than hang them."""
-        placed = {id(s) for s in self._batch} | {id(s) for s in self._long}
+        placed = {id(s) for s in self._batch + self._long + self._embedding}
         lost = [s for s in self._live.values() if id(s) not in placed]
         if lost:
             self._fail(lost, RuntimeError("request lost by the scheduler"), "scheduling")

@@ -139,7 +139,8 @@ class LlamaModel:
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
         return torch.matmul(probs, values).reshape(rows, 1, self.heads, self.head_dim)
 
-    def forward(self, tokens, cache: KVRows, last: list[int], every_position: bool = False):
+    def forward(self, tokens, cache: KVRows, last: list[int], every_position: bool = False,
+                hidden_states: bool = False):
         """Feed tokens [rows, new] to the cache's rows, each continuing from its length;
         `last[b]`: the index in `new` of row b's last real token (later ones are padding).
         Returns the logits at those tokens, [rows, vocab] (or at every token, [rows, new,
@@ -176,6 +177,8 @@ class LlamaModel:
             gate, up = blk["gate_up"](h).chunk(2, dim=-1)
             x = x + blk["down"](F.silu(gate) * up)
         cache.lengths = [n + t + 1 for n, t in zip(cache.lengths, last)]
+        if hidden_states:  # after the final norm, every position: [rows, new, hidden]
+            return F.rms_norm(x, (self.hidden,), self.norm, self.eps).reshape(rows, new, self.hidden)
         if every_position:
             return self.head(F.rms_norm(x, (self.hidden,), self.norm, self.eps)).reshape(rows, new, -1)
         picked = x.reshape(rows, new, self.hidden)[torch.arange(rows), torch.tensor(last)]
@@ -262,6 +265,12 @@ class LlamaRunner:
     def keep(self, rows: list[int]) -> None:
         if rows != list(range(self.rows)):
             self._cache.keep(rows)
+
+    @torch.inference_mode()
+    def embed(self, ids: list[int]) -> list[float]:
+        hidden = self.model.forward(torch.tensor([ids]), self.model.new_cache(rows=1), [len(ids) - 1],
+                                    hidden_states=True)
+        return F.normalize(hidden[0].mean(dim=0), dim=0).tolist()
 
 
 def from_transformers(model, tokenizer, dtype: str, eos_ids: frozenset[int]) -> LlamaRunner:

@@ -97,6 +97,14 @@ class PromptBuilder:
         # Added tokens (the special ones among them) are matched in text before BPE.
         self._added = [t.content for t in self.backend.get_added_tokens_decoder().values() if t.content]
 
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """Text as it is, no template (what an embedding is computed over)."""
+        return self._text(text, add_special_tokens=True)
+
     def max_prompt_chars(self, context_length: int) -> int:
         return context_length * max(1, self.longest_token_chars)
 

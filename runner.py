@@ -62,6 +62,10 @@ class Runner(Protocol):
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows of the batch, in this order."""
 
+    def embed(self, ids: list[int]) -> list[float]:
+        """The text's embedding, apart from the batch: the final hidden states (after the
+        last norm) averaged over its tokens, L2-normalised."""
+
     def reset(self) -> None:
         """Forget the batch (after a failure left it in doubt)."""
 

@@ -197,6 +197,11 @@ class TransformersRunner:
         self._lengths += lengths
 
     @torch.inference_mode()
+    def embed(self, ids: list[int]) -> list[float]:
+        out = self.model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
+        return torch.nn.functional.normalize(out.hidden_states[-1][0].float().mean(dim=0), dim=0).tolist()
+
+    @torch.inference_mode()
     def keep(self, rows: list[int]) -> None:
         if rows == list(range(self.rows)):
             return

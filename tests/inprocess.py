@@ -18,7 +18,7 @@ from httpserver import HTTPServer, Limits, Router
 from metrics import Metrics
 from requestlog import RequestLog
 
-STAGES = ("prepare", "prefill", "chunked prefill", "decode", "cut", "sample", "detokenise")
+STAGES = ("prepare", "prefill", "chunked prefill", "decode", "cut", "sample", "detokenise", "embed")
 
 
 class InjectedFault(RuntimeError):
@@ -51,7 +51,7 @@ class FaultyRunner:
     def __init__(self, runner, faults: Faults):
         self._runner = runner
         for name, stage in (("prefill", "prefill"), ("begin", "chunked prefill"), ("advance", "chunked prefill"),
-                            ("decode", "decode"), ("keep", "cut")):
+                            ("decode", "decode"), ("keep", "cut"), ("embed", "embed")):
             setattr(self, name, faults.wrap(stage, getattr(runner, name)))
 
     def __getattr__(self, name):

@@ -74,6 +74,7 @@ def test_ollama_empty_prompt_loads_the_model_as_ollama_does(ol):
 def test_ollama_keep_alive_zero_answers_unload_and_pull_knows_the_served_model(ol):
     assert ol.generate(model="smollm2", prompt="", keep_alive=0).done_reason == "unload"
     assert ol.pull("smollm2").status == "success"
+    assert [p.status for p in ol.pull("smollm2", stream=True)][-1] == "success"
     with pytest.raises(ollama.ResponseError) as err:
         ol.pull("llama3:8b")
     assert err.value.status_code == 404
@@ -83,6 +84,28 @@ def test_ollama_fields_that_cannot_be_honoured_are_refused(ol):
     with pytest.raises(ollama.ResponseError) as err:
         ol.generate(model="smollm2", prompt="def f(", suffix="    return 1")
     assert err.value.status_code == 400 and "suffix" in err.value.error
+
+
+def cosine(a, b) -> float:
+    return sum(x * y for x, y in zip(a, b))  # the vectors are L2-normalised
+
+
+PAIRS = [("The cat sat on the mat.", "A kitten rested on the rug.", "Stock markets fell sharply today."),
+         ("How do I bake bread?", "What is a recipe for making bread?", "The train leaves at noon.")]
+
+
+def test_ollama_embed_is_deterministic_alone_or_batched_and_ranks_a_paraphrase_first(ol):
+    for text, paraphrase, unrelated in PAIRS:
+        alone = ol.embed(model="smollm2", input=text)
+        batch = ol.embed(model="smollm2", input=[text, paraphrase, unrelated]).embeddings
+        assert alone.embeddings[0] == batch[0] == ol.embed(model="smollm2", input=text).embeddings[0]
+        assert abs(cosine(batch[0], batch[0]) - 1) < 1e-5
+        assert cosine(batch[0], batch[1]) > cosine(batch[0], batch[2])
+    assert ol.embeddings(model="smollm2", prompt=PAIRS[0][0]).embedding == alone_vector(ol, PAIRS[0][0])
+
+
+def alone_vector(ol, text):
+    return ol.embed(model="smollm2", input=text).embeddings[0]
 
 
 def test_ollama_model_not_found(ol):
@@ -99,7 +122,7 @@ def test_ollama_invalid_request(ol):
 
 def test_ollama_list_show_ps(ol, server):
     models = ol.list().models
-    assert [m.model for m in models] == ["smollm2-135m-instruct:latest", "smollm2:latest"]  # name:tag
+    assert [m.model for m in models] == ["smollm2:latest"]  # name:tag, as Ollama lists it
     assert models[0].details.family == "llama" and models[0].details.parameter_size == "135M"
     shown = ol.show("smollm2")
     assert "im_start" in shown.template and shown.modelinfo["llama.context_length"] == 8192
@@ -138,6 +161,23 @@ def test_openai_stop_and_max_completion_tokens(oa):
     stop = full.split()[len(full.split()) // 2]
     cut = oa.chat.completions.create(max_completion_tokens=30, stop=[stop], **base).choices[0]
     assert cut.message.content == full[: full.index(stop)] and cut.finish_reason == "stop"
+
+
+def test_openai_embeddings_float_base64_and_token_ids(oa, ol):
+    import base64
+    import struct
+
+    text = PAIRS[0][0]
+    floats = oa.embeddings.create(model="smollm2", input=[text, PAIRS[0][1]])
+    assert [d.index for d in floats.data] == [0, 1] and floats.usage.prompt_tokens > 0
+    assert floats.data[0].embedding == alone_vector(ol, text)
+    packed = oa.embeddings.create(model="smollm2", input=text, encoding_format="base64").data[0].embedding
+    decoded = struct.unpack(f"<{len(packed) * 3 // 4 // 4}f", base64.b64decode(packed))
+    assert max(abs(a - b) for a, b in zip(decoded, floats.data[0].embedding)) < 1e-6
+    ids = oa.embeddings.create(model="smollm2", input=[[504, 2960, 2352]]).data[0].embedding
+    assert len(ids) == len(floats.data[0].embedding)
+    with pytest.raises(openai.BadRequestError):
+        oa.embeddings.create(model="smollm2", input=text, dimensions=8)
 
 
 def test_openai_models(oa):

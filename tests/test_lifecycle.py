@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from engine import Final
 from inprocess import STAGES, Faults, GatedRunner, ScriptedRunner, faulty_text_stages, http, live_server, wait_until
 
-ENDPOINTS = ("/generate", "/api/generate", "/api/chat", "/v1/completions", "/v1/chat/completions")
+GENERATION_ENDPOINTS = ("/generate", "/api/generate", "/api/chat", "/v1/completions", "/v1/chat/completions")
+ENDPOINTS = GENERATION_ENDPOINTS + ("/api/embed", "/v1/embeddings")
 EXTREMES = [None, 0, -1, 1, 2, 0.5, 1e-300, 5e-324, 1e308, -1e308, 2 ** 64, 10 ** 30, -(2 ** 63) - 1, "x", "",
             [], {}, True, False, [1], ["\n", "e"], {"a": 1}, {"num_predict": 3}, {"temperature": 1e-300},
             "\ud800"]
@@ -39,6 +40,8 @@ PROMPTS = st.one_of(st.sampled_from(["The quick brown fox", "A language model", 
 def body_for(endpoint: str, model: str, prompt: str, fields: dict) -> dict:
     if endpoint in ("/api/chat", "/v1/chat/completions"):
         body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    elif endpoint in ("/api/embed", "/v1/embeddings"):
+        body = {"model": model, "input": [prompt, "The quick brown fox"]}
     else:
         body = {"model": model, "prompt": prompt}
     return {**body, "max_tokens": 6, **fields}
@@ -159,7 +162,7 @@ def test_row1_an_out_of_range_seed_is_answered_beside_normal_requests(tiny_gpt2_
     run_live(tiny_gpt2_folder, tmp_path, scenario, max_batch=2)
 
 
-@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("endpoint", GENERATION_ENDPOINTS)
 @pytest.mark.parametrize("temperature", [1e-300, 5e-324])
 def test_row2_a_vanishing_temperature_is_greedy_on_every_endpoint(tiny_gpt2_folder, tmp_path, endpoint,
                                                                    temperature):
