@@ -339,6 +339,63 @@ def _base64_floats(vector: list[float]) -> str:
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
+# Responses API fields we cannot honour (with a value that asks for something).
+RESPONSES_UNSUPPORTED = ("tools", "previous_response_id", "reasoning", "background", "top_logprobs",
+                         "conversation", "prompt", "include", "max_tool_calls")
+RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def parse_responses(body: dict) -> tuple[GenerationRequest, bool]:
+    """OpenAI's /v1/responses body -> (request, stream?)."""
+    for name in RESPONSES_UNSUPPORTED:
+        if body.get(name) not in (None, False, [], {}):
+            raise HTTPError(400, f"'{name}' is not supported")
+    if body.get("tool_choice") not in (None, "auto", "none"):
+        raise HTTPError(400, "'tool_choice' is not supported")
+    text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if body.get("text") is not None and not isinstance(body.get("text"), dict):
+        raise HTTPError(400, "'text' must be an object")
+    if text_format not in (None, {"type": "text"}):
+        raise HTTPError(400, "'text.format' other than text is not supported")
+    value = body.get("input")
+    if isinstance(value, str):
+        if not value.strip():
+            raise HTTPError(400, "'input' must not be empty")
+        items = [{"role": "user", "content": value}]
+    elif isinstance(value, list) and value:
+        items = [_responses_message(i, item) for i, item in enumerate(value)]
+    else:
+        raise HTTPError(400, "'input' must be a string or a non-empty list of message items")
+    instructions = body.get("instructions")
+    if instructions is not None:
+        items = [{"role": "system", "content": _string("instructions", instructions)}] + items
+    fields = {k: body[k] for k in ("temperature", "top_p") if body.get(k) is not None}
+    if body.get("temperature") is not None:
+        _number("temperature", body["temperature"], 0, 2)
+    if body.get("max_output_tokens") is not None:
+        fields["max_tokens"] = body["max_output_tokens"]
+    sampling, max_tokens, _ = parse_options(fields)
+    stream = _boolean("stream", body["stream"]) if body.get("stream") is not None else False
+    messages = parse_messages(items, openai=True)
+    return GenerationRequest(messages=messages, max_tokens=max_tokens, sampling=sampling), stream
+
+
+def _responses_message(i: int, item) -> dict:
+    """A Responses input item -> a chat message; only text messages are understood."""
+    if not isinstance(item, dict) or item.get("type", "message") != "message":
+        raise HTTPError(400, f"'input[{i}]' must be a message item (other item types are not supported)")
+    content = item.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in RESPONSES_TEXT_PARTS \
+                    or not isinstance(part.get("text"), str):
+                raise HTTPError(400, f"'input[{i}].content' may only hold text parts")
+            texts.append(part["text"])
+        content = "".join(texts)
+    return {"role": item.get("role"), "content": content}
+
+
 def ndjson_line(obj: dict) -> bytes:
     return json_bytes(obj) + b"\n"
 
@@ -472,6 +529,95 @@ class OpenAIChat(OpenAICompletion):
         return body
 
 
+class OpenAIResponse(Shape):
+    """OpenAI's /v1/responses: a `response` object, or its documented event stream
+    (created, in_progress, output item and content part added, text deltas, done
+    events, completed)."""
+
+    content_type = SSE
+
+    def __init__(self, model: str, request_fields: dict):
+        super().__init__(model)
+        self.created = int(time.time())
+        self.fields = request_fields  # echoed in the response object, as OpenAI does
+        self._sequence = 0
+        self._text: list[str] = []
+        self._opened = False
+
+    @property
+    def id(self) -> str:
+        return f"resp_{self.request_id}"
+
+    @property
+    def item_id(self) -> str:
+        return f"msg_{self.request_id}"
+
+    def _event(self, kind: str, **fields) -> bytes:
+        body = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + json_bytes(body) + b"\n\n"
+
+    def _part(self, text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": []}
+
+    def _item(self, status: str, parts: list) -> dict:
+        return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": parts}
+
+    def _response(self, status: str, final: Final | None = None, error: dict | None = None) -> dict:
+        text = "".join(self._text)
+        incomplete = final is not None and final.done_reason == "length"
+        body = {"id": self.id, "object": "response", "created_at": self.created,
+                "status": "incomplete" if incomplete else status, "error": error,
+                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                "model": self.model, "output": [], "parallel_tool_calls": True, "tool_choice": "auto",
+                "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {},
+                "usage": None, **self.fields}
+        if final is not None:
+            body["output"] = [self._item("incomplete" if incomplete else "completed", [self._part(text)])]
+            s = final.stats
+            body["usage"] = {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                             "output_tokens": s.completion_tokens,
+                             "output_tokens_details": {"reasoning_tokens": 0},
+                             "total_tokens": s.prompt_tokens + s.completion_tokens}
+        return body
+
+    def _open(self) -> bytes:
+        if self._opened:
+            return b""
+        self._opened = True
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        return (self._event("response.created", response=self._response("in_progress"))
+                + self._event("response.in_progress", response=self._response("in_progress"))
+                + self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
+                + self._event("response.content_part.added", **where, part=self._part("")))
+
+    def piece(self, text: str) -> bytes:
+        self._text.append(text)
+        return self._open() + self._event("response.output_text.delta", item_id=self.item_id, output_index=0,
+                                          content_index=0, delta=text)
+
+    def end(self, final: Final) -> bytes:
+        text = "".join(self._text)
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        done = self._response("completed", final)
+        return (self._open() + self._event("response.output_text.done", **where, text=text)
+                + self._event("response.content_part.done", **where, part=self._part(text))
+                + self._event("response.output_item.done", output_index=0, item=done["output"][0])
+                + self._event("response.completed" if done["status"] == "completed" else "response.incomplete",
+                              response=done))
+
+    def error_line(self, message: str) -> bytes:
+        return self._open() + self._event("response.failed", response=self._response(
+            "failed", error={"code": "server_error", "message": message}))
+
+    def whole(self, text: str, final: Final) -> dict:
+        self._text = [text]
+        return self._response("completed", final)
+
+    def error(self, message: str, status: int) -> dict:
+        return openai_error(message, status)
+
+
 def finish_reason(final: Final) -> str:
     return "length" if final.done_reason == "length" else "stop"
 
@@ -585,6 +731,7 @@ class Api:
         add(router, "POST", "/v1/embeddings", self.openai_embeddings, generation=True)
         add(router, "POST", "/v1/completions", self.openai_completions, generation=True)
         add(router, "POST", "/v1/chat/completions", self.openai_chat, generation=True)
+        add(router, "POST", "/v1/responses", self.openai_responses, generation=True)
         add(router, "GET", "/v1/models", self.openai_models)
         add(router, "GET", "/v1/models/", self.openai_model, prefix=True)
         # The playground page: public files, no secrets in them; only the Host is checked.
@@ -868,6 +1015,19 @@ class Api:
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         await self._run(request, writer, gen, stream, endpoint, shape)
 
+    async def openai_responses(self, request: Request, writer: ResponseWriter) -> None:
+        try:
+            body = parse_json_body(request.body)
+            model = self.check_model(body)
+            gen, stream = parse_responses(body)
+        except HTTPError as err:  # OpenAI clients expect their own error shape
+            await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
+            return
+        echoed = {"instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+                  "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
+                  "store": False, "user": body.get("user")}
+        await self._run(request, writer, gen, stream, "/v1/responses", OpenAIResponse(model, echoed))
+
     def _openai_model(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "minivault"}
 
@@ -903,7 +1063,7 @@ class Api:
     async def ollama_embeddings(self, request: Request, writer: ResponseWriter) -> None:
         """Ollama's older endpoint: one `prompt`, one `embedding`."""
         body = parse_json_body(request.body)
-        model = self.check_model(body, required=True)
+        self.check_model(body, required=True)
         prompt = _string("prompt", body.get("prompt", ""))
         if not prompt:  # as Ollama answers an empty prompt
             await writer.send_json(200, {"embedding": []})

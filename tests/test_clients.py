@@ -180,6 +180,31 @@ def test_openai_embeddings_float_base64_and_token_ids(oa, ol):
         oa.embeddings.create(model="smollm2", input=text, dimensions=8)
 
 
+def test_openai_responses_streamed_equals_not_streamed(oa):
+    kwargs = dict(model="smollm2", instructions="Be brief.", max_output_tokens=16, temperature=0,
+                  input=[{"role": "user", "content": [{"type": "input_text", "text": "Name a colour."}]}])
+    whole = oa.responses.create(**kwargs)
+    assert whole.object == "response" and whole.output_text and whole.usage.output_tokens > 0
+    assert whole.status in ("completed", "incomplete")
+    events = list(oa.responses.create(stream=True, **kwargs))
+    types = [e.type for e in events]
+    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert types[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == whole.output_text
+    assert events[-1].response.output_text == whole.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert oa.responses.create(model="smollm2", input="Say hi.", max_output_tokens=8).output_text
+
+
+def test_openai_responses_refuses_what_it_cannot_honour(oa):
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.responses.create(model="smollm2", input="hi", tools=[{"type": "function", "name": "f", "parameters": {}}])
+    assert "tools" in str(err.value)
+    with pytest.raises(openai.BadRequestError):
+        oa.responses.create(model="smollm2", input=[{"type": "function_call_output", "call_id": "1", "output": "x"}])
+
+
 def test_openai_models(oa):
     assert [m.id for m in oa.models.list()] == ["smollm2-135m-instruct"]
     assert oa.models.retrieve("smollm2").id == "smollm2"

@@ -22,7 +22,7 @@ from engine import Final
 from inprocess import STAGES, Faults, GatedRunner, ScriptedRunner, faulty_text_stages, http, live_server, wait_until
 
 GENERATION_ENDPOINTS = ("/generate", "/api/generate", "/api/chat", "/v1/completions", "/v1/chat/completions")
-ENDPOINTS = GENERATION_ENDPOINTS + ("/api/embed", "/v1/embeddings")
+ENDPOINTS = GENERATION_ENDPOINTS + ("/v1/responses", "/api/embed", "/v1/embeddings")
 EXTREMES = [None, 0, -1, 1, 2, 0.5, 1e-300, 5e-324, 1e308, -1e308, 2 ** 64, 10 ** 30, -(2 ** 63) - 1, "x", "",
             [], {}, True, False, [1], ["\n", "e"], {"a": 1}, {"num_predict": 3}, {"temperature": 1e-300},
             "\ud800"]
@@ -42,6 +42,8 @@ def body_for(endpoint: str, model: str, prompt: str, fields: dict) -> dict:
         body = {"model": model, "messages": [{"role": "user", "content": prompt}]}
     elif endpoint in ("/api/embed", "/v1/embeddings"):
         body = {"model": model, "input": [prompt, "The quick brown fox"]}
+    elif endpoint == "/v1/responses":
+        return {"model": model, "input": prompt, "max_output_tokens": 6, **fields}
     else:
         body = {"model": model, "prompt": prompt}
     return {**body, "max_tokens": 6, **fields}
@@ -61,7 +63,11 @@ def check_reply(reply, endpoint: str, faulty: bool) -> None:
         assert "error" in reply.json()
         return
     content_type = reply.headers["content-type"]
-    if content_type.startswith("text/event-stream"):
+    if content_type.startswith("text/event-stream") and endpoint == "/v1/responses":
+        last = json.loads(reply.body.decode().rstrip().rsplit("data: ", 1)[1])
+        assert last["type"] in ("response.completed", "response.incomplete") or \
+            (faulty and last["type"] == "response.failed"), last
+    elif content_type.startswith("text/event-stream"):
         assert reply.body.endswith(b"data: [DONE]\n\n")
         events = [json.loads(e[6:]) for e in reply.body.decode().split("\n\n") if e and e != "data: [DONE]"]
         assert faulty or not any("error" in e for e in events)
@@ -69,7 +75,7 @@ def check_reply(reply, endpoint: str, faulty: bool) -> None:
         lines = reply.lines()
         assert lines[-1].get("done") is True or (faulty and "error" in lines[-1])
     else:
-        assert "error" not in reply.json()
+        assert reply.json().get("error") is None
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
