@@ -123,6 +123,17 @@ def test_chat_mode_keeps_the_conversation(page, server):
     assert [m["role"] for m in record["prompt"]] == ["user", "assistant", "user"]
 
 
+def test_compare_lines_ranks_a_paraphrase_above_an_unrelated_line(page, server):
+    page.fill("#prompt", "The cat sat on the mat.\nStock markets fell sharply today.\nA kitten rested on the rug.")
+    page.click("#compare")
+    wait_js(page, "document.querySelectorAll('.turn.assistant').length === 1 && "
+                  "document.querySelector('.turn.assistant').textContent.includes('\\n')")
+    ranked = page.text_content(".turn.assistant").split("\n")
+    assert ranked[0].endswith("A kitten rested on the rug.") and ranked[1].endswith("Stock markets fell sharply today.")
+    record = wait_for_log(server.log_file, lambda r: r["endpoint"] == "/api/embed")
+    assert record["status"] == "done" and len(record["prompt"]) == 3
+
+
 def test_server_errors_are_shown_in_words(page):
     page.fill("#max-tokens", "0")
     page.fill("#prompt", "Hi")

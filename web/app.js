@@ -148,6 +148,33 @@ async function send() {
   }
 }
 
+// Embeddings: each line of the prompt box, ranked by cosine similarity to the first
+// (the vectors come L2-normalised, so a dot product is the cosine).
+async function compareLines() {
+  const lines = $("prompt").value.split("\n").map((l) => l.trim()).filter(Boolean);
+  showError("");
+  if (lines.length < 2) { showError("Write two or more lines to compare."); return; }
+  if (!modelName) await loadModel();
+  try {
+    const resp = await fetch("/api/embed", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: modelName, input: lines }),
+    });
+    if (!resp.ok) throw new Error(await errorText(resp));
+    const vectors = (await resp.json()).embeddings;
+    const dot = (a, b) => a.reduce((sum, x, i) => sum + x * b[i], 0);
+    const ranked = lines.slice(1).map((line, i) => [dot(vectors[0], vectors[i + 1]), line])
+      .sort((a, b) => b[0] - a[0]);
+    $("conversation").textContent = "";
+    addTurn("user", `Similarity to: ${lines[0]}`);
+    addTurn("assistant", ranked.map(([score, line]) => `${score.toFixed(3)}  ${line}`).join("\n"));
+  } catch (e) {
+    showError(e.message.startsWith("Error") ? e.message : `Cannot reach the server: ${e.message}`);
+  }
+}
+
+$("compare").addEventListener("click", compareLines);
 $("ask").addEventListener("submit", (event) => { event.preventDefault(); send(); });
 $("prompt").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); send(); }
