@@ -93,30 +93,23 @@ async def ttft_while_busy(port: int, busy: int, max_tokens: int) -> tuple[float,
 
 
 def bare_decode_rate(max_tokens: int, dtype: str) -> float:
-    """Greedy tokens/s of a plain in-process loop: model, the engine's KV cache, argmax; no server."""
-    import torch
-
+    """Greedy tokens/s of a plain in-process loop over the runner the server picks (same
+    model, dtype and KV cache), argmax only: no server, no sampling, no detokenising."""
+    from engine import GenerationRequest
     from modelsource import resolve_model
-    from linears import choose_dtype
-    from transformers_runner import load_model
-    from fastdecode import new_cache, speed_up
+    from prompts import PromptBuilder
+    from runner import load_runner
 
-    dtype = choose_dtype(dtype, int8_computable=False)
-    model, tok = load_model(resolve_model(None), dtype, "~/.cache/minivault")
-    speed_up(model, dtype)  # as the engine serves it
-    ids = tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}], add_generation_prompt=True,
-                                  tokenize=True, return_dict=False)
+    runner = load_runner(resolve_model(None), dtype, "~/.cache/minivault")
+    ids = PromptBuilder(runner.codec).encode(GenerationRequest(prompt=PROMPTS[0]))
     rates = []
-    with torch.inference_mode():
-        for _ in range(REPEATS):
-            cache = new_cache(model.config)  # the server's cache, so the loop is its ceiling
-            logits = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True).logits[0, -1]
-            token = int(torch.argmax(logits))
-            start = time.perf_counter()
-            for _ in range(max_tokens - 1):
-                logits = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True).logits[0, -1]
-                token = int(torch.argmax(logits))
-            rates.append((max_tokens - 1) / (time.perf_counter() - start))
+    for _ in range(REPEATS):
+        runner.reset()
+        token = int(runner.prefill([ids])[0].argmax())
+        start = time.perf_counter()
+        for _ in range(max_tokens - 1):
+            token = int(runner.decode([token])[0].argmax())
+        rates.append((max_tokens - 1) / (time.perf_counter() - start))
     return statistics.median(rates)
 
 
