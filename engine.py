@@ -35,6 +35,9 @@ log = logging.getLogger("minivault.engine")
 # Requests, events and the asyncio-side stream
 
 
+SEEDS = 2 ** 64  # torch.Generator takes seeds in [0, 2**64); any integer seed is reduced to it
+
+
 @dataclass
 class Sampling:
     temperature: float = 0.8
@@ -292,6 +295,10 @@ class Engine:
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         limit = self.facts.max_prompt_chars
+        if limit and request.embed_inputs is not None and request.truncate:
+            # Text beyond `limit` characters lies past the context's worth of tokens, which
+            # truncating drops anyway: cut it here instead of tokenising it all.
+            request.embed_inputs = [i[:limit] if isinstance(i, str) else i for i in request.embed_inputs]
         if limit and request.text_chars() > limit:
             raise RequestInvalid(f"prompt is {request.text_chars()} characters; the model's context of "
                                  f"{self.facts.context_length} tokens holds at most {limit}")

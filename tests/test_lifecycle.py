@@ -256,4 +256,10 @@ def test_row11_a_prompt_too_long_for_the_context_is_refused_before_the_model_thr
         assert faults.calls.get("prepare", 0) == 0  # never tokenised
         reply = await http(live.port, "POST", "/generate", {"prompt": "0123456789" * 10})  # fits the
         assert reply.status == 400 and "tokens" in reply.json()["error"]  # characters, not the tokens
+        long = "x" * (limit + 1)  # an embedding may be truncated instead, as Ollama's default asks
+        reply = await http(live.port, "POST", "/api/embed", {"model": live.engine.model_name, "input": long})
+        assert reply.status == 200 and len(reply.json()["embeddings"]) == 1
+        reply = await http(live.port, "POST", "/api/embed",
+                           {"model": live.engine.model_name, "input": long, "truncate": False})
+        assert reply.status == 400
     run_live(tiny_gpt2_folder, tmp_path, scenario, faults=faults)
