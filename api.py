@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import ipaddress
@@ -10,13 +11,14 @@ import logging
 import math
 import os
 import re
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote
 
-from engine import (Engine, Final, GenerationRequest, QueueFull, RequestInvalid, Sampling,
+from engine import (SEEDS, Engine, Final, GenerationRequest, QueueFull, RequestInvalid, Sampling,
                     ShuttingDown, TokenStream)
 from modelsource import EMBEDDED_NAME
 from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router, json_bytes
@@ -134,7 +136,6 @@ MAX_TOKENS_ALIASES = ("max_tokens", "num_predict")
 # Below this a temperature divides the logits into inf and NaN; it means greedy anyway.
 MIN_TEMPERATURE = 1e-4
 MAX_TOP_K = 1_000_000  # beyond any vocabulary: the sampler takes min(top_k, vocabulary)
-SEEDS = 2 ** 64  # torch.Generator takes seeds in [0, 2**64)
 # Ollama options that change sampling in ways we do not implement, with the only value we
 # honour (the one that turns them off; our repeat penalty always looks back 64 tokens).
 # Anything else is refused rather than silently ignored. Other options are accepted and
@@ -304,16 +305,17 @@ def parse_openai(body: dict, chat: bool) -> tuple[GenerationRequest, bool, bool]
     return req, stream, include_usage
 
 
-def _refuse_set(body: dict, names) -> None:
+def refuse_unsupported(body: dict, names) -> None:
+    """A 400 naming the first of these fields that asks for something (not null, false or empty)."""
     for name in names:
-        if body.get(name) is not None:
+        if body.get(name) not in (None, False, [], {}):
             raise HTTPError(400, f"'{name}' is not supported")
 
 
 def parse_openai_embeddings(body: dict) -> tuple[list, str]:
     """OpenAI's /v1/embeddings `input` (a string, strings, token ids or lists of them)
     and `encoding_format`."""
-    _refuse_set(body, ("dimensions",))
+    refuse_unsupported(body, ("dimensions",))
     value = body.get("input")
     if isinstance(value, str) or (isinstance(value, list) and value and all(_is_token(t) for t in value)):
         value = [value]
@@ -333,9 +335,6 @@ def _is_token(value) -> bool:
 
 def _base64_floats(vector: list[float]) -> str:
     """OpenAI's base64 encoding: the little-endian float32 bytes."""
-    import base64
-    import struct
-
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
@@ -347,9 +346,7 @@ RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
 
 def parse_responses(body: dict) -> tuple[GenerationRequest, bool]:
     """OpenAI's /v1/responses body -> (request, stream?)."""
-    for name in RESPONSES_UNSUPPORTED:
-        if body.get(name) not in (None, False, [], {}):
-            raise HTTPError(400, f"'{name}' is not supported")
+    refuse_unsupported(body, RESPONSES_UNSUPPORTED)
     if body.get("tool_choice") not in (None, "auto", "none"):
         raise HTTPError(400, "'tool_choice' is not supported")
     text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
@@ -372,9 +369,10 @@ def parse_responses(body: dict) -> tuple[GenerationRequest, bool]:
     fields = {k: body[k] for k in ("temperature", "top_p") if body.get(k) is not None}
     if body.get("temperature") is not None:
         _number("temperature", body["temperature"], 0, 2)
+    sampling, _, _ = parse_options(fields)
+    max_tokens = None
     if body.get("max_output_tokens") is not None:
-        fields["max_tokens"] = body["max_output_tokens"]
-    sampling, max_tokens, _ = parse_options(fields)
+        max_tokens = _integer("max_output_tokens", body["max_output_tokens"], 1)
     stream = _boolean("stream", body["stream"]) if body.get("stream") is not None else False
     messages = parse_messages(items, openai=True)
     return GenerationRequest(messages=messages, max_tokens=max_tokens, sampling=sampling), stream
@@ -1023,9 +1021,10 @@ class Api:
         except HTTPError as err:  # OpenAI clients expect their own error shape
             await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
             return
-        echoed = {"instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-                  "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
-                  "store": False, "user": body.get("user")}
+        # Echoed as OpenAI does, with the values actually used (MiniVault's defaults differ).
+        echoed = {"instructions": body.get("instructions"), "max_output_tokens": gen.max_tokens,
+                  "temperature": gen.sampling.temperature, "top_p": gen.sampling.top_p,
+                  "metadata": body.get("metadata") or {}, "store": False, "user": body.get("user")}
         await self._run(request, writer, gen, stream, "/v1/responses", OpenAIResponse(model, echoed))
 
     def _openai_model(self, name: str) -> dict:
@@ -1046,7 +1045,7 @@ class Api:
     async def ollama_embed(self, request: Request, writer: ResponseWriter) -> None:
         body = parse_json_body(request.body)
         model = self.check_model(body, required=True)
-        _refuse_set(body, ("dimensions",))
+        refuse_unsupported(body, ("dimensions",))
         inputs = body.get("input")
         inputs = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
@@ -1090,17 +1089,8 @@ class Api:
     async def _embed(self, request: Request, writer: ResponseWriter, inputs: list, truncate: bool,
                      endpoint: str) -> Final:
         """Run an embedding request through the engine's queue; its Final, or an HTTPError."""
-        started = time.monotonic()
-        try:
-            stream = self.engine.submit(GenerationRequest(embed_inputs=inputs, truncate=truncate))
-        except RequestInvalid as exc:
-            raise HTTPError(400, str(exc)) from None
-        except (QueueFull, ShuttingDown) as exc:
-            self.metrics.inc("minivault_queue_rejections_total")
-            retry = self.engine.estimated_wait_s()
-            raise HTTPError(503, f"server busy: {exc}; retry in about {retry} s", [("Retry-After", str(retry))])
-        stream.on_final(lambda s: self._log(request, s, endpoint, started))
-        writer.on_disconnect(stream.cancel)
+        gen = GenerationRequest(embed_inputs=inputs, truncate=truncate)
+        stream = self._submit(request, writer, gen, endpoint, time.monotonic())
         try:
             final = await stream.wait_final()
         finally:
@@ -1115,23 +1105,14 @@ class Api:
 
     async def _run(self, request: Request, writer: ResponseWriter, gen: GenerationRequest,
                    stream_mode: bool, endpoint: str, shape: Shape) -> None:
-        """Submit, then stream (or collect) the text. The log line is written when the
-        engine hands back the final event, whatever happens to this handler."""
+        """Submit, then stream (or collect) the text."""
         started = time.monotonic()
         try:
-            stream = self.engine.submit(gen)
-        except RequestInvalid as exc:
-            await writer.send_json(400, shape.error(str(exc), 400))
+            stream = self._submit(request, writer, gen, endpoint, started)
+        except HTTPError as err:
+            await writer.send_json(err.status, shape.error(err.message, err.status), err.headers)
             return
-        except (QueueFull, ShuttingDown) as exc:
-            self.metrics.inc("minivault_queue_rejections_total")
-            retry = self.engine.estimated_wait_s()
-            message = f"server busy: {exc}; retry in about {retry} s"
-            await writer.send_json(503, shape.error(message, 503), [("Retry-After", str(retry))])
-            return
-        stream.on_final(lambda s: self._log(request, s, endpoint, started))
         shape.request_id = stream.id
-        writer.on_disconnect(stream.cancel)
         id_header = [("X-Request-Id", str(stream.id))]
         try:
             item = await stream.next()
@@ -1156,16 +1137,31 @@ class Api:
                     await writer.write(shape.error_line("internal server error"))
                 await writer.end()
             else:
-                pieces = []
-                while not isinstance(item, Final):
-                    pieces.append(item)
-                    item = await stream.next()
-                if item.error:
-                    await writer.send_json(500, shape.error(item.error, 500), id_header)
+                final = await stream.wait_final()
+                if final.error:
+                    await writer.send_json(500, shape.error(final.error, 500), id_header)
                 else:
-                    await writer.send_json(200, shape.whole("".join(pieces), item), id_header)
+                    await writer.send_json(200, shape.whole("".join(stream.text), final), id_header)
         finally:
             stream.cancel()  # a no-op once it has ended; else the client left or we are stopping
+
+    def _submit(self, request: Request, writer: ResponseWriter, gen: GenerationRequest, endpoint: str,
+                started: float) -> TokenStream:
+        """Queue a request for the engine, or raise the HTTPError that refuses it (400, or
+        503 with Retry-After). Once queued, its log line is written from its final event,
+        whatever happens to the handler, and a client that leaves cancels it."""
+        try:
+            stream = self.engine.submit(gen)
+        except RequestInvalid as exc:
+            raise HTTPError(400, str(exc)) from None
+        except (QueueFull, ShuttingDown) as exc:
+            self.metrics.inc("minivault_queue_rejections_total")
+            retry = self.engine.estimated_wait_s()
+            raise HTTPError(503, f"server busy: {exc}; retry in about {retry} s",
+                            [("Retry-After", str(retry))]) from None
+        stream.on_final(lambda s: self._log(request, s, endpoint, started))
+        writer.on_disconnect(stream.cancel)
+        return stream
 
     def _log(self, request: Request, stream: TokenStream, endpoint: str, started: float) -> None:
         """One JSONL line and the request metrics, from a stream's final event (exactly once)."""

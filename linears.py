@@ -21,9 +21,6 @@ warnings.filterwarnings("ignore", message=r".*fbgemm.*deprecated")
 
 log = logging.getLogger("minivault.linears")
 
-KINDS = ("float32", "float16", "int8", "bfloat16")
-
-
 def half_weights_supported() -> bool:
     """fbgemm's float16 kernels need AVX2 and F16C; torch raises without them."""
     try:

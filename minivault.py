@@ -11,6 +11,7 @@ import sys
 
 from api import DEFAULT_CORS_ORIGINS, Api, Policy, allowed_hosts_option, is_loopback
 from engine import Engine
+from runner import RUNNERS
 from httpserver import HTTPServer, Limits, Router
 from metrics import Metrics
 from ratelimit import RateLimiter, parse_rate
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64,
                    help="requests that may wait for the model; beyond it clients get 503")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
-    p.add_argument("--runner", choices=["auto", "llama", "transformers"], default="auto",
+    p.add_argument("--runner", choices=RUNNERS, default="auto",
                    help="what computes the model: auto: our own Llama runner for Llama-architecture models "
                         "(SmolLM2, Llama, Mistral), transformers for every other")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "int8", "bfloat16"], default="auto",

@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from engine import SEEDS
+
 if TYPE_CHECKING:
     from engine import Sampling
 
 REPEAT_LAST_N = 64  # tokens the repeat penalty looks back over (Ollama's default)
-GENERATOR_SEEDS = 2 ** 64  # torch.Generator takes seeds in [0, 2**64)
 
 
 def sample_token(logits, sampling: Sampling, history: list[int], generator,
@@ -68,7 +69,7 @@ class RowSampler:
 
     def __init__(self, sampling: Sampling, seed: int, prompt_ids: list[int]):
         self.sampling = sampling
-        self.generator = torch.Generator().manual_seed(seed % GENERATOR_SEEDS)
+        self.generator = torch.Generator().manual_seed(seed % SEEDS)
         self._prompt_tail = prompt_ids[-REPEAT_LAST_N:]
         self._completion: list[int] = []
         self._counts: Counter = Counter()
