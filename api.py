@@ -308,8 +308,17 @@ def parse_openai(body: dict, chat: bool) -> tuple[GenerationRequest, bool, bool]
 def refuse_unsupported(body: dict, names) -> None:
     """A 400 naming the first of these fields that asks for something (not null, false or empty)."""
     for name in names:
-        if body.get(name) not in (None, False, [], {}):
+        if body.get(name) not in (None, False, "", [], {}):
             raise HTTPError(400, f"'{name}' is not supported")
+
+
+# Ollama fields that would change the answer and are not implemented (structured output
+# `format` is issue 14's): refused rather than dropped. `think` asks a reasoning model
+# for its thoughts, `template` and `context` replace the prompt's making, the rest are
+# fill-in-the-middle, token probabilities and image generation.
+OLLAMA_CHAT_UNSUPPORTED = ("format", "think", "logprobs", "top_logprobs")
+OLLAMA_GENERATE_UNSUPPORTED = OLLAMA_CHAT_UNSUPPORTED + ("suffix", "template", "context", "width", "height",
+                                                         "steps")
 
 
 def parse_openai_embeddings(body: dict) -> tuple[list, str]:
@@ -912,9 +921,7 @@ class Api:
         model = self.check_model(body, required=True)
         if body.get("images"):
             raise HTTPError(400, "images are not supported")
-        for name in ("suffix", "logprobs", "top_logprobs"):  # fill-in-the-middle, token probabilities
-            if body.get(name) not in (None, "", False, 0):
-                raise HTTPError(400, f"'{name}' is not supported")
+        refuse_unsupported(body, OLLAMA_GENERATE_UNSUPPORTED)
         if body.get("prompt") in (None, "") and not body.get("system"):
             await self._loaded_reply(writer, body, {"response": ""})
             return
@@ -924,6 +931,7 @@ class Api:
     async def ollama_chat(self, request: Request, writer: ResponseWriter) -> None:
         body = parse_json_body(request.body)
         model = self.check_model(body, required=True)
+        refuse_unsupported(body, OLLAMA_CHAT_UNSUPPORTED)
         if body.get("messages") in (None, []):
             await self._loaded_reply(writer, body, {"message": {"role": "assistant", "content": ""}})
             return

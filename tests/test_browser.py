@@ -130,8 +130,10 @@ def test_compare_lines_ranks_a_paraphrase_above_an_unrelated_line(page, server):
                   "document.querySelector('.turn.assistant').textContent.includes('\\n')")
     ranked = page.text_content(".turn.assistant").split("\n")
     assert ranked[0].endswith("A kitten rested on the rug.") and ranked[1].endswith("Stock markets fell sharply today.")
-    record = wait_for_log(server.log_file, lambda r: r["endpoint"] == "/api/embed")
-    assert record["status"] == "done" and len(record["prompt"]) == 3
+    record = wait_for_log(server.log_file, lambda r: r["endpoint"] == "/api/embed"
+                          and r["prompt"] == ["The cat sat on the mat.", "Stock markets fell sharply today.",
+                                              "A kitten rested on the rug."])
+    assert record["status"] == "done"
 
 
 def test_server_errors_are_shown_in_words(page):

@@ -84,6 +84,10 @@ def test_ollama_fields_that_cannot_be_honoured_are_refused(ol):
     with pytest.raises(ollama.ResponseError) as err:
         ol.generate(model="smollm2", prompt="def f(", suffix="    return 1")
     assert err.value.status_code == 400 and "suffix" in err.value.error
+    for kwargs in (dict(format="json"), dict(think=True)):  # never a 200 that ignores them
+        with pytest.raises(ollama.ResponseError) as err:
+            ol.chat(model="smollm2", messages=[{"role": "user", "content": "hi"}], **kwargs)
+        assert err.value.status_code == 400 and list(kwargs)[0] in err.value.error
 
 
 def cosine(a, b) -> float:
