@@ -20,12 +20,14 @@ from urllib.parse import unquote
 
 from engine import (SEEDS, Engine, Final, GenerationRequest, QueueFull, RequestInvalid, Sampling,
                     ShuttingDown, TokenStream)
+from constraints import Constraint, ConstraintInvalid
 from modelsource import EMBEDDED_NAME
 from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router, json_bytes
 from metrics import Metrics
 from ratelimit import RateLimiter
 from requestlog import RequestLog, utc_timestamp
 from staticfiles import StaticFiles
+import tools as toolcalls
 
 log = logging.getLogger("minivault.api")
 
@@ -193,7 +195,8 @@ def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
     raw = _boolean("raw", body["raw"]) if body.get("raw") is not None else False
     stream = _boolean("stream", body["stream"]) if body.get("stream") is not None else True
     req = GenerationRequest(prompt=prompt, system=system or None, raw=raw, max_tokens=max_tokens,
-                            stop=stop, sampling=sampling)
+                            stop=stop, sampling=sampling,
+                            constraint=parse_ollama_format(body.get("format")).constraint)
     return req, stream
 
 
@@ -211,11 +214,12 @@ def _options_fields(body: dict) -> dict:
     return {**options, **top}
 
 
-CHAT_ROLES = {"system", "user", "assistant"}
+CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
 
 def parse_messages(value, openai: bool = False) -> list[dict]:
-    """Chat messages -> [{"role", "content"}] with text content only."""
+    """Chat messages -> [{"role", "content"}] with text content only. Earlier tool calls
+    and tool results become text the way tools.py renders them for the model."""
     if not isinstance(value, list) or not value:
         raise HTTPError(400, "'messages' must be a non-empty list")
     messages = []
@@ -226,7 +230,7 @@ def parse_messages(value, openai: bool = False) -> list[dict]:
         if openai and role == "developer":
             role = "system"
         if not isinstance(role, str) or role not in CHAT_ROLES:  # a list or object is unhashable
-            raise HTTPError(400, f"'messages[{i}].role' must be one of system, user, assistant")
+            raise HTTPError(400, f"'messages[{i}].role' must be one of system, user, assistant, tool")
         content = m.get("content")
         if openai and isinstance(content, list):  # content parts: text only
             texts = []
@@ -239,9 +243,24 @@ def parse_messages(value, openai: bool = False) -> list[dict]:
             content = ""
         if not isinstance(content, str):
             raise HTTPError(400, f"'messages[{i}].content' must be a string")
-        if m.get("images") or m.get("tool_calls"):
-            raise HTTPError(400, f"'messages[{i}]': images and tool calls are not supported")
+        if m.get("images"):
+            raise HTTPError(400, f"'messages[{i}].images': images are not supported")
+        if m.get("tool_calls"):
+            if role != "assistant":
+                raise HTTPError(400, f"'messages[{i}].tool_calls' belongs to an assistant message")
+            calls = [_history_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(_list(
+                f"messages[{i}].tool_calls", m["tool_calls"]))]
+            content = "\n".join(([content] if content else []) + calls)
+        if role == "tool":
+            result = toolcalls.render_result(content)
+            if messages and messages[-1].get("results"):  # results of one turn's calls go together
+                messages[-1]["content"] += "\n" + result
+                continue
+            messages.append({"role": "user", "content": result, "results": True})
+            continue
         messages.append({"role": role, "content": content})
+    for m in messages:
+        m.pop("results", None)
     if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()
     if not any(m["content"].strip() for m in messages if m["role"] == "user"):
@@ -249,32 +268,131 @@ def parse_messages(value, openai: bool = False) -> list[dict]:
     return messages
 
 
-def parse_chat(body: dict) -> tuple[GenerationRequest, bool]:
-    """Ollama's /api/chat body -> (request, stream?)."""
-    if body.get("tools"):
-        raise HTTPError(400, "tools are not supported")
+def _list(name: str, value) -> list:
+    if not isinstance(value, list):
+        raise HTTPError(400, f"'{name}' must be a list")
+    return value
+
+
+def _history_call(where: str, call) -> str:
+    """An assistant's earlier tool call (OpenAI: arguments as a JSON string; Ollama: an object)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise HTTPError(400, f"'{where}' must hold a function with a name")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            raise HTTPError(400, f"'{where}.function.arguments' is not valid JSON") from None
+    if arguments is None:
+        arguments = {}
+    return toolcalls.render_call(function["name"], arguments)
+
+
+def json_constraint(field: str, schema: dict | None) -> Constraint:
+    """JSON output (an object, or valid against `schema`), or a 400 naming `field`."""
+    if schema is not None and not isinstance(schema, dict):
+        raise HTTPError(400, f"'{field}' must be a JSON schema object")
+    try:
+        return Constraint.json(schema, field)
+    except ConstraintInvalid as exc:
+        raise HTTPError(400, f"'{field}': not a JSON schema this server supports: {exc}") from None
+
+
+@dataclass
+class OutputFormat:
+    """What the reply must be, from format / response_format: JSON (against a schema
+    when given) or free text."""
+
+    json: bool = False
+    schema: dict | None = None
+    constraint: Constraint | None = None
+
+    @classmethod
+    def json_output(cls, field: str, schema: dict | None) -> OutputFormat:
+        return cls(True, schema, json_constraint(field, schema))
+
+
+def parse_ollama_format(value) -> OutputFormat:
+    """Ollama's `format`: "json" or a JSON schema."""
+    if value in (None, ""):
+        return OutputFormat()
+    if value == "json":
+        return OutputFormat.json_output("format", None)
+    if isinstance(value, dict):
+        return OutputFormat.json_output("format", value)
+    raise HTTPError(400, "'format' must be \"json\" or a JSON schema object")
+
+
+def parse_response_format(value, field: str = "response_format") -> OutputFormat:
+    """OpenAI's `response_format`: text, json_object, or json_schema {name, schema, strict}."""
+    if value is None:
+        return OutputFormat()
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return OutputFormat()
+    if kind == "json_object":
+        return OutputFormat.json_output(field, None)
+    if kind == "json_schema":
+        spec = value.get("json_schema") if field == "response_format" else value
+        if not isinstance(spec, dict):
+            raise HTTPError(400, f"'{field}.json_schema' must be an object with a 'schema'")
+        where = f"{field}.json_schema.schema" if field == "response_format" else f"{field}.schema"
+        return OutputFormat.json_output(where, spec.get("schema"))
+    raise HTTPError(400, f"'{field}.type' must be 'text', 'json_object' or 'json_schema'")
+
+
+def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice_field: bool) -> bool:
+    """Set the request's messages and constraint from `tools` (and `tool_choice`, on
+    OpenAI) and the output format. True when the reply is to be read for tool calls."""
+    given = body.get("tools")
+    try:
+        tools = toolcalls.parse_tools(given) if given not in (None, []) else []
+        choice = toolcalls.parse_tool_choice(body.get("tool_choice") if choice_field else None, tools)
+        if not tools or choice == "none":
+            if choice_field and body.get("tool_choice") not in (None, "none", "auto") and not tools:
+                raise toolcalls.ToolsInvalid("'tool_choice' needs 'tools'")
+            req.constraint = output.constraint
+            return False
+        parallel = body.get("parallel_tool_calls")
+        parallel = _boolean("parallel_tool_calls", parallel) if parallel is not None else True
+        req.constraint = toolcalls.call_constraint(tools, choice, parallel, output.schema, output.json)
+    except toolcalls.ToolsInvalid as exc:
+        raise HTTPError(400, str(exc)) from None
+    req.messages = toolcalls.with_tools(req.messages, tools)
+    return True
+
+
+def parse_chat(body: dict) -> tuple[GenerationRequest, bool, bool]:
+    """Ollama's /api/chat body -> (request, stream?, read tool calls?)."""
+    output = parse_ollama_format(body.get("format"))
     messages = parse_messages(body.get("messages"))
     sampling, max_tokens, stop = parse_options(_options_fields(body))
     stream = _boolean("stream", body["stream"]) if body.get("stream") is not None else True
-    return GenerationRequest(messages=messages, max_tokens=max_tokens, stop=stop, sampling=sampling), stream
+    req = GenerationRequest(messages=messages, max_tokens=max_tokens, stop=stop, sampling=sampling)
+    reads_calls = apply_tools(body, req, output, choice_field=False)
+    return req, stream, reads_calls
 
 
 # OpenAI request fields we cannot honour: refused rather than silently ignored.
-OPENAI_UNSUPPORTED = ("tools", "functions", "tool_choice", "function_call", "logprobs", "top_logprobs",
-                      "response_format", "logit_bias", "suffix", "audio", "modalities", "prediction")
+OPENAI_UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "logit_bias", "suffix",
+                      "audio", "modalities", "prediction")
 
 
 # OpenAI request fields that parse_options reads; others would let Ollama's options in.
 OPENAI_OPTIONS = ("temperature", "top_p", "seed", "max_tokens", "stop", "presence_penalty", "frequency_penalty")
 
 
-def parse_openai(body: dict, chat: bool) -> tuple[GenerationRequest, bool, bool]:
-    """OpenAI's /v1/chat/completions or /v1/completions body -> (request, stream?, include usage?)."""
+def parse_openai(body: dict, chat: bool) -> tuple[GenerationRequest, bool, bool, bool]:
+    """OpenAI's /v1/chat/completions or /v1/completions body -> (request, stream?,
+    include usage?, read tool calls?)."""
     for name in OPENAI_UNSUPPORTED:
-        value = body.get(name)
-        if value not in (None, False, "none", [], {}) and not (name == "response_format" and
-                                                                isinstance(value, dict) and value.get("type") == "text"):
+        if body.get(name) not in (None, False, "none", [], {}):
             raise HTTPError(400, f"'{name}' is not supported")
+    if not chat:
+        refuse_unsupported(body, ("tools", "tool_choice"))
+    output = parse_response_format(body.get("response_format"))
     for name in ("n", "best_of"):
         if body.get(name) is not None and _integer(name, body[name], 1) != 1:
             raise HTTPError(400, f"'{name}' must be 1: one completion per request")
@@ -302,7 +420,11 @@ def parse_openai(body: dict, chat: bool) -> tuple[GenerationRequest, bool, bool]
             raise HTTPError(400, "'prompt' must be a non-empty string")
         req = GenerationRequest(prompt=prompt, raw=True)  # completions continue the text as given
     req.max_tokens, req.stop, req.sampling = max_tokens, stop, sampling
-    return req, stream, include_usage
+    if chat:
+        reads_calls = apply_tools(body, req, output, choice_field=True)
+    else:
+        req.constraint, reads_calls = output.constraint, False
+    return req, stream, include_usage, reads_calls
 
 
 def refuse_unsupported(body: dict, names) -> None:
@@ -312,11 +434,11 @@ def refuse_unsupported(body: dict, names) -> None:
             raise HTTPError(400, f"'{name}' is not supported")
 
 
-# Ollama fields that would change the answer and are not implemented (structured output
-# `format` is issue 14's): refused rather than dropped. `think` asks a reasoning model
-# for its thoughts, `template` and `context` replace the prompt's making, the rest are
-# fill-in-the-middle, token probabilities and image generation.
-OLLAMA_CHAT_UNSUPPORTED = ("format", "think", "logprobs", "top_logprobs")
+# Ollama fields that would change the answer and are not implemented: refused rather
+# than dropped. `think` asks a reasoning model for its thoughts, `template` and
+# `context` replace the prompt's making, the rest are fill-in-the-middle, token
+# probabilities and image generation.
+OLLAMA_CHAT_UNSUPPORTED = ("think", "logprobs", "top_logprobs")
 OLLAMA_GENERATE_UNSUPPORTED = OLLAMA_CHAT_UNSUPPORTED + ("suffix", "template", "context", "width", "height",
                                                          "steps")
 
@@ -361,8 +483,7 @@ def parse_responses(body: dict) -> tuple[GenerationRequest, bool]:
     text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if body.get("text") is not None and not isinstance(body.get("text"), dict):
         raise HTTPError(400, "'text' must be an object")
-    if text_format not in (None, {"type": "text"}):
-        raise HTTPError(400, "'text.format' other than text is not supported")
+    output = parse_response_format(text_format, field="text.format")
     value = body.get("input")
     if isinstance(value, str):
         if not value.strip():
@@ -384,7 +505,8 @@ def parse_responses(body: dict) -> tuple[GenerationRequest, bool]:
         max_tokens = _integer("max_output_tokens", body["max_output_tokens"], 1)
     stream = _boolean("stream", body["stream"]) if body.get("stream") is not None else False
     messages = parse_messages(items, openai=True)
-    return GenerationRequest(messages=messages, max_tokens=max_tokens, sampling=sampling), stream
+    return GenerationRequest(messages=messages, max_tokens=max_tokens, sampling=sampling,
+                             constraint=output.constraint), stream
 
 
 def _responses_message(i: int, item) -> dict:
@@ -459,8 +581,40 @@ class OllamaGenerate(Shape):
 
 
 class OllamaChat(OllamaGenerate):
+    def __init__(self, model: str, reads_calls: bool = False):
+        super().__init__(model)
+        self.calls = toolcalls.ToolCallReader() if reads_calls else None
+
     def content(self, text: str) -> dict:
         return {"message": {"role": "assistant", "content": text}}
+
+    def piece(self, text: str) -> bytes:
+        if self.calls is None:
+            return super().piece(text)
+        content, calls = self.calls.feed(text)
+        out = super().piece(content) if content else b""
+        if calls:  # Ollama streams each call whole, in a message of its own
+            out += ndjson_line({"model": self.model, "created_at": utc_timestamp("auto"),
+                                "message": {"role": "assistant", "content": "", "tool_calls": ollama_calls(calls)},
+                                "done": False})
+        return out
+
+    def end(self, final: Final) -> bytes:
+        rest = self.calls.finish() if self.calls is not None else ""
+        return (super().piece(rest) if rest else b"") + super().end(final)
+
+    def whole(self, text: str, final: Final) -> dict:
+        if self.calls is None or not text:
+            return super().whole(text, final)
+        content, calls = self.calls.feed(text)
+        body = super().whole(content + self.calls.finish(), final)
+        if calls:
+            body["message"]["tool_calls"] = ollama_calls(calls)
+        return body
+
+
+def ollama_calls(calls: list[dict]) -> list[dict]:
+    return [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
 
 
 def openai_error(message: str, status: int) -> dict:
@@ -498,8 +652,11 @@ class OpenAICompletion(Shape):
     def piece(self, text: str) -> bytes:
         return self._event(self._chunk(self._choice(text, None)))
 
+    def _finish(self, final: Final) -> str:
+        return finish_reason(final)
+
     def end(self, final: Final) -> bytes:
-        out = self._event(self._chunk(self._choice("", finish_reason(final))))
+        out = self._event(self._chunk(self._choice("", self._finish(final))))
         if self.include_usage:
             out += self._event({**self._chunk({}), "choices": [], "usage": usage(final)})
         return out + b"data: [DONE]\n\n"
@@ -508,7 +665,7 @@ class OpenAICompletion(Shape):
         return self._event(openai_error(message, 500)) + b"data: [DONE]\n\n"
 
     def whole(self, text: str, final: Final) -> dict:
-        return self._chunk(self._choice(text, finish_reason(final)), usage=usage(final))
+        return self._chunk(self._choice(text, self._finish(final)), usage=usage(final))
 
     def error(self, message: str, status: int) -> dict:
         return openai_error(message, status)
@@ -518,9 +675,32 @@ class OpenAIChat(OpenAICompletion):
     object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, model: str, include_usage: bool = False, reads_calls: bool = False):
+        super().__init__(model, include_usage)
         self._first = True
+        self.calls = toolcalls.ToolCallReader() if reads_calls else None
+
+    def _finish(self, final: Final) -> str:
+        if self.calls is not None and self.calls.calls and final.done_reason == "stop":
+            return "tool_calls"
+        return finish_reason(final)
+
+    def piece(self, text: str) -> bytes:
+        if self.calls is None:
+            return super().piece(text)
+        content, calls = self.calls.feed(text)
+        out = super().piece(content) if content else b""
+        for call in calls:  # each call whole in one delta: id, name and all its arguments
+            delta = {"tool_calls": [{"index": self.calls.calls.index(call), **openai_call(call)}]}
+            if self._first:
+                delta = {"role": "assistant", "content": None, **delta}
+                self._first = False
+            out += self._event(self._chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}))
+        return out
+
+    def end(self, final: Final) -> bytes:
+        rest = self.calls.finish() if self.calls is not None else ""
+        return (super().piece(rest) if rest else b"") + super().end(final)
 
     def _choice(self, text: str, finish: str | None, whole: bool = False) -> dict:
         key = "message" if whole else "delta"
@@ -531,9 +711,22 @@ class OpenAIChat(OpenAICompletion):
         return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
 
     def whole(self, text: str, final: Final) -> dict:
-        body = self._chunk(self._choice(text, finish_reason(final), whole=True), usage=usage(final))
+        calls = []
+        if self.calls is not None and text:
+            text, calls = self.calls.feed(text)
+            text += self.calls.finish()
+        body = self._chunk(self._choice(text, self._finish(final), whole=True), usage=usage(final))
         body["object"] = "chat.completion"
+        if calls:
+            message = body["choices"][0]["message"]
+            message["content"] = text or None
+            message["tool_calls"] = [openai_call(c) for c in calls]
         return body
+
+
+def openai_call(call: dict) -> dict:
+    return {"id": call["id"], "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
 
 
 class OpenAIResponse(Shape):
@@ -935,8 +1128,8 @@ class Api:
         if body.get("messages") in (None, []):
             await self._loaded_reply(writer, body, {"message": {"role": "assistant", "content": ""}})
             return
-        gen, stream = parse_chat(body)
-        await self._run(request, writer, gen, stream, "/api/chat", OllamaChat(model))
+        gen, stream, reads_calls = parse_chat(body)
+        await self._run(request, writer, gen, stream, "/api/chat", OllamaChat(model, reads_calls))
 
     async def _loaded_reply(self, writer: ResponseWriter, body: dict, content: dict) -> None:
         """Ollama's answer to an empty prompt: a request to load the model, done at once."""
@@ -985,7 +1178,7 @@ class Api:
             "details": self._details(),
             "model_info": {"general.architecture": arch, "general.parameter_count": e.facts.parameters,
                            f"{arch}.context_length": e.context_length},
-            "capabilities": ["completion"],
+            "capabilities": ["completion", "tools", "embedding"],
             "modified_at": self.started_at,
         })
 
@@ -1013,11 +1206,11 @@ class Api:
         try:
             body = parse_json_body(request.body)
             model = self.check_model(body)
-            gen, stream, include_usage = parse_openai(body, chat)
+            gen, stream, include_usage, reads_calls = parse_openai(body, chat)
         except HTTPError as err:  # OpenAI clients expect their own error shape
             await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
             return
-        shape = (OpenAIChat if chat else OpenAICompletion)(model, include_usage)
+        shape = OpenAIChat(model, include_usage, reads_calls) if chat else OpenAICompletion(model, include_usage)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         await self._run(request, writer, gen, stream, endpoint, shape)
 

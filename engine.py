@@ -58,6 +58,7 @@ class GenerationRequest:
     max_tokens: int | None = None  # None: the engine's default
     stop: list[str] = field(default_factory=list)
     sampling: Sampling = field(default_factory=Sampling)
+    constraint: object = None  # constraints.Constraint: the grammar the output must match
     # An embedding request instead: texts (embedded as given, no template) or token id lists.
     embed_inputs: list | None = None
     truncate: bool = True  # an input longer than the context is cut to it (else a 400)
@@ -250,6 +251,7 @@ class Engine:
         self._long: list[_Sequence] = []  # long prompts being prefilled a chunk per step
         self._embedding: list[_Sequence] = []  # embedding requests, one input computed per step
         self._outbox: list = []  # (stream, text or Final)
+        self._grammars = None  # constraints.Grammars, made by the first constrained request
 
     # ---- what the event loop reads ----
 
@@ -567,11 +569,26 @@ class Engine:
             want = context
         seq.max_tokens = min(want, context - len(ids))
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-        seq.sampler = sampling.RowSampler(req.sampling, seed, ids)
+        seq.sampler = sampling.RowSampler(req.sampling, seed, ids, self._row_grammar(req.constraint))
         seq.detok = Detokenizer(self._runner.codec.backend)
         seq.stopper = StopMatcher(req.stop)
         loaded_ns = self._started_ns + int(self._facts.load_seconds * 1e9)
         seq.load_ns = max(0, loaded_ns - seq.stream.submitted_ns)
+
+    def _row_grammar(self, constraint):
+        """The request's parser (compiled grammars are cached), or None when unconstrained."""
+        if constraint is None:
+            return None
+        import constraints
+
+        if self._grammars is None:
+            r = self._runner
+            self._grammars = constraints.Grammars(r.codec.backend.to_str(), sorted(r.eos_ids),
+                                                  self._prompts.vocab_size)
+        try:
+            return self._grammars.row(constraint)
+        except constraints.ConstraintInvalid as exc:
+            raise RequestInvalid(f"{constraint.name}: {exc}") from None
 
     def _embedding_ids(self, value, truncate: bool, context: int) -> list[int]:
         ids = self._prompts.encode_plain(value) if isinstance(value, str) else list(value)
@@ -690,7 +707,7 @@ class Engine:
             seq.completion_tokens += 1
             text, hit = seq.stopper.feed(seq.detok.step(token))
             self._emit(seq, text)
-            if hit:
+            if hit or seq.sampler.complete:
                 self._end(seq, "stop")
             elif seq.completion_tokens >= seq.max_tokens:
                 self._end(seq, "length")

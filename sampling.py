@@ -67,8 +67,9 @@ def _argmax(logits) -> int:
 class RowSampler:
     """One request's sampling state: its settings, generator and penalty history."""
 
-    def __init__(self, sampling: Sampling, seed: int, prompt_ids: list[int]):
+    def __init__(self, sampling: Sampling, seed: int, prompt_ids: list[int], grammar=None):
         self.sampling = sampling
+        self.grammar = grammar  # constraints.RowGrammar: only tokens it allows are chosen
         self.generator = torch.Generator().manual_seed(seed % SEEDS)
         self._prompt_tail = prompt_ids[-REPEAT_LAST_N:]
         self._completion: list[int] = []
@@ -79,7 +80,16 @@ class RowSampler:
         recent = self._completion[-REPEAT_LAST_N:]
         if len(recent) < REPEAT_LAST_N:
             recent = self._prompt_tail[len(recent) - REPEAT_LAST_N:] + recent
+        if self.grammar is not None:
+            logits = self.grammar.masked(logits)
         token = sample_token(logits, self.sampling, recent, self.generator, self._counts)
+        if self.grammar is not None:
+            self.grammar.advance(token)
         self._completion.append(token)
         self._counts[token] += 1
         return token
+
+    @property
+    def complete(self) -> bool:
+        """The grammar is satisfied and allows nothing more: the output is whole."""
+        return self.grammar is not None and self.grammar.finished

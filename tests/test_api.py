@@ -272,7 +272,7 @@ def test_openai_penalty_outside_its_range_or_type_is_400_naming_it(name, value):
 def test_openai_penalties_reach_sampling_from_every_endpoint(name):
     s, _, _ = parse_options({name: -1.5})
     assert getattr(s, name) == -1.5
-    req, _, _ = parse_openai({"prompt": "hi", name: 2}, chat=False)
+    req, *_ = parse_openai({"prompt": "hi", name: 2}, chat=False)
     assert getattr(req.sampling, name) == 2.0
     req, _ = parse_generate({"prompt": "hi", "options": {name: 0.5}})
     assert getattr(req.sampling, name) == 0.5

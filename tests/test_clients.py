@@ -84,7 +84,7 @@ def test_ollama_fields_that_cannot_be_honoured_are_refused(ol):
     with pytest.raises(ollama.ResponseError) as err:
         ol.generate(model="smollm2", prompt="def f(", suffix="    return 1")
     assert err.value.status_code == 400 and "suffix" in err.value.error
-    for kwargs in (dict(format="json"), dict(think=True)):  # never a 200 that ignores them
+    for kwargs in (dict(format={"type": "objekt"}), dict(think=True)):  # never a 200 that ignores them
         with pytest.raises(ollama.ResponseError) as err:
             ol.chat(model="smollm2", messages=[{"role": "user", "content": "hi"}], **kwargs)
         assert err.value.status_code == 400 and list(kwargs)[0] in err.value.error
@@ -223,9 +223,10 @@ def test_openai_errors_have_openai_shape(oa):
     with pytest.raises(openai.BadRequestError) as n2:
         oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], n=2)
     assert n2.value.body["type"] == "invalid_request_error" and "'n'" in n2.value.body["message"]
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
-    with pytest.raises(openai.BadRequestError):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "objekt"}}}
+    with pytest.raises(openai.BadRequestError) as bad:  # a schema that cannot compile
         oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], tools=[tool])
+    assert "'tools'" in bad.value.body["message"]
 
 
 # ---- curl -N on every streaming endpoint ----

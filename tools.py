@@ -1,0 +1,189 @@
+"""Tool calls: the tools rendered into the prompt, the grammar a call is decoded under,
+and the model's output read back as calls (pure: no model, no sockets).
+
+The embedded model's chat template has no tool syntax, so tools are rendered the way
+Ollama's templates for Qwen 2.5 and Hermes-style models do: signatures inside
+<tools></tools> in the system turn, each call a JSON object inside
+<tool_call></tool_call>, results in the user turn inside <tool_response>. A call is
+decoded under a grammar made from the tools' parameter schemas, so its arguments
+always parse and validate.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+
+from constraints import Constraint, ConstraintInvalid, json_rule
+
+CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class ToolsInvalid(ValueError):
+    """The tools or tool choice cannot be used (the message names the field)."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict
+
+    def signature(self) -> dict:
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+def parse_tools(value, field: str = "tools") -> list[Tool]:
+    """OpenAI's and Ollama's `tools`: [{"type": "function", "function": {name, description, parameters}}]."""
+    if not isinstance(value, list):
+        raise ToolsInvalid(f"'{field}' must be a list")
+    tools, names = [], set()
+    for i, item in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(item, dict) or item.get("type", "function") != "function" \
+                or not isinstance(item.get("function"), dict):
+            raise ToolsInvalid(f"'{where}' must be {{\"type\": \"function\", \"function\": {{...}}}}")
+        function = item["function"]
+        name = function.get("name")
+        if not isinstance(name, str) or not NAME_PATTERN.match(name):
+            raise ToolsInvalid(f"'{where}.function.name' must be 1-64 letters, digits, '_', '.' or '-'")
+        if name in names:
+            raise ToolsInvalid(f"'{where}.function.name': '{name}' is given twice")
+        names.add(name)
+        description = function.get("description") or ""
+        if not isinstance(description, str):
+            raise ToolsInvalid(f"'{where}.function.description' must be a string")
+        parameters = function.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise ToolsInvalid(f"'{where}.function.parameters' must be a JSON schema object")
+        tools.append(Tool(name, description, parameters))
+    return tools
+
+
+def parse_tool_choice(value, tools: list[Tool]) -> str:
+    """'auto', 'none', 'required', or the name of the one function that must be called."""
+    if value is None:
+        return "auto"
+    if value in ("auto", "none", "required"):
+        return value
+    if isinstance(value, dict):
+        function = value.get("function") if value.get("type", "function") == "function" else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str):
+            if name not in {t.name for t in tools}:
+                raise ToolsInvalid(f"'tool_choice' names '{name}', which is not among 'tools'")
+            return name
+    raise ToolsInvalid("'tool_choice' must be 'auto', 'none', 'required' or "
+                       "{\"type\": \"function\", \"function\": {\"name\": ...}}")
+
+
+def system_text(tools: list[Tool]) -> str:
+    """What the system turn says about the tools (Qwen 2.5's wording, as Ollama renders it)."""
+    signatures = "\n".join(json.dumps(t.signature(), ensure_ascii=False) for t in tools)
+    return ("# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+            "You are provided with function signatures within <tools></tools> XML tags:\n"
+            f"<tools>\n{signatures}\n</tools>\n\n"
+            "For each function call, return a json object with function name and arguments within "
+            f"{CALL_OPEN}{CALL_CLOSE} XML tags:\n"
+            f"{CALL_OPEN}\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n{CALL_CLOSE}")
+
+
+def with_tools(messages: list[dict], tools: list[Tool]) -> list[dict]:
+    """The messages with the tools described at the end of the system turn (one is added)."""
+    if messages and messages[0]["role"] == "system":
+        first = messages[0]
+        return [{**first, "content": f"{first['content']}\n\n{system_text(tools)}"}] + messages[1:]
+    return [{"role": "system", "content": system_text(tools)}] + messages
+
+
+def render_call(name: str, arguments: dict | str) -> str:
+    """An earlier call as the model writes one (history the client sends back)."""
+    return f"{CALL_OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{CALL_CLOSE}"
+
+
+def render_result(content: str) -> str:
+    return f"<tool_response>\n{content}\n</tool_response>"
+
+
+def call_constraint(tools: list[Tool], choice: str, parallel: bool = True,
+                    text_schema: dict | None = None, text_json: bool = False) -> Constraint:
+    """The grammar of the reply: tool calls only (`required` or a named function), or
+    either plain text or calls (`auto`). With `text_json` the text alternative is JSON
+    (against `text_schema` when given): structured output and tools together."""
+    chosen = [t for t in tools if choice in ("auto", "required") or t.name == choice]
+    bodies = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+               "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
+    body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
+    calls = 'call ("\\n" call)*' if parallel else "call"
+    lines = [f"calls: {calls}",
+             f'call: "{CALL_OPEN}\\n" body "\\n{CALL_CLOSE}"',
+             f"body: {json_rule(body)}"]
+    if choice == "auto":
+        if text_json:
+            lines = ["start: calls | answer", f"answer: {json_rule(text_schema)}"] + lines
+        else:
+            # Plain text is anything not opening with '<': the first character decides.
+            lines = ["start: calls | TEXT", "TEXT: /[^<][\\s\\S]*/"] + lines
+    else:
+        lines = ["start: calls"] + lines
+    try:
+        return Constraint.lark("\n".join(lines), "tools")
+    except ConstraintInvalid as exc:
+        raise ToolsInvalid(f"'tools': {exc}") from None
+
+
+def call_id() -> str:
+    return "call_" + secrets.token_hex(12)
+
+
+class ToolCallReader:
+    """Splits generated text into plain content and complete tool calls, as it streams.
+
+    Under the tools grammar a reply is either text (never opening with '<') or calls,
+    so the first character decides; calls are handed on whole, once closed."""
+
+    def __init__(self):
+        self.mode: str | None = None  # None until the first character, then "text" or "calls"
+        self._pending = ""
+        self.calls: list[dict] = []  # every call read so far: {"id", "name", "arguments"}
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        """(content to pass on now, calls completed by this text)."""
+        if self.mode is None:
+            if not text:
+                return "", []
+            self.mode = "calls" if text.startswith("<") else "text"
+        if self.mode == "text":
+            return text, []
+        self._pending += text
+        found = []
+        while (end := self._pending.find(CALL_CLOSE)) >= 0:
+            block, self._pending = self._pending[:end], self._pending[end + len(CALL_CLOSE):]
+            start = block.find(CALL_OPEN)
+            call = _parse_call(block[start + len(CALL_OPEN):] if start >= 0 else block)
+            if call is not None:
+                self.calls.append(call)
+                found.append(call)
+        return "", found
+
+    def finish(self) -> str:
+        """Text left over at the end (an unfinished call, cut by the token limit): as content."""
+        rest, self._pending = self._pending, ""
+        return rest if rest.strip() else ""
+
+
+def _parse_call(text: str) -> dict | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments")
+    return {"id": call_id(), "name": value["name"], "arguments": arguments if arguments is not None else {}}
