@@ -1,0 +1,184 @@
+"""Constrained decoding without a model: grammars, row masks, the tools grammar and
+the reader that turns output back into calls."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from constraints import Constraint, ConstraintInvalid, Grammars
+from sampling import RowSampler
+from engine import Sampling
+import tools as toolcalls
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "color", "size"],
+          "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
+                         "size": {"type": "integer", "minimum": 0, "maximum": 9}}}
+
+
+@pytest.fixture(scope="module")
+def grammars(tiny_gpt2_folder):
+    tokenizer_json = (tiny_gpt2_folder / "tokenizer.json").read_text()
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer_json)
+    eos = backend.token_to_id("<|endoftext|>")
+    return Grammars(tokenizer_json, [eos], backend.get_vocab_size()), backend, eos
+
+
+def sample_under(grammars, constraint, seed: int, steps: int = 400, width_extra: int = 0) -> str:
+    """Random logits, masked by the grammar, sampled until the end token."""
+    g, backend, eos = grammars
+    generator = torch.Generator().manual_seed(seed)
+    sampler = RowSampler(Sampling(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0), seed, [0],
+                         g.row(constraint))
+    out = []
+    for _ in range(steps):
+        logits = torch.randn(backend.get_vocab_size() + width_extra, generator=generator) * 3
+        token = sampler.next(logits)
+        if token == eos:
+            break
+        out.append(token)
+        if sampler.complete:
+            break
+    else:
+        pytest.fail("the grammar never let the output end")
+    return backend.decode(out)
+
+
+def test_random_logits_under_a_schema_always_give_valid_json(grammars):
+    constraint = Constraint.json(SCHEMA)
+    for seed in range(20):
+        value = json.loads(sample_under(grammars, constraint, seed))
+        assert set(value) == {"ok", "color", "size"}
+        assert isinstance(value["ok"], bool) and value["color"] in ("red", "green", "blue")
+        assert isinstance(value["size"], int) and 0 <= value["size"] <= 9
+
+
+def test_logits_wider_than_the_vocabulary_never_pick_a_padding_id(grammars):
+    constraint = Constraint.json(SCHEMA)
+    for seed in range(5):
+        json.loads(sample_under(grammars, constraint, seed, width_extra=64))
+
+
+def test_greedy_masked_pick_is_the_best_allowed_token(grammars):
+    g, backend, eos = grammars
+    row = g.row(Constraint.json(SCHEMA))
+    logits = torch.randn(backend.get_vocab_size())
+    masked = row.masked(logits)
+    allowed = torch.isfinite(masked)
+    assert 0 < int(allowed.sum()) < logits.numel()
+    assert torch.equal(masked[allowed], logits[allowed].float())  # allowed logits are untouched
+    assert int(torch.argmax(masked)) == int(torch.argmax(torch.where(allowed, logits, -torch.inf)))
+
+
+def test_compiled_grammars_are_cached_and_each_row_has_its_own_state(grammars):
+    g, backend, eos = grammars
+    constraint = Constraint.json(SCHEMA)
+    a, b = g.row(constraint), g.row(constraint)
+    assert len([k for k in g._compiled if k == constraint.grammar]) == 1
+    for token in backend.encode('{"ok": true').ids:
+        a.advance(token)
+    assert not torch.equal(torch.isfinite(a.masked(torch.zeros(backend.get_vocab_size()))),
+                           torch.isfinite(b.masked(torch.zeros(backend.get_vocab_size()))))
+
+
+@pytest.mark.parametrize("schema", [{"type": "objekt"}, {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}])
+def test_a_schema_that_cannot_compile_is_refused_with_the_reason(schema):
+    with pytest.raises(ConstraintInvalid):
+        Constraint.json(schema)
+
+
+WEATHER = toolcalls.Tool("get_weather", "Weather in a city", {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+TIME = toolcalls.Tool("get_time", "The time now", {"type": "object", "properties": {}})
+
+
+def accepts(grammars, constraint, text: str) -> bool:
+    g, backend, eos = grammars
+    row = g.row(constraint)
+    try:
+        for token in backend.encode(text).ids + [eos]:
+            row.advance(token)
+    except RuntimeError:
+        return False
+    return True
+
+
+def test_tools_grammar_allows_text_or_calls_with_valid_arguments_only(grammars):
+    auto = toolcalls.call_constraint([WEATHER, TIME], "auto")
+    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    assert accepts(grammars, auto, "It is sunny.")
+    assert accepts(grammars, auto, call)
+    assert accepts(grammars, auto, call + "\n" + call.replace("get_weather", "get_time").replace('"city": "Oslo"', ""))
+    assert not accepts(grammars, auto, call.replace('"city"', '"town"'))  # required argument missing
+    assert not accepts(grammars, auto, call.replace("get_weather", "get_mood"))  # no such tool
+    required = toolcalls.call_constraint([WEATHER, TIME], "required")
+    assert not accepts(grammars, required, "It is sunny.")
+    named = toolcalls.call_constraint([WEATHER, TIME], "get_time", parallel=False)
+    assert accepts(grammars, named, '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    assert not accepts(grammars, named, call)
+    json_or_calls = toolcalls.call_constraint([WEATHER], "auto", text_schema=SCHEMA, text_json=True)
+    assert accepts(grammars, json_or_calls, '{"ok": true, "color": "red", "size": 3}')
+    assert not accepts(grammars, json_or_calls, "It is sunny.")
+
+
+def test_random_logits_under_required_tools_always_give_calls_that_parse(grammars):
+    # Bounded arguments: random logits would fill a free string forever.
+    light = toolcalls.Tool("set_light", "", {**SCHEMA, "required": ["ok"]})
+    clock = toolcalls.Tool("get_time", "", {"type": "object", "properties": {}, "additionalProperties": False})
+    constraint = toolcalls.call_constraint([light, clock], "required", parallel=False)
+    for seed in range(10):
+        content, calls = toolcalls.ToolCallReader().feed(sample_under(grammars, constraint, seed))
+        assert content == "" and len(calls) == 1
+        assert calls[0]["arguments"] == {} if calls[0]["name"] == "get_time" else \
+            isinstance(calls[0]["arguments"]["ok"], bool)
+
+
+def test_reader_splits_text_and_calls_across_any_chunking():
+    text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
+    for size in (1, 3, 7, len(text)):
+        reader = toolcalls.ToolCallReader()
+        calls = []
+        for i in range(0, len(text), size):
+            content, found = reader.feed(text[i:i + size])
+            assert content == ""
+            calls += found
+        assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", {"city": "Oslo"}), ("get_time", {})]
+        assert len({c["id"] for c in calls}) == 2 and reader.finish() == ""
+    reader = toolcalls.ToolCallReader()
+    assert reader.feed("Sunny") == ("Sunny", []) and reader.feed(" <b>") == (" <b>", [])
+    cut = toolcalls.ToolCallReader()
+    assert cut.feed('<tool_call>\n{"name": "get_') == ("", []) and cut.finish() == '<tool_call>\n{"name": "get_'
+
+
+def test_tools_are_described_in_the_system_turn():
+    messages = toolcalls.with_tools([{"role": "user", "content": "hi"}], [WEATHER])
+    assert messages[0]["role"] == "system" and '"name": "get_weather"' in messages[0]["content"]
+    kept = toolcalls.with_tools([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+                                [WEATHER])
+    assert len(kept) == 2 and kept[0]["content"].startswith("Be brief.\n\n# Tools")
+
+
+@pytest.mark.parametrize("tools, message", [
+    ({"type": "function"}, "'tools' must be a list"),
+    ([{"type": "function", "function": {"name": "bad name"}}], "'tools[0].function.name'"),
+    ([{"type": "retrieval"}], "'tools[0]'"),
+    ([{"type": "function", "function": {"name": "f", "parameters": []}}], "'tools[0].function.parameters'"),
+    ([{"type": "function", "function": {"name": "f"}}] * 2, "given twice"),
+])
+def test_bad_tools_are_refused_naming_the_field(tools, message):
+    with pytest.raises(toolcalls.ToolsInvalid, match=message.replace("[", r"\[").replace("]", r"\]")):
+        toolcalls.parse_tools(tools)
+
+
+def test_tool_choice_values():
+    assert toolcalls.parse_tool_choice(None, [WEATHER]) == "auto"
+    assert toolcalls.parse_tool_choice({"type": "function", "function": {"name": "get_weather"}},
+                                       [WEATHER]) == "get_weather"
+    for bad in ("always", {"type": "function", "function": {"name": "nope"}}):
+        with pytest.raises(toolcalls.ToolsInvalid, match="tool_choice"):
+            toolcalls.parse_tool_choice(bad, [WEATHER])

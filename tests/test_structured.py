@@ -1,0 +1,170 @@
+"""Structured output and tool calls against the real embedded model, over raw sockets:
+every constrained reply parses, streamed equals not streamed, and unconstrained
+requests give the same text while constrained ones run beside them."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from api import parse_messages
+from httpserver import HTTPError
+from test_batching import PROMPTS
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "likes_cats"],
+          "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"},
+                         "likes_cats": {"type": "boolean"}}}
+ASK = "Describe a person called Ann, aged 31, who likes cats, as JSON."
+GREEDY = {"temperature": 0}
+
+
+def check_person(text: str) -> dict:
+    value = json.loads(text)
+    assert set(value) == {"name", "age", "likes_cats"}
+    assert isinstance(value["name"], str) and len(value["name"]) <= 20
+    assert isinstance(value["age"], int) and isinstance(value["likes_cats"], bool)
+    return value
+
+
+def sse_events(body: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in body.decode().split("\n")
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_unconstrained_text_is_the_same_beside_constrained_requests(server):
+    plain = [{"prompt": p, "max_tokens": 48, **GREEDY} for p in PROMPTS[:4]]
+    alone = [server.generate(**body).text() for body in plain]
+    constrained = [{"prompt": f"{ASK} ({i})", "format": PERSON, "max_tokens": 80, **GREEDY} for i in range(4)]
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda body: server.generate(**body), plain + constrained))
+    assert [r.text() for r in replies[:4]] == alone
+    for reply in replies[4:]:
+        check_person(reply.text())
+        assert reply.lines()[-1]["done_reason"] == "stop"
+
+
+@pytest.mark.parametrize("fmt", ["json", PERSON])
+def test_ollama_format_streamed_and_not_on_generate_and_chat(server, fmt):
+    for path, body, text_of in (
+            ("/api/generate", {"prompt": ASK}, lambda obj: obj.get("response", "")),
+            ("/api/chat", {"messages": [{"role": "user", "content": ASK}]},
+             lambda obj: obj.get("message", {}).get("content", ""))):
+        body = {"model": "smollm2", "format": fmt, "options": {"temperature": 0, "num_predict": 120}, **body}
+        streamed = server.request("POST", path, {**body, "stream": True})
+        whole = server.request("POST", path, {**body, "stream": False}).json()
+        text = "".join(text_of(obj) for obj in streamed.lines())
+        assert text == text_of(whole)
+        assert whole["done_reason"] == "stop"
+        value = json.loads(text)
+        assert isinstance(value, dict)
+        if fmt is PERSON:
+            check_person(text)
+
+
+def test_openai_json_schema_and_json_object_streamed_and_not(server):
+    for response_format in ({"type": "json_object"},
+                            {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}):
+        body = {"model": "smollm2", "messages": [{"role": "user", "content": ASK}], "temperature": 0,
+                "max_tokens": 120, "response_format": response_format}
+        whole = server.request("POST", "/v1/chat/completions", body).json()
+        events = sse_events(server.request("POST", "/v1/chat/completions", {**body, "stream": True}).body)
+        text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+        assert text == whole["choices"][0]["message"]["content"]
+        assert whole["choices"][0]["finish_reason"] == "stop"
+        assert isinstance(json.loads(text), dict)
+        if response_format["type"] == "json_schema":
+            check_person(text)
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The current weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"type": "string", "maxLength": 30},
+                                  "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}}}}
+
+
+def test_openai_required_tool_call_streamed_as_deltas_and_whole(server):
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "temperature": 0, "max_tokens": 120, "tools": [WEATHER], "tool_choice": "required",
+            "parallel_tool_calls": False}
+    whole = server.request("POST", "/v1/chat/completions", body).json()
+    choice = whole["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    arguments = json.loads(call["function"]["arguments"])
+    assert call["function"]["name"] == "get_weather" and isinstance(arguments["city"], str)
+    assert set(arguments) <= {"city", "unit"}
+    events = sse_events(server.request("POST", "/v1/chat/completions", {**body, "stream": True}).body)
+    deltas = [d for e in events for d in e["choices"][0]["delta"].get("tool_calls") or []]
+    assert [d["index"] for d in deltas] == [0]
+    assert json.loads(deltas[0]["function"]["arguments"]) == arguments
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_ollama_tool_round_trip_over_the_wire(server):
+    tools = [WEATHER]
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    history = ask + [{"role": "assistant", "content": "",
+                      "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                     {"role": "tool", "content": "18 degrees and sunny"}]
+    reply = server.request("POST", "/api/chat", {"model": "smollm2", "messages": history, "tools": tools,
+                                                 "stream": False, "options": {"temperature": 0, "num_predict": 60}})
+    message = reply.json()["message"]
+    assert reply.status == 200 and message["role"] == "assistant"
+    assert message["content"] or message.get("tool_calls")
+    for call in message.get("tool_calls") or []:
+        assert call["function"]["name"] == "get_weather" and isinstance(call["function"]["arguments"], dict)
+
+
+def test_ollama_streamed_tool_reply_has_ollama_shape(server):
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": "Weather in Rome?"}], "tools": [WEATHER],
+            "options": {"temperature": 0, "num_predict": 120}}
+    lines = server.request("POST", "/api/chat", body).lines()
+    assert lines[-1]["done"] is True
+    for line in lines:
+        for call in line.get("message", {}).get("tool_calls") or []:
+            assert call["function"]["name"] == "get_weather" and "city" in call["function"]["arguments"]
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/api/chat", {"model": "smollm2", "format": "xml"}, "'format'"),
+    ("/api/generate", {"model": "smollm2", "format": {"type": "objekt"}, "prompt": "hi"}, "'format'"),
+    ("/v1/chat/completions", {"response_format": {"type": "yaml"}}, "'response_format.type'"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}},
+     "'response_format.json_schema.schema'"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "a b"}}]}, "'tools[0].function.name'"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, "'tool_choice'"),
+    ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "'tool_choice'"),
+    ("/v1/completions", {"tools": [WEATHER], "prompt": "hi"}, "'tools'"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "'functions'"),
+])
+def test_what_cannot_be_honoured_is_a_400_naming_the_field(server, path, body, field):
+    if "messages" not in body and "prompt" not in body:
+        body = {**body, "messages": [{"role": "user", "content": "hi"}]}
+    reply = server.request("POST", path, {"model": "smollm2", **body})
+    assert reply.status == 400
+    error = reply.json()["error"]
+    assert field in (error["message"] if isinstance(error, dict) else error)
+
+
+def test_tool_history_is_rendered_as_text_for_the_model():
+    messages = parse_messages([
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "rain"},
+    ], openai=True)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[1]["content"].count("<tool_call>") == 2 and '"city": "Rome"' in messages[1]["content"]
+    assert messages[2]["content"] == "<tool_response>\nsunny\n</tool_response>\n<tool_response>\nrain\n</tool_response>"
+    for bad in ({"role": "user", "content": "x", "tool_calls": [{"function": {"name": "f"}}]},
+                {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}):
+        with pytest.raises(HTTPError, match="tool_calls"):
+            parse_messages([{"role": "user", "content": "hi"}, bad])
