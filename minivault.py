@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "llama runner only; auto: int8 where the CPU has bfloat16 instructions and the llama "
                         "runner serves, else float16 where fbgemm runs (AVX2 + F16C), else float32; bfloat16 "
                         "only when asked: with transformers it is not batch-invariant)")
+    p.add_argument("--tool-calls", choices=["eager", "auto"], default="eager",
+                   help="a request with tools and no tool_choice (Ollama never sends one): eager: the reply to a "
+                        "user message is a tool call, after a tool result the model may answer in text; auto: the "
+                        "model always chooses (the embedded 135M model then practically never calls a tool)")
     p.add_argument("--cache-dir", default="~/.cache/minivault",
                    help="where a GGUF model's converted weights are cached ('' to disable)")
     p.add_argument("--max-body", type=int, default=1024 * 1024, help="largest request body in bytes (413 beyond)")
@@ -109,7 +113,8 @@ async def serve(args: argparse.Namespace) -> int:
                     header_timeout=args.header_timeout, keepalive_timeout=args.keepalive_timeout,
                     body_timeout=args.body_timeout, write_timeout=args.write_timeout)
     server = HTTPServer(router, limits, max_connections=args.max_connections)
-    api = Api(engine, request_log, policy, Metrics(), is_draining=lambda: server.draining)
+    api = Api(engine, request_log, policy, Metrics(), is_draining=lambda: server.draining,
+              eager_tools=args.tool_calls == "eager")
     api.routes(router)
     server.observer = api.observe_response
     try:

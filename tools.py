@@ -111,12 +111,14 @@ def render_result(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
-def call_constraint(tools: list[Tool], choice: str, parallel: bool = True,
+def call_constraint(tools: list[Tool], choice: str, parallel: bool = False,
                     text_schema: dict | None = None, text_json: bool = False) -> Constraint:
     """The grammar of the reply: tool calls only (`required` or a named function), or
     either plain text or calls (`auto`). With `text_json` the text alternative is JSON
     (against `text_schema` when given): structured output and tools together."""
     chosen = [t for t in tools if choice in ("auto", "required") or t.name == choice]
+    if choice not in ("auto", "required"):
+        parallel = False  # a named function is called once
     bodies = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
                "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}

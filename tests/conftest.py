@@ -42,3 +42,19 @@ def tiny_llama_folder(tmp_path_factory, tiny_gpt2_folder):
     folder = tmp_path_factory.mktemp("tiny-llama")
     save_tiny_llama(folder, tiny_gpt2_folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def ol(server):
+    """The official `ollama` client on the shared server."""
+    import ollama
+
+    return ollama.Client(host=f"http://127.0.0.1:{server.port}")
+
+
+@pytest.fixture(scope="module")
+def oa(server):
+    """The official `openai` client on the shared server's /v1."""
+    import openai
+
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)

@@ -15,16 +15,6 @@ from serverproc import wait_for_log
 GREEDY = {"temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def ol(server):
-    return ollama.Client(host=f"http://127.0.0.1:{server.port}")
-
-
-@pytest.fixture(scope="module")
-def oa(server):
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
-
-
 # ---- ollama ----
 
 def test_ollama_generate_streamed_equals_not_streamed(ol):

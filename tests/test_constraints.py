@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from constraints import Constraint, ConstraintInvalid, Grammars
+from constraints import Constraint, ConstraintInvalid, Grammars, closed_objects
 from sampling import RowSampler
 from engine import Sampling
 import tools as toolcalls
@@ -108,11 +108,14 @@ def accepts(grammars, constraint, text: str) -> bool:
 
 
 def test_tools_grammar_allows_text_or_calls_with_valid_arguments_only(grammars):
-    auto = toolcalls.call_constraint([WEATHER, TIME], "auto")
+    auto = toolcalls.call_constraint([WEATHER, TIME], "auto", parallel=True)
     call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    two = call + "\n" + call.replace("get_weather", "get_time").replace('"city": "Oslo"', "")
     assert accepts(grammars, auto, "It is sunny.")
     assert accepts(grammars, auto, call)
-    assert accepts(grammars, auto, call + "\n" + call.replace("get_weather", "get_time").replace('"city": "Oslo"', ""))
+    assert accepts(grammars, auto, two)
+    assert not accepts(grammars, toolcalls.call_constraint([WEATHER, TIME], "auto"), two)  # one call by default
+    assert not accepts(grammars, auto, call.replace('"Oslo"}', '"Oslo", "zip": 1}'))  # parameters are closed
     assert not accepts(grammars, auto, call.replace('"city"', '"town"'))  # required argument missing
     assert not accepts(grammars, auto, call.replace("get_weather", "get_mood"))  # no such tool
     required = toolcalls.call_constraint([WEATHER, TIME], "required")
@@ -182,3 +185,21 @@ def test_tool_choice_values():
     for bad in ("always", {"type": "function", "function": {"name": "nope"}}):
         with pytest.raises(toolcalls.ToolsInvalid, match="tool_choice"):
             toolcalls.parse_tool_choice(bad, [WEATHER])
+
+
+def test_closed_objects_closes_only_what_says_nothing():
+    schema = {"type": "object", "$defs": {"D": {"properties": {"x": {}}}},
+              "properties": {"properties": {"type": "object", "properties": {"a": {}}},
+                             "free": {"type": "object", "properties": {}, "additionalProperties": True},
+                             "any": {"anyOf": [{"$ref": "#/$defs/D"}, {"type": "null"}]},
+                             "list": {"items": {"properties": {"y": {}}}}}}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False and "additionalProperties" not in schema
+    assert closed["$defs"]["D"]["additionalProperties"] is False
+    assert set(closed["properties"]) == {"properties", "free", "any", "list"}  # names, not keywords
+    assert closed["properties"]["properties"]["additionalProperties"] is False
+    assert closed["properties"]["free"]["additionalProperties"] is True
+    assert closed["properties"]["list"]["items"]["additionalProperties"] is False
+    assert closed_objects({"type": "object"}) == {"type": "object"}  # "json": any object
+    merged = {"allOf": [{"properties": {"a": {}}, "required": ["a"]}, {"properties": {"b": {}}, "required": ["b"]}]}
+    assert closed_objects(merged) == merged  # closing each part would make it unsatisfiable

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from api import parse_messages
+from api import parse_chat, parse_messages, parse_openai
 from httpserver import HTTPError
 from test_batching import PROMPTS
 
@@ -119,14 +119,33 @@ def test_ollama_tool_round_trip_over_the_wire(server):
         assert call["function"]["name"] == "get_weather" and isinstance(call["function"]["arguments"], dict)
 
 
-def test_ollama_streamed_tool_reply_has_ollama_shape(server):
+def test_ollama_tools_call_after_a_user_message_and_answer_after_the_result(server):
+    """The server's default, --tool-calls eager: Ollama sends no tool_choice."""
     body = {"model": "smollm2", "messages": [{"role": "user", "content": "Weather in Rome?"}], "tools": [WEATHER],
             "options": {"temperature": 0, "num_predict": 120}}
     lines = server.request("POST", "/api/chat", body).lines()
-    assert lines[-1]["done"] is True
-    for line in lines:
-        for call in line.get("message", {}).get("tool_calls") or []:
-            assert call["function"]["name"] == "get_weather" and "city" in call["function"]["arguments"]
+    calls = [c for line in lines for c in line.get("message", {}).get("tool_calls") or []]
+    assert lines[-1]["done"] is True and lines[-1]["done_reason"] == "stop"
+    assert len(calls) == 1 and calls[0]["function"]["name"] == "get_weather"
+    assert isinstance(calls[0]["function"]["arguments"]["city"], str)
+    body["messages"] += [{"role": "assistant", "content": "", "tool_calls": calls},
+                         {"role": "tool", "content": "22 degrees, clear sky", "tool_name": "get_weather"}]
+    answer = server.request("POST", "/api/chat", {**body, "stream": False}).json()["message"]
+    assert answer["content"] and not answer.get("tool_calls")
+
+
+def test_tool_choice_left_to_the_server_follows_its_policy():
+    body = {"messages": [{"role": "user", "content": "Weather in Rome?"}], "tools": [WEATHER]}
+    eager, _, reads = parse_chat(dict(body), eager_tools=True)
+    free, _, _ = parse_chat(dict(body), eager_tools=False)
+    assert reads and "TEXT" not in eager.constraint.grammar and "TEXT" in free.constraint.grammar
+    chosen, *_ = parse_openai({**body, "tool_choice": "auto"}, chat=True, eager_tools=True)
+    assert "TEXT" in chosen.constraint.grammar  # a client's explicit choice wins
+    after = {**body, "messages": body["messages"] + [
+        {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "get_weather", "arguments": {}}}]},
+        {"role": "tool", "content": "sunny"}]}
+    answered, _, _ = parse_chat(after, eager_tools=True)
+    assert "TEXT" in answered.constraint.grammar
 
 
 @pytest.mark.parametrize("path, body, field", [
