@@ -1111,8 +1111,8 @@ class Api:
         elif not e.ready:
             await writer.send_json(503, {"status": "loading", "model": e.model_name, "queued": e.queued})
         else:
-            await writer.send_json(200, {"status": "ok", "model": e.model_name,
-                                         "queued": e.queued, "active": e.active_count})
+            await writer.send_json(200, {"status": "ok", "model": e.model_name, "device": e.facts.device,
+                                         "dtype": e.dtype, "queued": e.queued, "active": e.active_count})
 
     async def generate(self, request: Request, writer: ResponseWriter) -> None:
         body = parse_json_body(request.body)

@@ -11,7 +11,7 @@ import sys
 
 from api import DEFAULT_CORS_ORIGINS, Api, Policy, allowed_hosts_option, is_loopback
 from engine import Engine
-from runner import RUNNERS
+from runner import RUNNERS, resolve_device
 from httpserver import HTTPServer, Limits, Router
 from metrics import Metrics
 from ratelimit import RateLimiter, parse_rate
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=64,
                    help="requests that may wait for the model; beyond it clients get 503")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together in one forward pass")
+    p.add_argument("--device", default="auto",
+                   help="where the model computes: auto or cpu (CUDA has no runner yet: cuda or cuda:N exits "
+                        "with an error saying so)")
     p.add_argument("--runner", choices=RUNNERS, default="auto",
                    help="what computes the model: auto: our own Llama runner for Llama-architecture models "
                         "(SmolLM2, Llama, Mistral), transformers for every other")
@@ -85,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def serve(args: argparse.Namespace) -> int:
     try:
+        resolve_device(args.device)
         engine = Engine(model=args.model, dtype=args.dtype, max_batch=args.max_batch, queue_size=args.queue_size,
                         default_max_tokens=args.max_tokens, cache_dir=args.cache_dir or None,
                         runner=args.runner)

@@ -8,6 +8,7 @@ order they joined; `keep` cuts rows out and renumbers the rest in order.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -71,6 +72,25 @@ class Runner(Protocol):
 
 
 RUNNERS = ("auto", "llama", "transformers")
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")
+
+
+def resolve_device(requested: str) -> str:
+    """The device `--device` serves on, or a RuntimeError saying why it cannot.
+
+    Only the CPU computes today: a CUDA runner (issue 13) is not built yet, so `cuda`
+    is refused at start rather than silently served on the CPU, and `auto` is the CPU."""
+    if requested in ("auto", "cpu"):
+        return "cpu"
+    if re.fullmatch(r"cuda(:\d+)?", requested):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {requested}: no CUDA device is visible to torch {torch.__version__} "
+                               f"here; serve on the CPU with --device cpu (or auto)")
+        raise RuntimeError(f"--device {requested}: MiniVault has no CUDA runner yet (it computes on the CPU "
+                           f"only); serve with --device cpu (or auto)")
+    raise RuntimeError(f"--device must be auto, cpu, cuda or cuda:N, not {requested!r}")
 
 
 def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto") -> Runner:

@@ -286,3 +286,15 @@ def test_a_second_signal_exits_at_once(tmp_path):
             assert proc.proc.wait(30) != 0  # did not wait for 300 tokens
     finally:
         proc.stop()
+
+
+def test_device_cuda_without_a_gpu_exits_with_a_clear_error():
+    """CI has no GPU (and MiniVault no CUDA runner yet): refused at start, never served on the CPU instead."""
+    import subprocess
+    import sys
+
+    from serverproc import ROOT
+
+    done = subprocess.run([sys.executable, "minivault.py", "--device", "cuda", "--port", "0"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--device cuda" in done.stderr and "--device cpu" in done.stderr
