@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", choices=RUNNERS, default="auto",
                    help="what computes the model: auto: our own Llama runner for Llama-architecture models "
                         "(SmolLM2, Llama, Mistral), transformers for every other")
-    p.add_argument("--dtype", choices=["auto", "float32", "float16", "int8", "bfloat16"], default="auto",
+    p.add_argument("--dtype", choices=["auto", "float32", "float16", "int8", "int4", "bfloat16"], default="auto",
                    help="number type (float16: float16 weights, float32 sums; int8: int8 weights, bfloat16 activations, "
                         "llama runner only; auto: int8 where the CPU has bfloat16 instructions and the llama "
                         "runner serves, else float16 where fbgemm runs (AVX2 + F16C), else float32; bfloat16 "

@@ -55,7 +55,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default=None)
-    parser.add_argument("dtypes", nargs="*", default=["float16", "int8", "bfloat16"])
+    parser.add_argument("dtypes", nargs="*", default=["float16", "int8", "int4", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(2)
     source = resolve_model(args.model)

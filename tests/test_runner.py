@@ -95,13 +95,43 @@ def test_decode_refuses_a_token_count_that_is_not_the_batch(runner):
         runner.decode([1])
 
 
-@pytest.mark.parametrize("dtype", ["float16", "int8", "bfloat16", "float32"])
-def test_the_llama_runner_gives_a_row_the_same_logits_alone_and_in_a_batch(tiny_llama_folder, dtype):
-    from linears import half_weights_supported
+@pytest.fixture(scope="module")
+def tiny_llama_4bit_folder(tiny_llama_folder, tmp_path_factory):
+    """The tiny Llama with every layer's weights on 16 levels per group of 32, as a
+    Q4_1 GGUF's are: what --dtype int4 computes in 4 bits."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("tiny-llama-4bit")
+    for file in tiny_llama_folder.iterdir():
+        if file.suffix != ".safetensors":
+            shutil.copy(file, folder / file.name)
+    for file in tiny_llama_folder.glob("*.safetensors"):
+        weights = load_file(file)
+        save_file({name: four_bit(w) if ".layers." in name and w.dim() == 2 else w
+                   for name, w in weights.items()}, folder / file.name)
+    return folder
+
+
+def four_bit(weight):
+    groups = weight.float().reshape(-1, 32)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = (high - low) / 15
+    return (low + ((groups - low) / step).round() * step).reshape(weight.shape).contiguous()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8", "int4", "bfloat16", "float32"])
+def test_the_llama_runner_gives_a_row_the_same_logits_alone_and_in_a_batch(tiny_llama_folder, tiny_llama_4bit_folder,
+                                                                            dtype):
+    from linears import Int4Linear, half_weights_supported
 
     if dtype == "float16" and not half_weights_supported():
         pytest.skip("fbgemm float16 needs AVX2 and F16C")
+    if dtype == "int4":
+        tiny_llama_folder = tiny_llama_4bit_folder
     r = load_runner(resolve_model(str(tiny_llama_folder)), dtype, None, "llama")
+    if dtype == "int4":
+        assert all(isinstance(b[k], Int4Linear) for b in r.model.blocks for k in ("qkv", "o", "gate_up", "down"))
 
     def greedy(prompts, steps=6):
         r.reset()
@@ -115,12 +145,12 @@ def test_the_llama_runner_gives_a_row_the_same_logits_alone_and_in_a_batch(tiny_
     batched = greedy(PROMPTS)
     for row, prompt in enumerate(PROMPTS):
         alone = greedy([prompt])[0]
-        if dtype == "int8":  # integer weights, bfloat16 activations: bit for bit
+        if dtype in ("int8", "int4"):  # integer weights, bfloat16 activations: bit for bit
             assert torch.equal(alone, batched[row]), row
         else:  # float32 sums may differ in the last bit, never more
             assert torch.allclose(alone, batched[row], atol=1e-5, rtol=0), (dtype, row)
         assert torch.equal(alone.argmax(-1), batched[row].argmax(-1))
-    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_folder, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_llama_folder, dtype=torch.float32).eval()  # same weights
     with torch.inference_mode():
         exact = reference(input_ids=torch.tensor([PROMPTS[2]])).logits[0, -1]
     assert int(batched[2, 0].argmax()) == int(exact.argmax())  # close to float32, if not equal
@@ -138,11 +168,12 @@ def test_choose_dtype_keeps_explicit_choices_and_picks_by_the_cpu_for_auto():
 
     assert choose_dtype("float32", True) == "float32" and choose_dtype("bfloat16", False) == "bfloat16"
     assert choose_dtype("float16", True) == ("float16" if half_weights_supported() else "float32")
-    assert choose_dtype("auto", True) == ("int8" if native_bfloat16() else
+    assert choose_dtype("auto", True) == ("int4" if native_bfloat16() else
                                           "float16" if half_weights_supported() else "float32")
     assert choose_dtype("auto", False) in {"float16", "float32"}  # never bfloat16, never int8
-    with pytest.raises(RuntimeError, match="int8"):
-        choose_dtype("int8", False)
+    for integer in ("int8", "int4"):
+        with pytest.raises(RuntimeError, match=integer):
+            choose_dtype(integer, False)
 
 
 def test_the_llama_runner_built_from_a_loaded_transformers_model_computes_the_same(tiny_llama_folder, monkeypatch):
@@ -156,3 +187,17 @@ def test_the_llama_runner_built_from_a_loaded_transformers_model_computes_the_sa
     assert type(from_model).__name__ == "LlamaRunner" and from_model.parameters == from_folder.parameters
     assert from_model.eos_ids == from_folder.eos_ids
     assert torch.equal(from_model.prefill(PROMPTS), from_folder.prefill(PROMPTS))
+
+
+def test_int4_serves_only_matrices_that_are_4_bit_already_and_computes_them_closely():
+    from linears import Int4Linear, make_linear
+
+    torch.manual_seed(0)
+    weight = four_bit(torch.randn(64, 96))
+    x = torch.randn(5, 96)
+    four = Int4Linear.of(weight)
+    assert four is not None and Int4Linear.of(torch.randn(64, 96)) is None  # 32 distinct values a group
+    exact = x @ weight.t()
+    assert ((four(x) - exact).norm() / exact.norm()) < 0.02  # bfloat16 activations, scale and zero
+    assert torch.equal(four(x)[2:3], four(x[2:3]))  # a row's result is its own
+    assert type(make_linear(torch.randn(64, 96), "int4")).__name__ == "Int8Linear"
