@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(SmolLM2, Llama, Mistral), transformers for every other")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "int8", "int4", "bfloat16"], default="auto",
                    help="number type (float16: float16 weights, float32 sums; int8: int8 weights, bfloat16 activations, "
-                        "llama runner only; auto: int8 where the CPU has bfloat16 instructions and the llama "
+                        "llama runner only; int4: 4-bit weights where the model's are 4-bit already (a Q4_1 GGUF), "
+                        "int8 elsewhere; auto: int4 where the CPU has bfloat16 instructions and the llama "
                         "runner serves, else float16 where fbgemm runs (AVX2 + F16C), else float32; bfloat16 "
                         "only when asked: with transformers it is not batch-invariant)")
     p.add_argument("--tool-calls", choices=["eager", "auto"], default="eager",
