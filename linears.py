@@ -125,6 +125,8 @@ class Int4Linear:
         if in_features % cls.GROUP or out_features % 8:
             return None
         groups = weight.float().reshape(out_features, in_features // cls.GROUP, cls.GROUP)
+        if not cls._levels_fit(groups[:64]):  # most matrices that do not fit show it in their first rows
+            return None
         low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
         scale = ((high - low) / 15).clamp_(min=1e-10)
         levels = (groups - low).div_(scale)
@@ -133,6 +135,12 @@ class Int4Linear:
             return None
         zero = low + 8 * scale  # the kernel computes (level - 8) * scale + zero
         return cls(weight, scale.squeeze(-1), zero.squeeze(-1), rounded.clamp_(0, 15))
+
+    @staticmethod
+    def _levels_fit(groups) -> bool:
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        steps = (groups - low) / ((high - low) / 15).clamp(min=1e-10)
+        return float((steps - steps.round()).abs().amax()) <= 0.01
 
     def __call__(self, x):
         return torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.weight, self.GROUP,
