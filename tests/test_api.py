@@ -6,9 +6,10 @@ import json
 
 import pytest
 
-from api import (
-    MAX_JSON_DEPTH, _options_fields, allowed_hosts_option, final_fields, host_allowed, ndjson_line, parse_chat,
-    parse_generate, parse_json_body, parse_openai, parse_options, same_origin,
+from api import allowed_hosts_option, host_allowed, same_origin
+from replies import final_fields, ndjson_line
+from validation import (
+    MAX_JSON_DEPTH, _options_fields, parse_chat, parse_generate, parse_json_body, parse_openai, parse_options,
 )
 from engine import Final, Stats
 from httpserver import HTTPError

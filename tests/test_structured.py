@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from api import parse_chat, parse_messages, parse_openai
+from validation import parse_chat, parse_messages, parse_openai
 from httpserver import HTTPError
 from test_batching import PROMPTS
 

@@ -1,0 +1,321 @@
+"""Reply shapes: how each API encodes the same generation (pure: text and final events
+in, bytes or JSON objects out)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import time
+
+from engine import Final
+from httpserver import json_bytes
+from requestlog import utc_timestamp
+import tools as toolcalls
+
+NDJSON = "application/x-ndjson"
+SSE = "text/event-stream"
+
+
+def ndjson_line(obj: dict) -> bytes:
+    return json_bytes(obj) + b"\n"
+
+
+def final_fields(final: Final) -> dict:
+    """Ollama's statistics for the last object of a reply (durations in nanoseconds)."""
+    s = final.stats
+    return {"done": True, "done_reason": final.done_reason,
+            "prompt_eval_count": s.prompt_tokens, "eval_count": s.completion_tokens,
+            "total_duration": s.total_ns, "load_duration": s.load_ns,
+            "prompt_eval_duration": s.prompt_eval_ns, "eval_duration": s.eval_ns}
+
+
+class Shape:
+    """MiniVault's own /generate: NDJSON {"response"} lines, Ollama statistics last."""
+
+    content_type = NDJSON
+    request_id = 0  # the engine's id, set once the request is queued
+
+    def __init__(self, model: str):
+        self.model = model
+
+    def piece(self, text: str) -> bytes:
+        return ndjson_line({"response": text})
+
+    def end(self, final: Final) -> bytes:
+        return ndjson_line(self.whole("", final))
+
+    def error_line(self, message: str) -> bytes:
+        return ndjson_line({"error": message})
+
+    def whole(self, text: str, final: Final) -> dict:
+        return {"response": text, **final_fields(final)}
+
+    def error(self, message: str, status: int) -> dict:
+        return {"error": message}
+
+
+class OllamaGenerate(Shape):
+    def content(self, text: str) -> dict:
+        return {"response": text}
+
+    def piece(self, text: str) -> bytes:
+        return ndjson_line({"model": self.model, "created_at": utc_timestamp("auto"), **self.content(text),
+                            "done": False})
+
+    def whole(self, text: str, final: Final) -> dict:
+        return {"model": self.model, "created_at": utc_timestamp("auto"), **self.content(text),
+                **final_fields(final)}
+
+
+class OllamaChat(OllamaGenerate):
+    def __init__(self, model: str, reads_calls: bool = False):
+        super().__init__(model)
+        self.calls = toolcalls.ToolCallReader() if reads_calls else None
+
+    def content(self, text: str) -> dict:
+        return {"message": {"role": "assistant", "content": text}}
+
+    def piece(self, text: str) -> bytes:
+        if self.calls is None:
+            return super().piece(text)
+        content, calls = self.calls.feed(text)
+        out = super().piece(content) if content else b""
+        if calls:  # Ollama streams each call whole, in a message of its own
+            out += ndjson_line({"model": self.model, "created_at": utc_timestamp("auto"),
+                                "message": {"role": "assistant", "content": "", "tool_calls": ollama_calls(calls)},
+                                "done": False})
+        return out
+
+    def end(self, final: Final) -> bytes:
+        rest = self.calls.finish() if self.calls is not None else ""
+        return (super().piece(rest) if rest else b"") + super().end(final)
+
+    def whole(self, text: str, final: Final) -> dict:
+        if self.calls is None or not text:
+            return super().whole(text, final)
+        content, calls = self.calls.feed(text)
+        body = super().whole(content + self.calls.finish(), final)
+        if calls:
+            body["message"]["tool_calls"] = ollama_calls(calls)
+        return body
+
+
+def ollama_calls(calls: list[dict]) -> list[dict]:
+    return [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+
+
+def openai_error(message: str, status: int) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    code = {404: "model_not_found", 503: "server_busy", 429: "rate_limit_exceeded"}.get(status)
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+class OpenAICompletion(Shape):
+    """OpenAI's /v1/completions: Server-Sent Events when streaming."""
+
+    content_type = SSE
+    object_name = "text_completion"
+    id_prefix = "cmpl-"
+
+    def __init__(self, model: str, include_usage: bool = False):
+        super().__init__(model)
+        self.include_usage = include_usage
+        self.created = int(time.time())
+
+    @property
+    def id(self) -> str:
+        return f"{self.id_prefix}{self.request_id}"
+
+    def _event(self, obj) -> bytes:
+        return b"data: " + json_bytes(obj) + b"\n\n"
+
+    def _chunk(self, choice: dict, **extra) -> dict:
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.model,
+                "choices": [choice], **extra}
+
+    def _choice(self, text: str, finish: str | None) -> dict:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+
+    def piece(self, text: str) -> bytes:
+        return self._event(self._chunk(self._choice(text, None)))
+
+    def _finish(self, final: Final) -> str:
+        return finish_reason(final)
+
+    def end(self, final: Final) -> bytes:
+        out = self._event(self._chunk(self._choice("", self._finish(final))))
+        if self.include_usage:
+            out += self._event({**self._chunk({}), "choices": [], "usage": usage(final)})
+        return out + b"data: [DONE]\n\n"
+
+    def error_line(self, message: str) -> bytes:
+        return self._event(openai_error(message, 500)) + b"data: [DONE]\n\n"
+
+    def whole(self, text: str, final: Final) -> dict:
+        return self._chunk(self._choice(text, self._finish(final)), usage=usage(final))
+
+    def error(self, message: str, status: int) -> dict:
+        return openai_error(message, status)
+
+
+class OpenAIChat(OpenAICompletion):
+    object_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl-"
+
+    def __init__(self, model: str, include_usage: bool = False, reads_calls: bool = False):
+        super().__init__(model, include_usage)
+        self._first = True
+        self.calls = toolcalls.ToolCallReader() if reads_calls else None
+
+    def _finish(self, final: Final) -> str:
+        if self.calls is not None and self.calls.calls and final.done_reason == "stop":
+            return "tool_calls"
+        return finish_reason(final)
+
+    def piece(self, text: str) -> bytes:
+        if self.calls is None:
+            return super().piece(text)
+        content, calls = self.calls.feed(text)
+        out = super().piece(content) if content else b""
+        for call in calls:  # each call whole in one delta: id, name and all its arguments
+            delta = {"tool_calls": [{"index": self.calls.calls.index(call), **openai_call(call)}]}
+            if self._first:
+                delta = {"role": "assistant", "content": None, **delta}
+                self._first = False
+            out += self._event(self._chunk({"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}))
+        return out
+
+    def end(self, final: Final) -> bytes:
+        rest = self.calls.finish() if self.calls is not None else ""
+        return (super().piece(rest) if rest else b"") + super().end(final)
+
+    def _choice(self, text: str, finish: str | None, whole: bool = False) -> dict:
+        key = "message" if whole else "delta"
+        content = {"role": "assistant", "content": text} if (whole or self._first) else {"content": text}
+        if finish and not whole:
+            content = {}
+        self._first = False
+        return {"index": 0, key: content, "logprobs": None, "finish_reason": finish}
+
+    def whole(self, text: str, final: Final) -> dict:
+        calls = []
+        if self.calls is not None and text:
+            text, calls = self.calls.feed(text)
+            text += self.calls.finish()
+        body = self._chunk(self._choice(text, self._finish(final), whole=True), usage=usage(final))
+        body["object"] = "chat.completion"
+        if calls:
+            message = body["choices"][0]["message"]
+            message["content"] = text or None
+            message["tool_calls"] = [openai_call(c) for c in calls]
+        return body
+
+
+def openai_call(call: dict) -> dict:
+    return {"id": call["id"], "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+
+
+class OpenAIResponse(Shape):
+    """OpenAI's /v1/responses: a `response` object, or its documented event stream
+    (created, in_progress, output item and content part added, text deltas, done
+    events, completed)."""
+
+    content_type = SSE
+
+    def __init__(self, model: str, request_fields: dict):
+        super().__init__(model)
+        self.created = int(time.time())
+        self.fields = request_fields  # echoed in the response object, as OpenAI does
+        self._sequence = 0
+        self._text: list[str] = []
+        self._opened = False
+
+    @property
+    def id(self) -> str:
+        return f"resp_{self.request_id}"
+
+    @property
+    def item_id(self) -> str:
+        return f"msg_{self.request_id}"
+
+    def _event(self, kind: str, **fields) -> bytes:
+        body = {"type": kind, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + json_bytes(body) + b"\n\n"
+
+    def _part(self, text: str) -> dict:
+        return {"type": "output_text", "text": text, "annotations": []}
+
+    def _item(self, status: str, parts: list) -> dict:
+        return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": parts}
+
+    def _response(self, status: str, final: Final | None = None, error: dict | None = None) -> dict:
+        text = "".join(self._text)
+        incomplete = final is not None and final.done_reason == "length"
+        body = {"id": self.id, "object": "response", "created_at": self.created,
+                "status": "incomplete" if incomplete else status, "error": error,
+                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                "model": self.model, "output": [], "parallel_tool_calls": True, "tool_choice": "auto",
+                "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {},
+                "usage": None, **self.fields}
+        if final is not None:
+            body["output"] = [self._item("incomplete" if incomplete else "completed", [self._part(text)])]
+            s = final.stats
+            body["usage"] = {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                             "output_tokens": s.completion_tokens,
+                             "output_tokens_details": {"reasoning_tokens": 0},
+                             "total_tokens": s.prompt_tokens + s.completion_tokens}
+        return body
+
+    def _open(self) -> bytes:
+        if self._opened:
+            return b""
+        self._opened = True
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        return (self._event("response.created", response=self._response("in_progress"))
+                + self._event("response.in_progress", response=self._response("in_progress"))
+                + self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
+                + self._event("response.content_part.added", **where, part=self._part("")))
+
+    def piece(self, text: str) -> bytes:
+        self._text.append(text)
+        return self._open() + self._event("response.output_text.delta", item_id=self.item_id, output_index=0,
+                                          content_index=0, delta=text)
+
+    def end(self, final: Final) -> bytes:
+        text = "".join(self._text)
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        done = self._response("completed", final)
+        return (self._open() + self._event("response.output_text.done", **where, text=text)
+                + self._event("response.content_part.done", **where, part=self._part(text))
+                + self._event("response.output_item.done", output_index=0, item=done["output"][0])
+                + self._event("response.completed" if done["status"] == "completed" else "response.incomplete",
+                              response=done))
+
+    def error_line(self, message: str) -> bytes:
+        return self._open() + self._event("response.failed", response=self._response(
+            "failed", error={"code": "server_error", "message": message}))
+
+    def whole(self, text: str, final: Final) -> dict:
+        self._text = [text]
+        return self._response("completed", final)
+
+    def error(self, message: str, status: int) -> dict:
+        return openai_error(message, status)
+
+
+def finish_reason(final: Final) -> str:
+    return "length" if final.done_reason == "length" else "stop"
+
+
+def usage(final: Final) -> dict:
+    s = final.stats
+    return {"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens,
+            "total_tokens": s.prompt_tokens + s.completion_tokens}
+
+
+def base64_floats(vector: list[float]) -> str:
+    """OpenAI's base64 encoding: the little-endian float32 bytes."""
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()

@@ -1,0 +1,501 @@
+"""Validating requests (pure: JSON bodies in, a GenerationRequest or an HTTPError naming
+the field out), for every API the server speaks."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from constraints import Constraint, ConstraintInvalid
+from engine import SEEDS, GenerationRequest, Sampling
+from httpserver import HTTPError
+import tools as toolcalls
+
+MAX_JSON_DEPTH = 64  # no request shape nests deeper than 5; the limit only stops abuse
+
+
+def parse_json_body(body: bytes) -> dict:
+    if not body.strip():
+        raise HTTPError(400, "request body is empty; expected a JSON object")
+    try:
+        value = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise HTTPError(400, "request body is not valid UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise HTTPError(400, f"invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:  # the C scanner recurses once per level: [[[[... runs out of stack
+        raise HTTPError(400, f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError:  # Python's guard against quadratic int(): over 4300 digits
+        raise HTTPError(400, "invalid JSON: a number has too many digits") from None
+    if not isinstance(value, dict):
+        raise HTTPError(400, "expected a JSON object")
+    _check_json_value(value)
+    return value
+
+
+_LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")
+
+
+def _check_json_value(value) -> None:
+    """Refuse nesting beyond MAX_JSON_DEPTH and strings holding a lone surrogate.
+
+    A lone surrogate can only come from a `\\ud800`-style escape (json.loads joins valid
+    pairs); it cannot be encoded as UTF-8, so it would fail wherever the text goes next
+    (the tokenizer, the log, an error message). Iterative, so depth costs no stack.
+    """
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise HTTPError(400, f"invalid JSON: nested deeper than {MAX_JSON_DEPTH} levels")
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in children:
+            for text in (key, child):
+                if isinstance(text, str) and _LONE_SURROGATE.search(text):
+                    raise HTTPError(400, "request body holds an invalid Unicode escape (lone surrogate)")
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+
+
+def _number(name: str, value, low: float | None = None, high: float | None = None,
+            low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise HTTPError(400, f"'{name}' must be a number")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise HTTPError(400, f"'{name}' must be {'>' if low_open else '>='} {low}")
+    if high is not None and value > high:
+        raise HTTPError(400, f"'{name}' must be <= {high}")
+    return float(value)
+
+
+def _integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise HTTPError(400, f"'{name}' must be an integer")
+    if low is not None and value < low:
+        raise HTTPError(400, f"'{name}' must be >= {low}")
+    if high is not None and value > high:
+        raise HTTPError(400, f"'{name}' must be <= {high}")
+    return value
+
+
+def _of_type(name: str, value, kind: type, words: str):
+    if not isinstance(value, kind):
+        raise HTTPError(400, f"'{name}' must be {words}")
+    return value
+
+
+def boolean_field(name: str, value) -> bool:
+    return _of_type(name, value, bool, "true or false")
+
+
+def string_field(name: str, value) -> str:
+    return _of_type(name, value, str, "a string")
+
+
+def list_field(name: str, value) -> list:
+    return _of_type(name, value, list, "a list")
+
+
+def _stops(value) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list) and all(isinstance(s, str) for s in value):
+        return [s for s in value if s]
+    raise HTTPError(400, "'stop' must be a string or a list of strings")
+
+
+MAX_TOKENS_ALIASES = ("max_tokens", "num_predict")
+# Below this a temperature divides the logits into inf and NaN; it means greedy anyway.
+MIN_TEMPERATURE = 1e-4
+MAX_TOP_K = 1_000_000  # beyond any vocabulary: the sampler takes min(top_k, vocabulary)
+# Ollama options that change sampling in ways we do not implement, with the only value we
+# honour (the one that turns them off; our repeat penalty always looks back 64 tokens).
+# Anything else is refused rather than silently ignored. Other options are accepted and
+# ignored: those that only tune resources (num_ctx, num_thread, num_gpu, num_batch,
+# use_mmap, use_mlock, numa, low_vram, main_gpu, num_keep, f16_kv, vocab_only),
+# mirostat_tau and mirostat_eta (inert while mirostat is 0), and penalize_newline
+# (Ollama itself ignores it now).
+FIXED_OPTIONS = {"mirostat": 0, "tfs_z": 1, "typical_p": 1, "min_p": 0, "repeat_last_n": 64}
+
+
+def parse_options(fields: dict) -> tuple[Sampling, int | None, list[str]]:
+    """Sampling options, `max_tokens` and `stop` from a flat dict of fields."""
+    given = {k: v for k, v in fields.items() if v is not None}
+    s = Sampling()
+    if "temperature" in given:
+        s.temperature = _number("temperature", given["temperature"], 0, 100)
+        if s.temperature < MIN_TEMPERATURE:
+            s.temperature = 0.0
+    if "top_p" in given:
+        s.top_p = _number("top_p", given["top_p"], 0, 1, low_open=True)
+    if "top_k" in given:
+        s.top_k = _integer("top_k", given["top_k"], 0, MAX_TOP_K)
+    if "repeat_penalty" in given:
+        s.repeat_penalty = _number("repeat_penalty", given["repeat_penalty"], 0.01, 10)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if name in given:  # OpenAI's range
+            setattr(s, name, _number(name, given[name], -2, 2))
+    if "seed" in given:
+        # Any integer is a seed (negative, 1e308, a 20-digit hash): reduced to the
+        # generator's range, so the same seed still gives the same text.
+        s.seed = _integer("seed", given["seed"]) % SEEDS
+    for name, value in FIXED_OPTIONS.items():
+        if name in given and _number(name, given[name]) != value:
+            raise HTTPError(400, f"'{name}' is not supported: only {value} is")
+    max_tokens = None
+    for name in MAX_TOKENS_ALIASES:
+        if name in given:
+            max_tokens = _integer(name, given[name], -1)
+            if max_tokens == 0:
+                raise HTTPError(400, f"'{name}' must be a positive integer (or -1: until the context is full)")
+    return s, max_tokens, _stops(given.get("stop"))
+
+
+def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
+    """MiniVault's /generate body (Ollama's /api/generate fields) -> (request, stream?)."""
+    if "prompt" not in body or body["prompt"] is None:
+        raise HTTPError(400, "'prompt' is required")
+    prompt = string_field("prompt", body["prompt"])
+    if not prompt.strip():
+        raise HTTPError(400, "'prompt' must not be empty")
+    sampling, max_tokens, stop = parse_options(_options_fields(body))
+    system = body.get("system")
+    if system is not None:
+        system = string_field("system", system)
+    raw = boolean_field("raw", body["raw"]) if body.get("raw") is not None else False
+    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else True
+    req = GenerationRequest(prompt=prompt, system=system or None, raw=raw, max_tokens=max_tokens,
+                            stop=stop, sampling=sampling,
+                            constraint=parse_ollama_format(body.get("format")).constraint)
+    return req, stream
+
+
+def _options_fields(body: dict) -> dict:
+    """Ollama's `options` merged under the top-level fields (which win); null = not given."""
+    options = body.get("options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise HTTPError(400, "'options' must be an object")
+    top = {k: v for k, v in body.items() if k != "options" and v is not None}
+    if any(name in top for name in MAX_TOKENS_ALIASES):
+        # The aliases are one field: a top-level max_tokens wins over options.num_predict too.
+        options = {k: v for k, v in options.items() if k not in MAX_TOKENS_ALIASES}
+    return {**options, **top}
+
+
+CHAT_ROLES = {"system", "user", "assistant", "tool"}
+
+
+def parse_messages(value, openai: bool = False) -> list[dict]:
+    """Chat messages -> [{"role", "content"}] with text content only. Earlier tool calls
+    and tool results become text the way tools.py renders them for the model."""
+    if not isinstance(value, list) or not value:
+        raise HTTPError(400, "'messages' must be a non-empty list")
+    messages = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise HTTPError(400, f"'messages[{i}]' must be an object")
+        role = m.get("role")
+        if openai and role == "developer":
+            role = "system"
+        if not isinstance(role, str) or role not in CHAT_ROLES:  # a list or object is unhashable
+            raise HTTPError(400, f"'messages[{i}].role' must be one of system, user, assistant, tool")
+        content = m.get("content")
+        if openai and isinstance(content, list):  # content parts: text only
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise HTTPError(400, f"'messages[{i}].content' may only hold text parts")
+                texts.append(part["text"])
+            content = "".join(texts)
+        if content is None:
+            content = ""
+        if not isinstance(content, str):
+            raise HTTPError(400, f"'messages[{i}].content' must be a string")
+        if m.get("images"):
+            raise HTTPError(400, f"'messages[{i}].images': images are not supported")
+        if m.get("tool_calls"):
+            if role != "assistant":
+                raise HTTPError(400, f"'messages[{i}].tool_calls' belongs to an assistant message")
+            calls = [_history_call(f"messages[{i}].tool_calls[{j}]", c) for j, c in enumerate(list_field(
+                f"messages[{i}].tool_calls", m["tool_calls"]))]
+            content = "\n".join(([content] if content else []) + calls)
+        if role == "tool":
+            result = toolcalls.render_result(content)
+            if messages and messages[-1].get("results"):  # results of one turn's calls go together
+                messages[-1]["content"] += "\n" + result
+                continue
+            messages.append({"role": "user", "content": result, "results": True})
+            continue
+        messages.append({"role": role, "content": content})
+    for m in messages:
+        m.pop("results", None)
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()
+    if not any(m["content"].strip() for m in messages if m["role"] == "user"):
+        raise HTTPError(400, "'messages' needs a user message with content")
+    return messages
+
+
+def _history_call(where: str, call) -> str:
+    """An assistant's earlier tool call (OpenAI: arguments as a JSON string; Ollama: an object)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise HTTPError(400, f"'{where}' must hold a function with a name")
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            raise HTTPError(400, f"'{where}.function.arguments' is not valid JSON") from None
+    if arguments is None:
+        arguments = {}
+    return toolcalls.render_call(function["name"], arguments)
+
+
+def json_constraint(field: str, schema: dict | None) -> Constraint:
+    """JSON output (an object, or valid against `schema`), or a 400 naming `field`."""
+    if schema is not None and not isinstance(schema, dict):
+        raise HTTPError(400, f"'{field}' must be a JSON schema object")
+    try:
+        return Constraint.json(schema, field)
+    except ConstraintInvalid as exc:
+        raise HTTPError(400, f"'{field}': not a JSON schema this server supports: {exc}") from None
+
+
+@dataclass
+class OutputFormat:
+    """What the reply must be, from format / response_format: JSON (against a schema
+    when given) or free text."""
+
+    json: bool = False
+    schema: dict | None = None
+    constraint: Constraint | None = None
+
+    @classmethod
+    def json_output(cls, field: str, schema: dict | None) -> OutputFormat:
+        return cls(True, schema, json_constraint(field, schema))
+
+
+def parse_ollama_format(value) -> OutputFormat:
+    """Ollama's `format`: "json" or a JSON schema."""
+    if value in (None, ""):
+        return OutputFormat()
+    if value == "json":
+        return OutputFormat.json_output("format", None)
+    if isinstance(value, dict):
+        return OutputFormat.json_output("format", value)
+    raise HTTPError(400, "'format' must be \"json\" or a JSON schema object")
+
+
+def parse_response_format(value, field: str = "response_format") -> OutputFormat:
+    """OpenAI's `response_format`: text, json_object, or json_schema {name, schema, strict}."""
+    if value is None:
+        return OutputFormat()
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return OutputFormat()
+    if kind == "json_object":
+        return OutputFormat.json_output(field, None)
+    if kind == "json_schema":
+        spec = value.get("json_schema") if field == "response_format" else value
+        if not isinstance(spec, dict):
+            raise HTTPError(400, f"'{field}.json_schema' must be an object with a 'schema'")
+        where = f"{field}.json_schema.schema" if field == "response_format" else f"{field}.schema"
+        return OutputFormat.json_output(where, spec.get("schema"))
+    raise HTTPError(400, f"'{field}.type' must be 'text', 'json_object' or 'json_schema'")
+
+
+def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice_field: bool,
+                eager: bool = False) -> bool:
+    """Set the request's messages and constraint from `tools` (and `tool_choice`, on
+    OpenAI) and the output format. True when the reply is to be read for tool calls.
+
+    `eager`: when the client leaves the choice to us (Ollama has no `tool_choice`) and
+    the user spoke last, the reply is a call; after a tool's result the model may answer.
+    Left to choose, the embedded 135M model put 0.1-2% on starting a call and answered
+    in text in every try, so tools would never be called."""
+    given = body.get("tools")
+    try:
+        tools = toolcalls.parse_tools(given) if given not in (None, []) else []
+        choice = toolcalls.parse_tool_choice(body.get("tool_choice") if choice_field else None, tools)
+        last = body["messages"][-1] if isinstance(body.get("messages"), list) and body["messages"] else {}
+        if eager and tools and body.get("tool_choice") is None and last.get("role") == "user":
+            choice = "required"
+        if not tools or choice == "none":
+            if choice_field and body.get("tool_choice") not in (None, "none", "auto") and not tools:
+                raise toolcalls.ToolsInvalid("'tool_choice' needs 'tools'")
+            req.constraint = output.constraint
+            return False
+        # One call per reply unless asked for more: allowed several, the embedded 135M
+        # model added a call nobody asked for (Paris, then Bordeaux) in most tries.
+        parallel = body.get("parallel_tool_calls")
+        parallel = boolean_field("parallel_tool_calls", parallel) if parallel is not None else False
+        req.constraint = toolcalls.call_constraint(tools, choice, parallel, output.schema, output.json)
+    except toolcalls.ToolsInvalid as exc:
+        raise HTTPError(400, str(exc)) from None
+    req.messages = toolcalls.with_tools(req.messages, tools)
+    return True
+
+
+def parse_chat(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool]:
+    """Ollama's /api/chat body -> (request, stream?, read tool calls?)."""
+    output = parse_ollama_format(body.get("format"))
+    messages = parse_messages(body.get("messages"))
+    sampling, max_tokens, stop = parse_options(_options_fields(body))
+    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else True
+    req = GenerationRequest(messages=messages, max_tokens=max_tokens, stop=stop, sampling=sampling)
+    reads_calls = apply_tools(body, req, output, choice_field=False, eager=eager_tools)
+    return req, stream, reads_calls
+
+
+# OpenAI request fields we cannot honour: refused rather than silently ignored.
+OPENAI_UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "logit_bias", "suffix",
+                      "audio", "modalities", "prediction")
+
+
+# OpenAI request fields that parse_options reads; others would let Ollama's options in.
+OPENAI_OPTIONS = ("temperature", "top_p", "seed", "max_tokens", "stop", "presence_penalty", "frequency_penalty")
+
+
+def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool, bool]:
+    """OpenAI's /v1/chat/completions or /v1/completions body -> (request, stream?,
+    include usage?, read tool calls?)."""
+    for name in OPENAI_UNSUPPORTED:
+        if body.get(name) not in (None, False, "none", [], {}):
+            raise HTTPError(400, f"'{name}' is not supported")
+    if not chat:
+        refuse_unsupported(body, ("tools", "tool_choice"))
+    output = parse_response_format(body.get("response_format"))
+    for name in ("n", "best_of"):
+        if body.get(name) is not None and _integer(name, body[name], 1) != 1:
+            raise HTTPError(400, f"'{name}' must be 1: one completion per request")
+    if body.get("echo"):
+        raise HTTPError(400, "'echo' is not supported")
+    fields = {k: v for k, v in body.items() if v is not None}
+    if "max_completion_tokens" in fields:
+        fields["max_tokens"] = fields.pop("max_completion_tokens")
+    if fields.get("temperature") is not None:
+        _number("temperature", fields["temperature"], 0, 2)
+    sampling, max_tokens, stop = parse_options({k: fields[k] for k in OPENAI_OPTIONS if k in fields})
+    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise HTTPError(400, "'stream_options' must be an object")
+    include_usage = stream_options.get("include_usage")
+    include_usage = boolean_field("stream_options.include_usage", include_usage) if include_usage is not None else False
+    if chat:
+        req = GenerationRequest(messages=parse_messages(body.get("messages"), openai=True))
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise HTTPError(400, "'prompt' must be a non-empty string")
+        req = GenerationRequest(prompt=prompt, raw=True)  # completions continue the text as given
+    req.max_tokens, req.stop, req.sampling = max_tokens, stop, sampling
+    if chat:
+        reads_calls = apply_tools(body, req, output, choice_field=True, eager=eager_tools)
+    else:
+        req.constraint, reads_calls = output.constraint, False
+    return req, stream, include_usage, reads_calls
+
+
+def refuse_unsupported(body: dict, names) -> None:
+    """A 400 naming the first of these fields that asks for something (not null, false or empty)."""
+    for name in names:
+        if body.get(name) not in (None, False, "", [], {}):
+            raise HTTPError(400, f"'{name}' is not supported")
+
+
+# Ollama fields that would change the answer and are not implemented: refused rather
+# than dropped. `think` asks a reasoning model for its thoughts, `template` and
+# `context` replace the prompt's making, the rest are fill-in-the-middle, token
+# probabilities and image generation.
+OLLAMA_CHAT_UNSUPPORTED = ("think", "logprobs", "top_logprobs")
+OLLAMA_GENERATE_UNSUPPORTED = OLLAMA_CHAT_UNSUPPORTED + ("suffix", "template", "context", "width", "height",
+                                                         "steps")
+
+
+def parse_openai_embeddings(body: dict) -> tuple[list, str]:
+    """OpenAI's /v1/embeddings `input` (a string, strings, token ids or lists of them)
+    and `encoding_format`."""
+    refuse_unsupported(body, ("dimensions",))
+    value = body.get("input")
+    if isinstance(value, str) or (isinstance(value, list) and value and all(_is_token(t) for t in value)):
+        value = [value]
+    if (not isinstance(value, list) or not value or
+            not all(isinstance(v, str) or (isinstance(v, list) and v and all(_is_token(t) for t in v))
+                    for v in value)):
+        raise HTTPError(400, "'input' must be a non-empty string, list of strings, token ids or lists of them")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise HTTPError(400, "'encoding_format' must be 'float' or 'base64'")
+    return value, encoding
+
+
+def _is_token(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Responses API fields we cannot honour (with a value that asks for something).
+RESPONSES_UNSUPPORTED = ("tools", "previous_response_id", "reasoning", "background", "top_logprobs",
+                         "conversation", "prompt", "include", "max_tool_calls")
+RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+
+
+def parse_responses(body: dict) -> tuple[GenerationRequest, bool]:
+    """OpenAI's /v1/responses body -> (request, stream?)."""
+    refuse_unsupported(body, RESPONSES_UNSUPPORTED)
+    if body.get("tool_choice") not in (None, "auto", "none"):
+        raise HTTPError(400, "'tool_choice' is not supported")
+    text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if body.get("text") is not None and not isinstance(body.get("text"), dict):
+        raise HTTPError(400, "'text' must be an object")
+    output = parse_response_format(text_format, field="text.format")
+    value = body.get("input")
+    if isinstance(value, str):
+        if not value.strip():
+            raise HTTPError(400, "'input' must not be empty")
+        items = [{"role": "user", "content": value}]
+    elif isinstance(value, list) and value:
+        items = [_responses_message(i, item) for i, item in enumerate(value)]
+    else:
+        raise HTTPError(400, "'input' must be a string or a non-empty list of message items")
+    instructions = body.get("instructions")
+    if instructions is not None:
+        items = [{"role": "system", "content": string_field("instructions", instructions)}] + items
+    fields = {k: body[k] for k in ("temperature", "top_p") if body.get(k) is not None}
+    if body.get("temperature") is not None:
+        _number("temperature", body["temperature"], 0, 2)
+    sampling, _, _ = parse_options(fields)
+    max_tokens = None
+    if body.get("max_output_tokens") is not None:
+        max_tokens = _integer("max_output_tokens", body["max_output_tokens"], 1)
+    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
+    messages = parse_messages(items, openai=True)
+    return GenerationRequest(messages=messages, max_tokens=max_tokens, sampling=sampling,
+                             constraint=output.constraint), stream
+
+
+def _responses_message(i: int, item) -> dict:
+    """A Responses input item -> a chat message; only text messages are understood."""
+    if not isinstance(item, dict) or item.get("type", "message") != "message":
+        raise HTTPError(400, f"'input[{i}]' must be a message item (other item types are not supported)")
+    content = item.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") not in RESPONSES_TEXT_PARTS \
+                    or not isinstance(part.get("text"), str):
+                raise HTTPError(400, f"'input[{i}].content' may only hold text parts")
+            texts.append(part["text"])
+        content = "".join(texts)
+    return {"role": item.get("role"), "content": content}
