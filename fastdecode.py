@@ -19,12 +19,11 @@ Imported by the model thread only (it imports torch, which takes seconds).
 
 from __future__ import annotations
 
-import warnings
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from linears import Float16Linear, build_in_parallel
 
 
 class RoomyLayer(DynamicLayer):
@@ -113,11 +112,6 @@ def speed_up_output_head(model) -> None:
         model.set_output_embeddings(FewRowsHead(head))
 
 
-# torch 2.13 marks the fbgemm float16 ops deprecated; they are what makes float16 fast
-# here, torch is pinned, and `half_weights_supported` is checked before they are used.
-warnings.filterwarnings("ignore", message=r".*fbgemm.*deprecated")
-
-
 class HalfWeightLinear(torch.nn.Module):
     """A Linear whose weight is rounded to float16; activations and sums stay float32.
 
@@ -133,18 +127,17 @@ class HalfWeightLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        rounded = linear.weight.detach().to(torch.float16).float()
-        self.packed = torch.fbgemm_pack_gemm_matrix_fp16(rounded)
-        self.register_buffer("weight", rounded, persistent=False)
-        bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(self.out_features)
-        self.register_buffer("bias", bias, persistent=False)
+        weight = linear.weight.detach()
+        self.few_rows = Float16Linear(weight, linear.bias.detach() if linear.bias is not None else None)
+        self.register_buffer("weight", weight.to(torch.float16).float(), persistent=False)
+        self.register_buffer("bias", self.few_rows.bias, persistent=False)
 
     def forward(self, x):
         rows = x.reshape(-1, self.in_features).float()
         if rows.shape[0] >= self.MANY_ROWS:
             y = torch.nn.functional.linear(rows, self.weight, self.bias)
         else:
-            y = torch.fbgemm_linear_fp16_weight(rows.contiguous(), self.packed, self.bias)
+            y = self.few_rows(rows)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -152,10 +145,7 @@ def use_half_weights(model) -> None:
     """Swap every nn.Linear of a float32 model for a HalfWeightLinear."""
     slots = [(module, name, child) for module in model.modules()
              for name, child in module.named_children() if type(child) is torch.nn.Linear]
-    # Packing is single-threaded C++ that releases the GIL: one worker per torch
-    # thread took the embedded model's packing from ~3 s to ~1.3 s.
-    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
-        halves = list(pool.map(HalfWeightLinear, [child for _, _, child in slots]))
+    halves = build_in_parallel(HalfWeightLinear, [child for _, _, child in slots])
     for (module, name, _), half in zip(slots, halves):
         setattr(module, name, half)
 

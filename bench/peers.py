@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--llama-python", default=sys.executable,
                         help="a Python with llama-cpp-python[server] installed")
     parser.add_argument("--minivault-args", default="", help="extra arguments for MiniVault (e.g. '--dtype float16')")
+    parser.add_argument("--skip-transformers", action="store_true",
+                        help="leave out the transformers runner (the slowest run; only a baseline)")
     args = parser.parse_args()
     gguf = str(embedded_model_file())
     longs = long_prompts()
@@ -168,6 +170,8 @@ def main() -> None:
         ("minivault --runner transformers", [sys.executable, "minivault.py", "--port", str(port), "--log-file", "",
                                              "--runner", "transformers"]),
     ]
+    if args.skip_transformers:
+        servers = servers[:-1]
     for name, argv in servers:
         if argv[0] != sys.executable and not shutil.which(argv[0]) and not os.path.exists(argv[0]):
             print(f"skipping {name}: {argv[0]} not found")
