@@ -678,10 +678,10 @@ class Engine:
 
     def _joined(self, group: list[_Sequence], logits, prefill_ns: int) -> None:
         """Prefilled rows have joined the runner's batch: sample their first tokens."""
-        for i, seq in enumerate(group):
+        for seq in group:
             seq.prompt_eval_ns += prefill_ns
             self._batch.append(seq)
-            self._take(seq, logits[i])
+        self._sample(group, logits)
 
     def _decode_step(self) -> None:
         try:
@@ -692,13 +692,31 @@ class Engine:
             self._batch = []
             self._runner.reset()
             return
-        for row, seq in enumerate(self._batch):
-            self._take(seq, logits[row])
+        self._sample(self._batch, logits)
 
-    def _take(self, seq: _Sequence, logits) -> None:
-        """Sample the next token of `seq` and stream its text; a failure ends `seq` alone."""
+    def _sample(self, seqs: list[_Sequence], logits) -> None:
+        """The next token of every row at once (logits [rows, vocab]); if that fails,
+        row by row, so a failure ends only the rows it belongs to."""
+        import sampling
+
         try:
-            token = seq.sampler.next(logits)
+            tokens = sampling.sample_rows(logits, [s.sampler for s in seqs])
+        except Exception:
+            tokens = []
+            for row, seq in enumerate(seqs):
+                try:
+                    tokens += sampling.sample_rows(logits[row:row + 1], [seq.sampler])
+                except Exception as exc:
+                    self._fail([seq], exc, "sampling")
+                    tokens.append(None)
+        for seq, token in zip(seqs, tokens):
+            if token is not None:
+                self._take(seq, token)
+
+    def _take(self, seq: _Sequence, token: int) -> None:
+        """Take `seq`'s next token and stream its text; a failure ends `seq` alone."""
+        try:
+            seq.sampler.accept(token)
             if not seq.first_token_ns:
                 seq.first_token_ns = time.monotonic_ns()
             if token in self._runner.eos_ids:

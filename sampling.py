@@ -1,7 +1,10 @@
-"""Choosing the next token of one row from its logits (pure: tensors in, a token id out).
+"""Choosing the next token of every row of a batch from its logits, in one sequence
+of batched tensor ops (pure: tensors in, token ids out; no per-row arithmetic).
 
-Each request keeps its own settings and its own random generator, so a row samples
-the same tokens alone as beside others in a batch.
+Each request keeps its own settings and its own random stream: a row's random draw
+depends only on its seed and how many tokens it has sampled, never on the other
+rows, so a row samples the same tokens alone as beside others in a batch. The ops
+work on any device, so a GPU runner samples where its logits are.
 """
 
 from __future__ import annotations
@@ -18,78 +21,208 @@ if TYPE_CHECKING:
 
 REPEAT_LAST_N = 64  # tokens the repeat penalty looks back over (Ollama's default)
 
-
-def sample_token(logits, sampling: Sampling, history: list[int], generator,
-                 counts: Counter | None = None) -> int:
-    """The next token. `history`: the recent tokens the repeat penalty sees;
-    `counts`: how often each token occurs in the completion so far (OpenAI's
-    presence and frequency penalties).
-
-    Never fails on finite settings: logits that extreme settings push to inf or NaN
-    fall back to the most likely token instead of reaching `multinomial`.
-    """
-    logits = logits.float().clone()  # never write into the model's output
-    if sampling.repeat_penalty != 1.0 and history:
-        recent = torch.tensor(sorted(set(history[-REPEAT_LAST_N:])), dtype=torch.long)
-        picked = logits[recent]
-        logits[recent] = torch.where(picked > 0, picked / sampling.repeat_penalty,
-                                     picked * sampling.repeat_penalty)
-    if counts and (sampling.presence_penalty or sampling.frequency_penalty):
-        tokens = torch.tensor(list(counts), dtype=torch.long)
-        times = torch.tensor(list(counts.values()), dtype=torch.float32)
-        logits[tokens] -= sampling.presence_penalty + sampling.frequency_penalty * times
-    logits = torch.nan_to_num(logits, nan=-torch.inf)
-    if sampling.temperature <= 0:
-        return _argmax(logits)
-    scaled = logits / sampling.temperature
-    # Work on the top-k candidates only: sorting 40 values instead of the whole
-    # vocabulary made a sampled step of 8 rows 10x cheaper.
-    if sampling.top_k and sampling.top_k < scaled.numel():
-        values, order = torch.topk(scaled, sampling.top_k)  # sorted, largest first
-    else:
-        values, order = torch.sort(scaled, descending=True)
-    probs = torch.softmax(values, dim=-1)
-    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
-        return _argmax(logits)
-    if 0 < sampling.top_p < 1:
-        # Keep the smallest prefix whose mass reaches top_p, and always the top token
-        # (a tiny top_p rounds to 0 in float32, which would otherwise drop them all).
-        beyond = torch.cumsum(probs, dim=-1) - probs >= sampling.top_p
-        beyond[0] = False
-        probs[beyond] = 0
-    return int(order[torch.multinomial(probs, 1, generator=generator)])
+# splitmix64's constants (as signed 64-bit integers: torch has no unsigned 64-bit
+# arithmetic; its int64 products wrap, which tests/test_engine.py checks).
+_GOLDEN = 0x9E3779B97F4A7C15 - 2 ** 64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2 ** 64
+_MIX2 = 0x94D049BB133111EB - 2 ** 64
 
 
-def _argmax(logits) -> int:
-    return int(torch.argmax(torch.nan_to_num(logits, nan=-torch.inf)))
+def _signed(value: int) -> int:
+    value %= SEEDS
+    return value - SEEDS if value >= 2 ** 63 else value
+
+
+def _shifted(x, bits: int):
+    """Logical right shift of int64 values (torch's >> keeps the sign)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _splitmix64(x):
+    x = x + _GOLDEN
+    x = (x ^ _shifted(x, 30)) * _MIX1
+    x = (x ^ _shifted(x, 27)) * _MIX2
+    return x ^ _shifted(x, 31)
+
+
+def uniforms(seeds, steps):
+    """One uniform draw in [0, 1) per row, from its seed and its step count (int64
+    tensors): a counter-based stream, so no generator state lives between steps."""
+    bits = _shifted(_splitmix64(_splitmix64(seeds) + steps), 40)  # the top 24 bits
+    return bits.to(torch.float32) / float(1 << 24)
 
 
 class RowSampler:
-    """One request's sampling state: its settings, generator and penalty history."""
+    """One request's sampling state: its settings, seed, grammar and penalty history."""
 
     def __init__(self, sampling: Sampling, seed: int, prompt_ids: list[int], grammar=None):
         self.sampling = sampling
         self.grammar = grammar  # constraints.RowGrammar: only tokens it allows are chosen
-        self.generator = torch.Generator().manual_seed(seed % SEEDS)
+        self.seed = _signed(seed)
         self._prompt_tail = prompt_ids[-REPEAT_LAST_N:]
         self._completion: list[int] = []
         self._counts: Counter = Counter()
 
-    def next(self, logits) -> int:
-        # Only the last REPEAT_LAST_N tokens matter to the penalty: never copy a long prompt per token.
+    def recent(self) -> list[int]:
+        """The tokens the repeat penalty sees. Only the last REPEAT_LAST_N matter: never
+        copy a long prompt per token."""
         recent = self._completion[-REPEAT_LAST_N:]
         if len(recent) < REPEAT_LAST_N:
             recent = self._prompt_tail[len(recent) - REPEAT_LAST_N:] + recent
-        if self.grammar is not None:
-            logits = self.grammar.masked(logits)
-        token = sample_token(logits, self.sampling, recent, self.generator, self._counts)
+        return recent
+
+    @property
+    def steps(self) -> int:
+        return len(self._completion)
+
+    def accept(self, token: int) -> None:
         if self.grammar is not None:
             self.grammar.advance(token)
         self._completion.append(token)
         self._counts[token] += 1
+
+    def next(self, logits) -> int:
+        """Sample and take this row's next token from its logits [vocab] (a batch of one)."""
+        token = sample_rows(logits.unsqueeze(0), [self])[0]
+        self.accept(token)
         return token
 
     @property
     def complete(self) -> bool:
         """The grammar is satisfied and allows nothing more: the output is whole."""
         return self.grammar is not None and self.grammar.finished
+
+
+def _padded(rows: list[list], pad) -> list[list]:
+    width = max(1, max(len(r) for r in rows))
+    return [r + [r[0] if r else pad] * (width - len(r)) for r in rows]
+
+
+def _penalised(logits, samplers: list[RowSampler]):
+    """Ollama's repeat penalty over each row's recent tokens, then OpenAI's presence
+    and frequency penalties over its completion so far; rows without them unchanged."""
+    device = logits.device
+    settings = [s.sampling for s in samplers]
+    if any(s.repeat_penalty != 1.0 for s in settings):
+        # A row's repeated tokens each once (sorted), padded with its first: the
+        # padding rewrites that token with the same value.
+        recent = [sorted(set(r.recent())) if s.repeat_penalty != 1.0 else []
+                  for r, s in zip(samplers, settings)]
+        index = torch.tensor(_padded(recent, 0), device=device)
+        factor = torch.tensor([[s.repeat_penalty if t else 1.0] for s, t in zip(settings, recent)],
+                              device=device)
+        picked = logits.gather(1, index)
+        logits.scatter_(1, index, torch.where(picked > 0, picked / factor, picked * factor))
+    if any(r._counts and (s.presence_penalty or s.frequency_penalty) for r, s in zip(samplers, settings)):
+        tokens = [list(r._counts) for r in samplers]
+        amounts = [[s.presence_penalty + s.frequency_penalty * n for n in r._counts.values()]
+                   for r, s in zip(samplers, settings)]
+        width = max(1, max(len(t) for t in tokens))
+        index = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=device)
+        amount = torch.tensor([a + [0.0] * (width - len(a)) for a in amounts], device=device)
+        logits.scatter_add_(1, index, -amount)
+    return logits
+
+
+def sample_rows(logits, samplers: list[RowSampler]) -> list[int]:
+    """The next token of each row: logits [rows, vocab], one sampler per row.
+
+    Never fails on finite settings: logits that extreme settings push to inf or NaN
+    fall back to the row's most likely token instead of a draw.
+    """
+    logits = logits.float().clone()  # never write into the model's output
+    for row, sampler in enumerate(samplers):
+        if sampler.grammar is not None:
+            logits[row] = sampler.grammar.masked(logits[row])
+    logits = torch.nan_to_num(_penalised(logits, samplers), nan=-torch.inf)
+    tokens: list[int] = [0] * len(samplers)
+    for rows, pick in ((_rows_where(samplers, greedy=True), _greedy), (_rows_where(samplers, greedy=False), _draw)):
+        if rows:
+            for row, token in zip(rows, pick(_rows(logits, rows), [samplers[r] for r in rows]).tolist()):
+                tokens[row] = token
+    return tokens
+
+
+def _rows_where(samplers: list[RowSampler], greedy: bool) -> list[int]:
+    return [row for row, s in enumerate(samplers) if (s.sampling.temperature <= 0) == greedy]
+
+
+def _greedy(logits, samplers: list[RowSampler]):
+    return torch.argmax(logits, dim=-1)
+
+
+# A row with top_p but no top_k draws from the few hundred likeliest tokens, whose
+# mass nearly always reaches top_p; sorting the whole vocabulary instead took 3.7 ms a
+# row here (49,152 tokens).
+NUCLEUS_CANDIDATES = 1024
+
+
+def _draw(logits, samplers: list[RowSampler]):
+    """Temperature, top-k and top-p, then one draw per row from its own stream."""
+    vocab = logits.shape[-1]
+    settings = [s.sampling for s in samplers]
+    whole = [r for r, s in enumerate(settings) if not 0 < s.top_k < vocab and not 0 < s.top_p < 1]
+    cut = [r for r in range(len(settings)) if r not in whole]
+    tokens = torch.empty(len(settings), dtype=torch.long, device=logits.device)
+    if whole:  # nothing to leave out: no sort needed
+        rows, some = [samplers[r] for r in whole], _rows(logits, whole)
+        probs = torch.softmax(some / _column([s.sampling.temperature for s in rows], logits), dim=-1)
+        tokens[whole] = _pick(probs, torch.arange(vocab, device=logits.device).expand(len(whole), vocab), rows,
+                              fallback=lambda: torch.argmax(some, dim=-1))
+    if cut:
+        tokens[cut] = _draw_cut(_rows(logits, cut), [samplers[r] for r in cut])
+    return tokens
+
+
+def _rows(t, rows: list[int]):
+    """Those rows of `t` (a view when they are all of them)."""
+    return t if len(rows) == t.shape[0] else t[rows]
+
+
+def _draw_cut(logits, samplers: list[RowSampler], candidates: int = NUCLEUS_CANDIDATES):
+    """Rows with top-k, top-p or both, from their sorted likeliest tokens."""
+    device = logits.device
+    vocab = logits.shape[-1]
+    settings = [s.sampling for s in samplers]
+    ks = [s.top_k if 0 < s.top_k < vocab else vocab for s in settings]
+    limited = _column([k < vocab for k in ks], logits, torch.bool)
+    values, order = torch.topk(logits, min(vocab, max(min(k, candidates) for k in ks)), dim=-1)  # sorted
+    temperature = _column([s.temperature for s in settings], logits)
+    values = values / temperature
+    rank = torch.arange(values.shape[-1], device=device)
+    values = values.masked_fill(rank >= _column(ks, logits, torch.long), -torch.inf)
+    # Within its top-k a row's probabilities sum to 1 (llama.cpp's and Ollama's order:
+    # top-k, then top-p over what is left); without top-k they are the whole
+    # vocabulary's probabilities, of which the candidates are the largest.
+    normaliser = torch.logsumexp(values, dim=-1, keepdim=True)
+    if not bool(limited.all()):
+        normaliser = torch.where(limited, normaliser, torch.logsumexp(logits / temperature, dim=-1, keepdim=True))
+    probs = torch.exp(values - normaliser)
+    top_p = _column([s.top_p if 0 < s.top_p < 1 else torch.inf for s in settings], logits)
+    if values.shape[-1] < vocab and bool((~limited & (probs.sum(-1, keepdim=True) < top_p)).any()):
+        return _draw_cut(logits, samplers, candidates=vocab)  # the candidates fall short of top_p
+    # Keep the smallest prefix whose mass reaches top_p, and always the top token (a
+    # tiny top_p rounds to 0 in float32, which would otherwise drop them all).
+    beyond = torch.cumsum(probs, dim=-1) - probs >= top_p
+    beyond[:, 0] = False
+    return _pick(probs.masked_fill(beyond, 0.0), order, samplers, fallback=lambda: order[:, 0])
+
+
+def _pick(probs, order, samplers: list[RowSampler], fallback):
+    """One draw per row among its candidates (`order`: their token ids) by their
+    probabilities, from the row's own stream; `fallback()` (the likeliest tokens) where
+    probabilities are unusable (extreme settings)."""
+    cdf = torch.cumsum(probs, dim=-1)
+    total = cdf[:, -1:]
+    u = uniforms(_column([s.seed for s in samplers], probs, torch.long).squeeze(1),
+                 _column([s.steps for s in samplers], probs, torch.long).squeeze(1)).unsqueeze(1)
+    # The first candidate whose cumulative mass passes u * total (a zero-mass one never does).
+    pick = torch.searchsorted(cdf, u * total, right=True).clamp_(max=probs.shape[-1] - 1)
+    chosen = order.gather(1, pick).squeeze(1)
+    usable = (torch.isfinite(total) & (total > 0)).squeeze(1)  # an inf or NaN reaches the total
+    return chosen if bool(usable.all()) else torch.where(usable, chosen, fallback())
+
+
+def _column(values: list, like, dtype=torch.float32):
+    """Per-row settings as a [rows, 1] tensor on `like`'s device."""
+    return torch.tensor(values, dtype=dtype, device=like.device).unsqueeze(1)

@@ -60,23 +60,25 @@ class FaultyRunner:
 
 @contextlib.contextmanager
 def faulty_text_stages(faults: Faults):
-    """Sampling and detokenising fail where the plan says (patched for the whole process)."""
-    saved = sampling.RowSampler.next, textstream.Detokenizer.step
-    real_next, real_step = saved
+    """Sampling and detokenising fail where the plan says (patched for the whole
+    process). A failed batch of samples is retried row by row by the engine, so a
+    plan can fail the whole batch, then single rows."""
+    saved = sampling.sample_rows, textstream.Detokenizer.step
+    real_sample, real_step = saved
 
-    def next_token(self, logits):
+    def sample_rows(logits, samplers):
         faults.check("sample")
-        return real_next(self, logits)
+        return real_sample(logits, samplers)
 
     def step(self, token_id):
         faults.check("detokenise")
         return real_step(self, token_id)
 
-    sampling.RowSampler.next, textstream.Detokenizer.step = next_token, step
+    sampling.sample_rows, textstream.Detokenizer.step = sample_rows, step
     try:
         yield
     finally:
-        sampling.RowSampler.next, textstream.Detokenizer.step = saved
+        sampling.sample_rows, textstream.Detokenizer.step = saved
 
 
 class LiveServer:

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine import Sampling
 from modelsource import resolve_model
-from sampling import REPEAT_LAST_N, sample_token
+from sampling import REPEAT_LAST_N, RowSampler, sample_rows, uniforms
 from textstream import Detokenizer, StopMatcher
 
 
@@ -165,32 +165,34 @@ def test_incremental_text_equals_full_decode_for_any_unicode(text):
 
 
 # ---------------------------------------------------------------------------
-# sample_token
+# sampling
 
 PLAIN = dict(top_p=1.0, top_k=0, repeat_penalty=1.0)
 
 
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def sample_token(logits, sampling_, history=(), seed: int = 0, counts=None) -> int:
+    """One row's token from a fresh sampler whose recent tokens are `history`."""
+    from collections import Counter
+
+    sampler = RowSampler(sampling_, seed, list(history))
+    sampler._counts = Counter(counts or {})
+    return sample_rows(logits.unsqueeze(0), [sampler])[0]
 
 
 def test_temperature_zero_returns_argmax():
     logits = torch.tensor([0.1, 3.0, 2.9, -1.0])
-    assert sample_token(logits, Sampling(temperature=0, **PLAIN), [], gen()) == 1
+    assert sample_token(logits, Sampling(temperature=0, **PLAIN)) == 1
 
 
 def test_top_k_one_returns_argmax_at_any_temperature():
     logits = torch.tensor([1.0, 1.2, 1.1, 0.9])
     s = Sampling(temperature=2.0, top_k=1, top_p=1.0, repeat_penalty=1.0)
-    g = gen()
-    assert {sample_token(logits, s, [], g) for _ in range(50)} == {1}
+    assert {sample_token(logits, s, seed=seed) for seed in range(50)} == {1}
 
 
 def draws(seed: int, n: int = 20) -> list[int]:
-    logits = torch.zeros(50)
-    s = Sampling(temperature=1.0, seed=seed, **PLAIN)
-    g = gen(seed)
-    return [sample_token(logits, s, [], g) for _ in range(n)]
+    sampler = RowSampler(Sampling(temperature=1.0, seed=seed, **PLAIN), seed, [])
+    return [sampler.next(torch.zeros(50)) for _ in range(n)]
 
 
 def test_same_seed_gives_same_samples():
@@ -201,37 +203,126 @@ def test_different_seeds_give_different_samples():
     assert draws(1) != draws(2)
 
 
+def test_a_row_draws_a_new_token_each_step():
+    assert len(set(draws(7))) > 5
+
+
+def test_draws_follow_the_distribution():
+    """20,000 draws (seeds x steps) from probabilities 0.5 / 0.3 / 0.2 / 0."""
+    from collections import Counter
+
+    logits = torch.tensor([0.5, 0.3, 0.2, 0.0]).log()
+    seen = Counter()
+    for seed in range(200):
+        sampler = RowSampler(Sampling(temperature=1.0, **PLAIN), seed, [])
+        seen.update(sampler.next(logits) for _ in range(100))
+    assert seen[3] == 0
+    for token, p in ((0, 0.5), (1, 0.3), (2, 0.2)):
+        assert abs(seen[token] / 20_000 - p) < 0.02, seen
+
+
+def frequencies(logits, sampling_, seeds: int = 100, steps: int = 50) -> dict:
+    from collections import Counter
+
+    seen = Counter()
+    for seed in range(seeds):
+        sampler = RowSampler(sampling_, seed, [])
+        seen.update(sampler.next(logits) for _ in range(steps))
+    return {token: n / (seeds * steps) for token, n in seen.items()}
+
+
+@pytest.mark.parametrize("cut", [dict(top_k=2, top_p=1.0), dict(top_k=0, top_p=0.7), dict(top_k=3, top_p=0.7)])
+def test_top_k_and_top_p_keep_the_likeliest_and_renormalise(cut):
+    """0.5 / 0.3 / 0.15 / 0.05 (and 4,996 unlikely tokens, more than the candidates a
+    top-p row starts from): each cut keeps the first two, drawn 0.625 / 0.375."""
+    logits = torch.cat([torch.tensor([0.5, 0.3, 0.15, 0.05]).log(), torch.full((4996,), -30.0)])
+    seen = frequencies(logits, Sampling(temperature=1.0, repeat_penalty=1.0, **cut))
+    assert set(seen) == {0, 1}
+    assert abs(seen[0] - 0.625) < 0.03, seen
+
+
+def test_top_p_reaching_past_the_first_candidates_sorts_the_whole_vocabulary():
+    """5,000 equally likely tokens and top_p 0.5: 2,500 may be drawn, more than the
+    first NUCLEUS_CANDIDATES, so the draw falls back to the whole sorted vocabulary."""
+    from sampling import NUCLEUS_CANDIDATES
+
+    seen = frequencies(torch.zeros(5000), Sampling(temperature=1.0, top_k=0, top_p=0.5, repeat_penalty=1.0),
+                       seeds=60, steps=50)
+    assert NUCLEUS_CANDIDATES < len(seen) <= 2500
+
+
+def test_uniform_draws_are_splitmix64_with_wrapping_64_bit_products():
+    """The tensor ops give the same bits as splitmix64 in Python's exact integers."""
+    def mix(x):
+        x = (x + 0x9E3779B97F4A7C15) % 2 ** 64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2 ** 64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2 ** 64
+        return x ^ (x >> 31)
+
+    seeds = [0, 1, 2 ** 62 + 12345, 2 ** 63 + 7, 2 ** 64 - 1]
+    steps = [0, 1, 999, 5, 2 ** 31]
+    signed = [s - 2 ** 64 if s >= 2 ** 63 else s for s in seeds]
+    got = uniforms(torch.tensor(signed), torch.tensor(steps)).tolist()
+    want = [(mix((mix(s) + t) % 2 ** 64) >> 40) / 2 ** 24 for s, t in zip(seeds, steps)]
+    assert got == want
+
+
+def test_every_row_samples_the_same_in_a_batch_as_alone():
+    """Mixed settings in one batch: greedy, sampled, top-k, top-p, penalties."""
+    from collections import Counter
+
+    settings_ = [Sampling(temperature=0, **PLAIN), Sampling(temperature=0.8, top_p=0.9, top_k=40, repeat_penalty=1.1),
+                 Sampling(temperature=1.0, **PLAIN), Sampling(temperature=1.5, top_k=5, top_p=1.0, repeat_penalty=1.3),
+                 Sampling(temperature=0.7, top_p=0.5, top_k=0, repeat_penalty=1.0, presence_penalty=0.5,
+                          frequency_penalty=0.3),
+                 Sampling(temperature=0, top_p=1.0, top_k=0, repeat_penalty=1.2, frequency_penalty=1.0)]
+    generator = torch.Generator().manual_seed(0)
+    steps = [torch.randn(len(settings_), 300, generator=generator) * 3 for _ in range(30)]
+
+    def run(rows):
+        samplers = [RowSampler(settings_[r], 100 + r, [r, r + 1, 7]) for r in rows]
+        out = {r: [] for r in rows}
+        for logits in steps:
+            for r, sampler, token in zip(rows, samplers, sample_rows(logits[rows], samplers)):
+                sampler.accept(token)
+                out[r].append(token)
+        return out
+
+    together = run(list(range(len(settings_))))
+    assert all(together[r] == run([r])[r] for r in range(len(settings_)))
+    assert len(Counter(together[2])) > 5  # the sampled rows really drew
+
+
 def test_tiny_top_p_keeps_only_the_top_token():
     logits = torch.tensor([1.0, 2.0, 1.9, 0.5])
     s = Sampling(temperature=1.0, top_p=1e-6, top_k=0, repeat_penalty=1.0)
-    g = gen()
-    assert {sample_token(logits, s, [], g) for _ in range(50)} == {1}
+    assert {sample_token(logits, s, seed=seed) for seed in range(50)} == {1}
 
 
 def test_repeat_penalty_lowers_a_repeated_positive_logit():
     logits = torch.tensor([2.0, 1.9, 0.0])
     s = Sampling(temperature=0, top_p=1.0, top_k=0, repeat_penalty=1.1)
-    assert sample_token(logits.clone(), s, [], gen()) == 0
-    assert sample_token(logits.clone(), s, [0], gen()) == 1
+    assert sample_token(logits.clone(), s) == 0
+    assert sample_token(logits.clone(), s, [0]) == 1
 
 
 def test_repeat_penalty_lowers_a_repeated_negative_logit():
     logits = torch.tensor([-1.0, -1.05, -5.0])
     s = Sampling(temperature=0, top_p=1.0, top_k=0, repeat_penalty=1.1)
-    assert sample_token(logits.clone(), s, [0], gen()) == 1
+    assert sample_token(logits.clone(), s, [0]) == 1
 
 
 def test_repeat_penalty_only_looks_at_recent_tokens():
     logits = torch.tensor([2.0, 1.9, 0.0])
     s = Sampling(temperature=0, top_p=1.0, top_k=0, repeat_penalty=1.1)
     history = [0] + [2] * REPEAT_LAST_N
-    assert sample_token(logits.clone(), s, history, gen()) == 0
+    assert sample_token(logits.clone(), s, history) == 0
 
 
 def test_sampling_does_not_modify_the_callers_logits():
     logits = torch.tensor([2.0, 1.9, 0.0, -1.0])
     before = logits.clone()
-    sample_token(logits, Sampling(temperature=0.7, top_p=0.9, top_k=2, repeat_penalty=1.3), [0, 3], gen())
+    sample_token(logits, Sampling(temperature=0.7, top_p=0.9, top_k=2, repeat_penalty=1.3), [0, 3])
     assert torch.equal(logits, before)
 
 
@@ -280,7 +371,7 @@ def test_extreme_settings_still_give_a_token(settings_):
 
     logits = torch.tensor([0.0, 3.0, -2.0, 1e4, float("-inf")])
     s = Sampling(**{**PLAIN, **settings_})
-    token = sample_token(logits, s, [1, 3], gen(), Counter({3: 5}))
+    token = sample_token(logits, s, [1, 3], counts=Counter({3: 5}))
     assert 0 <= token < 4
 
 
@@ -289,10 +380,10 @@ def test_presence_and_frequency_penalties_lower_tokens_already_generated():
 
     logits = torch.tensor([2.0, 1.9, 1.0])
     greedy = dict(temperature=0, top_p=1.0, top_k=0, repeat_penalty=1.0)
-    assert sample_token(logits, Sampling(**greedy), [], gen(), Counter({0: 1})) == 0
-    assert sample_token(logits, Sampling(**greedy, presence_penalty=0.2), [], gen(), Counter({0: 1})) == 1
-    assert sample_token(logits, Sampling(**greedy, frequency_penalty=0.06), [], gen(), Counter({0: 1})) == 0
-    assert sample_token(logits, Sampling(**greedy, frequency_penalty=0.06), [], gen(), Counter({0: 2})) == 1
+    assert sample_token(logits, Sampling(**greedy), counts=Counter({0: 1})) == 0
+    assert sample_token(logits, Sampling(**greedy, presence_penalty=0.2), counts=Counter({0: 1})) == 1
+    assert sample_token(logits, Sampling(**greedy, frequency_penalty=0.06), counts=Counter({0: 1})) == 0
+    assert sample_token(logits, Sampling(**greedy, frequency_penalty=0.06), counts=Counter({0: 2})) == 1
 
 
 def test_a_row_sampler_takes_any_integer_seed_and_repeats_itself():
