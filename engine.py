@@ -219,7 +219,7 @@ class Engine:
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_batch: int = 8,
                  queue_size: int = 64, default_max_tokens: int = 300,
-                 cache_dir: str | None = "~/.cache/minivault", runner: str = "auto",
+                 cache_dir: str | None = "~/.cache/minivault", runner: str = "auto", device: str = "cpu",
                  load_runner: Callable | None = None):
         self.source = resolve_model(model)
         self.model_name = self.source.name
@@ -232,6 +232,7 @@ class Engine:
         self.ready = False
         self.load_error: str | None = None
         self.runner_kind = runner
+        self.device = device
         self._load_runner = load_runner  # (source, dtype, cache_dir) -> a runner; tests inject their own
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admission: AdmissionQueue | None = None
@@ -419,7 +420,7 @@ class Engine:
                 self._runner = self._load_runner(self.source, self.requested_dtype, self.cache_dir)
             else:
                 self._runner = runner.load_runner(self.source, self.requested_dtype, self.cache_dir,
-                                                  self.runner_kind)
+                                                  self.runner_kind, self.device, self.max_batch)
             from prompts import PromptBuilder
 
             self._prompts = PromptBuilder(self._runner.codec)

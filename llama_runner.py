@@ -46,10 +46,11 @@ def supports(config: dict) -> bool:
 class KVRows:
     """Keys and values of several sequences: [layers, rows, kv_heads, capacity, head_dim]."""
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, rows: int = 0, capacity: int = 0):
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, rows: int = 0, capacity: int = 0,
+                 device: str = "cpu", dtype=torch.float32):
         shape = (layers, rows, kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape)
-        self.v = torch.zeros(shape)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths: list[int] = [0] * rows
 
     @property
@@ -73,7 +74,7 @@ class KVRows:
         self.lengths += other.lengths
 
     def keep(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.long)
+        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
         self.k = self.k.index_select(1, index)
         self.v = self.v.index_select(1, index)
         self.lengths = [self.lengths[r] for r in rows]
@@ -84,9 +85,13 @@ class KVRows:
 
 
 class LlamaModel:
-    """The forward pass. `weights`: tensors named as in transformers' LlamaForCausalLM."""
+    """The forward pass. `weights`: tensors named as in transformers' LlamaForCausalLM.
+    On a GPU (`device`), the weights, the rotary table and the KV cache live there and
+    the cache holds `cache_dtype` (bfloat16 halves it); on the CPU it is float32."""
 
-    def __init__(self, config: dict, weights: dict, kind: str):
+    def __init__(self, config: dict, weights: dict, kind: str, device: str = "cpu", cache_dtype=torch.float32):
+        self.device = device
+        self.cache_dtype = cache_dtype
         self.layers = config["num_hidden_layers"]
         self.hidden = config["hidden_size"]
         self.heads = config["num_attention_heads"]
@@ -97,8 +102,8 @@ class LlamaModel:
         self.context = config.get("max_position_embeddings", 2048)
         inv = 1.0 / theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
         angles = torch.outer(torch.arange(self.context).float(), inv)
-        self.cos, self.sin = angles.cos(), angles.sin()  # [context, head_dim / 2]
-        w = weights
+        self.cos, self.sin = angles.cos().to(device), angles.sin().to(device)  # [context, head_dim / 2]
+        w = {name: t.to(device) for name, t in weights.items()}
         embed = w["model.embed_tokens.weight"].float()
         # Rows are gathered, then widened. (Copies: a tensor kept from a memory-mapped
         # weights file keeps the whole mapping resident.)
@@ -125,7 +130,7 @@ class LlamaModel:
         self.head = linears[-1]
 
     def new_cache(self, rows: int = 0, capacity: int = 0) -> KVRows:
-        return KVRows(self.layers, self.kv_heads, self.head_dim, rows, capacity)
+        return KVRows(self.layers, self.kv_heads, self.head_dim, rows, capacity, self.device, self.cache_dtype)
 
     @staticmethod
     def _rope(x, cos, sin):
@@ -138,10 +143,10 @@ class LlamaModel:
         serves its group of query heads without copying keys. scaled_dot_product_attention
         took 184 us a layer for 8 rows over 256 positions here, mostly overhead."""
         rows = q.shape[0]
-        group = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        group = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim).to(keys.dtype)
         scores = torch.matmul(group, keys.transpose(-1, -2)) * self.head_dim ** -0.5
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        return torch.matmul(probs, values).reshape(rows, 1, self.heads, self.head_dim)
+        return torch.matmul(probs, values).reshape(rows, 1, self.heads, self.head_dim).float()
 
     def forward(self, tokens, cache: KVRows, last: list[int], every_position: bool = False,
                 hidden_states: bool = False):
@@ -150,18 +155,40 @@ class LlamaModel:
         Returns the logits at those tokens, [rows, vocab] (or at every token, [rows, new,
         vocab], for measuring perplexity); lengths grow by last[b] + 1."""
         rows, new = tokens.shape
-        starts = torch.tensor(cache.lengths).unsqueeze(1)
-        positions = starts + torch.arange(new)  # [rows, new]
+        tokens = tokens.to(self.device)
+        starts = torch.tensor(cache.lengths, device=self.device).unsqueeze(1)
+        positions = starts + torch.arange(new, device=self.device)  # [rows, new]
         # Attention runs over a span rounded up to a whole bucket, so a row's sums run
         # over the same length alone as beside longer rows of the same bucket: summed
         # over another length, float rounding differed in the last bits, which the
         # bfloat16 activations of int8 turned into other greedy tokens.
         bucket = DECODE_SPAN_BUCKET if new == 1 else SPAN_BUCKET
-        span = math.ceil((int(positions.max()) + 1) / bucket) * bucket
+        span = math.ceil((max(cache.lengths) + new) / bucket) * bucket
         cache.ensure(span)
+        x = self.residual(tokens, positions, cache.k, cache.v, span)
+        cache.lengths = [n + t + 1 for n, t in zip(cache.lengths, last)]
+        if hidden_states:  # after the final norm, every position: [rows, new, hidden]
+            return F.rms_norm(x, (self.hidden,), self.norm, self.eps).reshape(rows, new, self.hidden)
+        if every_position:
+            return self.head(F.rms_norm(x, (self.hidden,), self.norm, self.eps)).reshape(rows, new, -1)
+        picked = x.reshape(rows, new, self.hidden)[torch.arange(rows), torch.tensor(last)]
+        return self.head(F.rms_norm(picked, (self.hidden,), self.norm, self.eps))
+
+    def decode_logits(self, tokens, positions, k, v, span: int):
+        """One decode step with everything on the device and no host synchronisation,
+        as a CUDA graph captures it: tokens and positions [rows, 1], the cache's rows
+        k and v; returns logits [rows, vocab]."""
+        x = self.residual(tokens, positions, k, v, span)
+        return self.head(F.rms_norm(x, (self.hidden,), self.norm, self.eps))
+
+    def residual(self, tokens, positions, k, v, span: int):
+        """The residual stream after the last layer, [rows * new, hidden], for tokens
+        [rows, new] at positions [rows, new]; writes their keys and values into k and v
+        ([layers, rows, kv_heads, capacity >= span, head_dim])."""
+        rows, new = tokens.shape
         # Row b's token t sees every key at or before its own position.
-        visible = (torch.arange(span) <= positions.unsqueeze(-1)).unsqueeze(1)  # [rows, 1, new, span]
-        row_index = torch.arange(rows).unsqueeze(1).expand(rows, new)
+        visible = (torch.arange(span, device=self.device) <= positions.unsqueeze(-1)).unsqueeze(1)
+        row_index = torch.arange(rows, device=self.device).unsqueeze(1).expand(rows, new)
         # The rotation of these positions, once for every layer: [rows, new, 1, head_dim / 2].
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
         qk_heads = self.heads + self.kv_heads
@@ -171,27 +198,22 @@ class LlamaModel:
             qkv = blk["qkv"](h)
             # Queries and keys rotate together: one rotation per layer instead of two.
             qk = self._rope(qkv[:, :qk_heads * self.head_dim].reshape(rows, new, qk_heads, self.head_dim), cos, sin)
-            q, k = qk[:, :, :self.heads], qk[:, :, self.heads:]
-            v = qkv[:, qk_heads * self.head_dim:].reshape(rows, new, self.kv_heads, self.head_dim)
-            keys, values = cache.k[i], cache.v[i]  # [rows, kv_heads, capacity, head_dim]
-            keys[row_index, :, positions] = k
-            values[row_index, :, positions] = v
+            q, key = qk[:, :, :self.heads], qk[:, :, self.heads:]
+            value = qkv[:, qk_heads * self.head_dim:].reshape(rows, new, self.kv_heads, self.head_dim)
+            keys, values = k[i], v[i]  # [rows, kv_heads, capacity, head_dim]
+            keys[row_index, :, positions] = key.to(keys.dtype)
+            values[row_index, :, positions] = value.to(values.dtype)
             if new == 1:
                 attn = self._attend_one(q, keys[:, :, :span], values[:, :, :span], visible)
             else:
-                attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys[:, :, :span], values[:, :, :span],
-                                                      attn_mask=visible, enable_gqa=True).transpose(1, 2)
+                attn = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys[:, :, :span],
+                                                      values[:, :, :span], attn_mask=visible,
+                                                      enable_gqa=True).transpose(1, 2).float()
             x = x + blk["o"](attn.reshape(rows * new, self.heads * self.head_dim))
             h = F.rms_norm(x, (self.hidden,), blk["mlp_norm"], self.eps)
             gate, up = blk["gate_up"](h).chunk(2, dim=-1)
             x = x + blk["down"](F.silu(gate) * up)
-        cache.lengths = [n + t + 1 for n, t in zip(cache.lengths, last)]
-        if hidden_states:  # after the final norm, every position: [rows, new, hidden]
-            return F.rms_norm(x, (self.hidden,), self.norm, self.eps).reshape(rows, new, self.hidden)
-        if every_position:
-            return self.head(F.rms_norm(x, (self.hidden,), self.norm, self.eps)).reshape(rows, new, -1)
-        picked = x.reshape(rows, new, self.hidden)[torch.arange(rows), torch.tensor(last)]
-        return self.head(F.rms_norm(picked, (self.hidden,), self.norm, self.eps))
+        return x
 
 
 class PartialPrefill:
@@ -301,9 +323,9 @@ def servable_folder(folder: Path) -> bool:
             and (folder / "tokenizer_config.json").exists())
 
 
-def load_folder(folder: Path, dtype: str) -> LlamaRunner | None:
-    """A LlamaRunner straight from a servable folder, without transformers (a warm
-    start's fast path); None if its tokenizer files need transformers."""
+def read_folder(folder: Path):
+    """(config, weights, codec, eos ids, parameters) of a servable folder, read without
+    transformers; None if its tokenizer files need transformers."""
     from safetensors.torch import load_file
 
     config = json.loads((folder / "config.json").read_text())
@@ -319,8 +341,18 @@ def load_folder(folder: Path, dtype: str) -> LlamaRunner | None:
                   config.get("eos_token_id"), codec.eos_token_id):
         eos.update([value] if isinstance(value, int) else value or [])
     parameters = sum(t.numel() for name, t in weights.items() if name != "lm_head.weight")
-    runner = LlamaRunner(LlamaModel(config, weights, dtype), codec, config, dtype, frozenset(eos), parameters)
-    del weights
+    return config, weights, codec, frozenset(eos), parameters
+
+
+def load_folder(folder: Path, dtype: str) -> LlamaRunner | None:
+    """A LlamaRunner straight from a servable folder, without transformers (a warm
+    start's fast path); None if its tokenizer files need transformers."""
+    read = read_folder(folder)
+    if read is None:
+        return None
+    config, weights, codec, eos, parameters = read
+    runner = LlamaRunner(LlamaModel(config, weights, dtype), codec, config, dtype, eos, parameters)
+    del weights, read
     _give_back_freed_memory()
     return runner
 

@@ -71,31 +71,36 @@ class Runner(Protocol):
         """Forget the batch (after a failure left it in doubt)."""
 
 
-RUNNERS = ("auto", "llama", "transformers")
+RUNNERS = ("auto", "llama", "static", "transformers")
 DEVICES = ("auto", "cpu", "cuda", "cuda:N")
 
 
 def resolve_device(requested: str) -> str:
     """The device `--device` serves on, or a RuntimeError saying why it cannot.
-
-    Only the CPU computes today: a CUDA runner (issue 13) is not built yet, so `cuda`
-    is refused at start rather than silently served on the CPU, and `auto` is the CPU."""
-    if requested in ("auto", "cpu"):
+    `auto`: the first CUDA device when torch sees one, else the CPU. Imports torch
+    only when asked for CUDA (auto included)."""
+    if requested == "cpu":
         return "cpu"
-    if re.fullmatch(r"cuda(:\d+)?", requested):
+    if requested == "auto" or re.fullmatch(r"cuda(:\d+)?", requested):
         import torch
 
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"--device {requested}: no CUDA device is visible to torch {torch.__version__} "
-                               f"here; serve on the CPU with --device cpu (or auto)")
-        raise RuntimeError(f"--device {requested}: MiniVault has no CUDA runner yet (it computes on the CPU "
-                           f"only); serve with --device cpu (or auto)")
+        if torch.cuda.is_available():
+            device = "cuda:0" if requested in ("auto", "cuda") else requested
+            if int(device.split(":")[1]) >= torch.cuda.device_count():
+                raise RuntimeError(f"--device {requested}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+            return device
+        if requested == "auto":
+            return "cpu"
+        raise RuntimeError(f"--device {requested}: no CUDA device is visible to torch {torch.__version__} "
+                           f"here; serve on the CPU with --device cpu (or auto)")
     raise RuntimeError(f"--device must be auto, cpu, cuda or cuda:N, not {requested!r}")
 
 
-def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto") -> Runner:
-    """The runner for a model source. `auto`: our own Llama runner for the architectures
-    it computes, transformers' for every other. Imports torch: call it on the model thread.
+def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto", device: str = "cpu",
+                max_batch: int = 8) -> Runner:
+    """The runner for a model source. `auto`: on a GPU the static runner (Llama
+    architectures only); on the CPU our own Llama runner for the architectures it
+    computes, transformers' for every other. Imports torch: call it on the model thread.
 
     A model folder, or a GGUF file converted once before, loads straight from its
     safetensors without importing transformers; anything else loads through
@@ -105,6 +110,8 @@ def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto")
     from modelsource import weights_folder
 
     folder = weights_folder(source, cache_dir)
+    if device != "cpu" or runner == "static":
+        return _load_static(source, dtype, cache_dir, device, max_batch)
     if runner != "transformers" and folder is not None and llama_runner.servable_folder(folder):
         fast = llama_runner.load_folder(folder, linears.choose_dtype(dtype, int8_computable=True))
         if fast is not None:
@@ -124,3 +131,25 @@ def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto")
         return llama_runner.from_transformers(model, tokenizer, dtype, hf.eos_ids(model, tokenizer))
     model = model.to(hf.torch_dtype(dtype))
     return hf.TransformersRunner(model, tokenizer, dtype, hf.eos_ids(model, tokenizer))
+
+
+def _load_static(source, dtype: str, cache_dir: str | None, device: str, max_batch: int) -> Runner:
+    """cuda_runner.StaticRunner, from the folder (a GGUF file is converted and cached
+    through transformers first, once)."""
+    import cuda_runner
+    import llama_runner
+    from modelsource import weights_folder
+
+    folder = weights_folder(source, cache_dir)
+    if folder is None or not llama_runner.servable_folder(folder):
+        import transformers_runner as hf
+
+        hf.load_model(source, "float32", cache_dir)  # converts and caches a GGUF file
+        folder = weights_folder(source, cache_dir)
+    if folder is None or not llama_runner.servable_folder(folder):
+        raise RuntimeError(f"{device}: only Llama-architecture models in a folder or GGUF file are served "
+                           f"on a GPU (the static runner)")
+    runner = cuda_runner.load_folder(folder, dtype, device, max_batch)
+    if runner is None:
+        raise RuntimeError("the static runner needs a tokenizer.json it can read without transformers")
+    return runner

@@ -21,7 +21,6 @@ import http.client
 import json
 import statistics
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 

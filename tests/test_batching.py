@@ -90,3 +90,26 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_streaming(server
     assert resp.status == 200 and final["done"] and final["prompt_eval_count"] > 1000
     # The running stream got tokens while the long prompt was being prefilled.
     assert sum(sent < t < first_token for t in arrivals) >= 3
+
+
+def test_the_static_runner_on_the_cpu_gives_our_runners_float32_text_alone_and_in_a_batch():
+    """`--runner static` is the GPU's runner (a slot per row, span buckets) run on the
+    CPU without graphs: its greedy text equals the Llama runner's in float32, alone and
+    in a batch of eight."""
+    from serverproc import ServerProcess
+
+    texts = {}
+    for args in (["--runner", "static"], ["--dtype", "float32"]):
+        proc = ServerProcess(args)
+        try:
+            proc.wait_ready()
+            alone = [proc.generate(prompt=p, max_tokens=24, temperature=0).text() for p in PROMPTS]
+            with ThreadPoolExecutor(len(PROMPTS)) as pool:
+                batched = [r.text() for r in pool.map(lambda p: proc.generate(prompt=p, max_tokens=24,
+                                                                                temperature=0), PROMPTS)]
+            assert batched == alone, args
+            texts[args[1]] = alone
+            assert proc.request("GET", "/health").json()["dtype"] == "float32"
+        finally:
+            proc.stop()
+    assert texts["static"] == texts["float32"]

@@ -14,12 +14,13 @@ from runner import load_runner
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
 
 
-@pytest.fixture(params=["transformers/gpt2", "transformers/llama", "llama/llama"])
+@pytest.fixture(params=["transformers/gpt2", "transformers/llama", "llama/llama", "static/llama"])
 def runner(request, tiny_gpt2_folder, tiny_llama_folder):
     kind, model = request.param.split("/")
     folder = tiny_gpt2_folder if model == "gpt2" else tiny_llama_folder
     r = load_runner(resolve_model(str(folder)), "float32", None, kind)
-    assert type(r).__name__ == {"transformers": "TransformersRunner", "llama": "LlamaRunner"}[kind]
+    assert type(r).__name__ == {"transformers": "TransformersRunner", "llama": "LlamaRunner",
+                                "static": "StaticRunner"}[kind]
     r.reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return r
 
