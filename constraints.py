@@ -14,7 +14,14 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import llguidance
+
+
+def _llguidance():
+    """llguidance, imported on the first constrained request rather than at start-up
+    (49 ms here), so a server that never constrains output never loads it."""
+    import llguidance
+
+    return llguidance
 
 # JSON as people (and models) write it on one line: `{"a": 1, "b": [2, 3]}`. Without
 # fixed separators the grammar allows any whitespace, and a small model can emit
@@ -76,16 +83,16 @@ class Constraint:
     def json(cls, schema: dict | None = None, name: str = "json") -> Constraint:
         """A JSON object (schema None) or a JSON value valid against `schema`."""
         body = {"type": "object"} if schema is None else closed_objects(schema)
-        return cls.checked(llguidance.LLMatcher.grammar_from_json_schema(body, defaults=JSON_LAYOUT), name)
+        return cls.checked(_llguidance().LLMatcher.grammar_from_json_schema(body, defaults=JSON_LAYOUT), name)
 
     @classmethod
     def lark(cls, text: str, name: str) -> Constraint:
-        return cls.checked(llguidance.LLMatcher.grammar_from_lark(text), name)
+        return cls.checked(_llguidance().LLMatcher.grammar_from_lark(text), name)
 
     @classmethod
     def checked(cls, grammar: str, name: str) -> Constraint:
         try:
-            error = llguidance.LLMatcher.validate_grammar(grammar)
+            error = _llguidance().LLMatcher.validate_grammar(grammar)
         except Exception as exc:  # malformed input can raise instead of returning the error
             error = str(exc)
         if error:
@@ -107,14 +114,14 @@ class Grammars:
 
     def __init__(self, tokenizer_json: str, eos_ids: list[int], vocab_size: int):
         # Building the token trie takes ~0.25 s for a 49k vocabulary: done once, lazily.
-        self.tokenizer = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_ids))
+        self.tokenizer = _llguidance().LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_ids))
         self.vocab_size = self.tokenizer.vocab_size
-        self._compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
+        self._compiled: OrderedDict[str, object] = OrderedDict()
 
     def row(self, constraint: Constraint) -> RowGrammar:
         matcher = self._compiled.get(constraint.grammar)
         if matcher is None:
-            matcher = llguidance.LLMatcher(self.tokenizer, constraint.grammar)
+            matcher = _llguidance().LLMatcher(self.tokenizer, constraint.grammar)
             if matcher.is_error():
                 raise ConstraintInvalid(matcher.get_error().strip().splitlines()[0][:300])
             self._compiled[constraint.grammar] = matcher
@@ -144,6 +151,7 @@ class RowGrammar:
         self._raise_on_error()
         allowed = ((words.unsqueeze(1) >> self._shifts) & 1).bool().view(-1)
         out = logits.float().clone()
+        allowed = allowed.to(out.device)
         width = min(out.numel(), self.vocab_size)
         out[:width].masked_fill_(~allowed[:width], -torch.inf)
         out[width:] = -torch.inf  # ids past the tokenizer's vocabulary are never text

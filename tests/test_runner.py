@@ -14,11 +14,14 @@ from runner import load_runner
 PROMPTS = [[5, 17, 33, 2, 9], [40, 41], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
 
 
-@pytest.fixture(params=["transformers/gpt2", "transformers/llama", "llama/llama", "static/llama"])
+@pytest.fixture(params=["transformers/gpt2", "transformers/llama", "llama/llama", "static/llama",
+                        pytest.param("static/llama/cuda", marks=pytest.mark.skipif(
+                            not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def runner(request, tiny_gpt2_folder, tiny_llama_folder):
-    kind, model = request.param.split("/")
+    kind, model, *device = request.param.split("/")
     folder = tiny_gpt2_folder if model == "gpt2" else tiny_llama_folder
-    r = load_runner(resolve_model(str(folder)), "float32", None, kind)
+    # On a GPU the static runner captures its decode steps as CUDA graphs.
+    r = load_runner(resolve_model(str(folder)), "float32", None, kind, device=device[0] if device else "cpu")
     assert type(r).__name__ == {"transformers": "TransformersRunner", "llama": "LlamaRunner",
                                 "static": "StaticRunner"}[kind]
     r.reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
@@ -33,7 +36,7 @@ def alone(runner, ids) -> torch.Tensor:
 def assert_rows_match(runner, logits, histories) -> None:
     assert logits.shape[0] == len(histories)
     for row, ids in enumerate(histories):
-        assert torch.allclose(logits[row], alone(runner, ids), atol=1e-4), f"row {row}"
+        assert torch.allclose(logits[row].cpu(), alone(runner, ids), atol=1e-4), f"row {row}"
 
 
 def test_prefill_decode_join_and_cut_give_each_row_its_own_logits(runner):
@@ -70,7 +73,7 @@ def test_a_chunked_prefill_equals_a_whole_one_and_joins_the_batch(runner):
     assert runner.rows == 1  # not in the batch until its last chunk
     logits = runner.advance(partial, 4)
     assert runner.rows == 2
-    assert torch.allclose(logits[0], alone(runner, PROMPTS[2]), atol=1e-4)
+    assert torch.allclose(logits[0].cpu(), alone(runner, PROMPTS[2]), atol=1e-4)
 
 
 def test_a_remembered_prefix_seeds_prefills_that_start_with_it(runner):

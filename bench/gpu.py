@@ -1,0 +1,226 @@
+"""MiniVault on a GPU: the static runner's agreement with the CPU, then its speed over
+HTTP, in one command on a machine with no network and nothing but this repository.
+
+    python3 bench/gpu.py [--device cuda] [--clients 1,64,256] [--tokens 128] [--skip-check]
+
+1. Builds a model folder with random weights (seeded) from the embedded model's
+   config.json and tokenizer (bench/data/smollm2-135m): decode speed does not depend on
+   the weights' values, and the 98 MB GGUF need not travel.
+2. Agreement, in process: 8 prompts, 32 greedy tokens, the static runner on the GPU in
+   float32 against our Llama runner on the CPU in float32, then bfloat16 on the GPU
+   against float32 on the GPU. Prints how many texts are identical, where the others
+   first differ, and the largest logit difference at the first step.
+3. Starts the real server (minivault.py --model FOLDER --device cuda) and drives 1, 64
+   and 256 concurrent streaming clients (OpenAI /v1/completions, --tokens each,
+   temperature 1 so that a random model rarely ends early). Prints aggregate tok/s,
+   TTFT p50/p95 and inter-token latency p50/p95, and the server's start-up line.
+
+Issue 13's goals on one H100: 1 stream >= 300 tok/s; 64 clients >= 10,000 tok/s;
+256 clients >= 20,000 tok/s with TTFT p50 <= 100 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import http.client
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT)]
+DESCRIPTION = ROOT / "bench" / "data" / "smollm2-135m"
+PROMPTS = [
+    "The history of the printing press begins", "A guide to growing tomatoes at home:",
+    "Once upon a time, in a small village by the sea,", "The main differences between cats and dogs are",
+    "Here is a recipe for a simple vegetable soup.", "The solar system consists of",
+    "In the year 2050, cities will", "To learn a new language quickly, you should",
+]
+
+
+def build_random_folder(folder: Path, seed: int = 0) -> None:
+    """The embedded model's shape, tokenizer and template, with random weights (std 0.02,
+    norms 1, as transformers initialises a Llama)."""
+    import torch
+    from safetensors.torch import save_file
+
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        shutil.copy(DESCRIPTION / name, folder / name)
+    (folder / "tokenizer.json").write_bytes(gzip.decompress((DESCRIPTION / "tokenizer.json.gz").read_bytes()))
+    c = json.loads((DESCRIPTION / "config.json").read_text())
+    hidden, inter, heads, kv, dim = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                                     c["num_key_value_heads"], c["head_dim"])
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    weights = {"model.embed_tokens.weight": rand(c["vocab_size"], hidden),
+               "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights.update({p + "self_attn.q_proj.weight": rand(heads * dim, hidden),
+                        p + "self_attn.k_proj.weight": rand(kv * dim, hidden),
+                        p + "self_attn.v_proj.weight": rand(kv * dim, hidden),
+                        p + "self_attn.o_proj.weight": rand(hidden, heads * dim),
+                        p + "mlp.gate_proj.weight": rand(inter, hidden), p + "mlp.up_proj.weight": rand(inter, hidden),
+                        p + "mlp.down_proj.weight": rand(hidden, inter),
+                        p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                        p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)})
+    save_file(weights, str(folder / "model.safetensors"))
+
+
+def greedy_texts(runner, prompts: list[list[int]], steps: int):
+    """Greedy continuations of each prompt alone, and the first step's logits."""
+    import torch
+
+    out, first = [], []
+    for ids in prompts:
+        runner.reset()
+        logits = runner.prefill([ids])
+        first.append(logits[0].float().cpu())
+        tokens = []
+        for _ in range(steps):
+            token = int(torch.argmax(logits[0]))
+            tokens.append(token)
+            logits = runner.decode([token])
+        out.append(tokens)
+    runner.reset()
+    return out, first
+
+
+def agreement(folder: Path, device: str) -> None:
+    import torch
+
+    import cuda_runner
+    import llama_runner
+
+    cpu = llama_runner.load_folder(folder, "float32")
+    prompts = [cpu.codec.backend.encode(p, add_special_tokens=False).ids for p in PROMPTS]
+    reference, ref_first = greedy_texts(cpu, prompts, 32)
+    del cpu
+    runs = {}
+    for dtype, against, label in (("float32", "cpu", "CPU float32"), ("bfloat16", "float32", "GPU float32")):
+        started = time.monotonic()
+        gpu = cuda_runner.load_folder(folder, dtype, device, max_batch=8)
+        loaded = time.monotonic() - started
+        runs[dtype] = greedy_texts(gpu, prompts, 32)
+        del gpu
+        torch.cuda.empty_cache()
+        texts, first = runs[dtype]
+        other, other_first = (reference, ref_first) if against == "cpu" else runs[against]
+        same = sum(a == b for a, b in zip(texts, other))
+        where = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(texts, other)]
+        diff = max(float((a - b).abs().max()) for a, b in zip(first, other_first))
+        print(f"GPU {dtype} vs {label}: {same}/8 greedy texts identical over 32 tokens; first difference at "
+              f"token {[w for w in where if w is not None] or '-'}; largest first-step logit difference "
+              f"{diff:.2e} (loaded with graphs in {loaded:.1f} s)", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def stream_one(port: int, model: str, tokens: int, times: list) -> None:
+    """One streaming completion; appends (sent, [token arrival times]) to times."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    body = json.dumps({"model": model, "prompt": PROMPTS[len(times) % len(PROMPTS)], "max_tokens": tokens,
+                       "temperature": 1.0, "stream": True}).encode()
+    sent = time.perf_counter()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    arrivals: list[float] = []
+    times.append((sent, arrivals))
+    while line := await reader.readline():
+        if line.startswith(b"data: [DONE]"):
+            break
+        if line.startswith(b"data: {") and b'"text":""' not in line.replace(b" ", b""):
+            arrivals.append(time.perf_counter())
+    writer.close()
+
+
+async def load(port: int, model: str, clients: int, tokens: int) -> dict:
+    times: list = []
+    started = time.perf_counter()
+    await asyncio.gather(*[stream_one(port, model, tokens, times) for _ in range(clients)])
+    wall = time.perf_counter() - started
+    total = sum(len(a) for _, a in times)
+    ttft = sorted(a[0] - s for s, a in times if a)
+    gaps = sorted(y - x for _, a in times for x, y in zip(a, a[1:]))
+
+    def pct(values, q):
+        return values[min(len(values) - 1, int(q * len(values)))] * 1e3 if values else float("nan")
+
+    return {"tok_s": total / wall, "tokens": total, "ttft50": pct(ttft, 0.5), "ttft95": pct(ttft, 0.95),
+            "itl50": pct(gaps, 0.5), "itl95": pct(gaps, 0.95)}
+
+
+def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -> None:
+    port = free_port()
+    log = tempfile.TemporaryFile()
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "minivault.py", "--model", str(folder), "--device", device,
+                             "--port", str(port), "--log-file", "", "--runner", "static", "--max-batch", str(max(clients))],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                sys.exit(f"server exited:\n{log.read().decode()[-3000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                health = json.loads(conn.getresponse().read())
+                if health.get("status") == "ok":
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        print(f"\nserver ready in {time.monotonic() - started:.1f} s: {health}", flush=True)
+        asyncio.run(load(port, health["model"], 1, 16))  # warm-up
+        print(f"{'clients':>8} {'tok/s':>10} {'tokens':>8} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16}")
+        for n in clients:
+            r = asyncio.run(load(port, health["model"], n, tokens))
+            print(f"{n:8d} {r['tok_s']:10.0f} {r['tokens']:8d} {r['ttft50']:8.1f} / {r['ttft95']:6.1f} "
+                  f"{r['itl50']:7.2f} / {r['itl95']:6.2f}", flush=True)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.seek(0)
+        lines = [ln for ln in log.read().decode(errors="replace").splitlines() if "loaded" in ln or "graphs" in ln
+                 or "ERROR" in ln or "Traceback" in ln]
+        print("\n".join(lines[-10:]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--clients", default="1,64,256")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--skip-check", action="store_true", help="leave out the agreement check")
+    args = parser.parse_args()
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(args.device) if torch.cuda.is_available() else 'no GPU'}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_random_folder(folder)
+        if not args.skip_check:
+            agreement(folder, args.device)
+        serve_and_load(folder, args.device, [int(n) for n in args.clients.split(",")], args.tokens)
+
+
+if __name__ == "__main__":
+    main()
