@@ -9,6 +9,7 @@ work on any device, so a GPU runner samples where its logits are.
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 from typing import TYPE_CHECKING
 
@@ -93,9 +94,16 @@ class RowSampler:
         return self.grammar is not None and self.grammar.finished
 
 
-def _padded(rows: list[list], pad) -> list[list]:
+def _ids(rows: list[list[int]], device):
+    """Rows of token ids as a [rows, width] tensor, each padded with its own first id
+    (an empty row with 0). Through array: torch.tensor of nested lists took ~1.4 ms for
+    256 rows of 64 ids here, most of the host's sampling time at that batch."""
     width = max(1, max(len(r) for r in rows))
-    return [r + [r[0] if r else pad] * (width - len(r)) for r in rows]
+    flat = array("q")
+    for r in rows:
+        flat.extend(r)
+        flat.extend([r[0] if r else 0] * (width - len(r)))
+    return torch.frombuffer(flat, dtype=torch.long).view(len(rows), width).to(device)
 
 
 def _penalised(logits, samplers: list[RowSampler]):
@@ -104,11 +112,10 @@ def _penalised(logits, samplers: list[RowSampler]):
     device = logits.device
     settings = [s.sampling for s in samplers]
     if any(s.repeat_penalty != 1.0 for s in settings):
-        # A row's repeated tokens each once (sorted), padded with its first: the
-        # padding rewrites that token with the same value.
-        recent = [sorted(set(r.recent())) if s.repeat_penalty != 1.0 else []
-                  for r, s in zip(samplers, settings)]
-        index = torch.tensor(_padded(recent, 0), device=device)
+        # A token that recurs gets its penalty once: every copy of it is gathered from,
+        # and scattered back with, the same unpenalised logit.
+        recent = [r.recent() if s.repeat_penalty != 1.0 else [] for r, s in zip(samplers, settings)]
+        index = _ids(recent, device)
         factor = torch.tensor([[s.repeat_penalty if t else 1.0] for s, t in zip(settings, recent)],
                               device=device)
         picked = logits.gather(1, index)

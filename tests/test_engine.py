@@ -306,6 +306,13 @@ def test_repeat_penalty_lowers_a_repeated_positive_logit():
     assert sample_token(logits.clone(), s, [0]) == 1
 
 
+def test_repeat_penalty_applies_once_to_a_token_seen_many_times():
+    """2.0 / 1.1 = 1.82 stays above 1.7; penalised three times it would fall to 1.50."""
+    logits = torch.tensor([2.0, 1.7, 0.0])
+    s = Sampling(temperature=0, top_p=1.0, top_k=0, repeat_penalty=1.1)
+    assert sample_token(logits.clone(), s, [0, 0, 0, 2]) == 0
+
+
 def test_repeat_penalty_lowers_a_repeated_negative_logit():
     logits = torch.tensor([-1.0, -1.05, -5.0])
     s = Sampling(temperature=0, top_p=1.0, top_k=0, repeat_penalty=1.1)

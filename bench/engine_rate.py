@@ -1,0 +1,209 @@
+"""How many tokens a second the scheduler and the HTTP layer can carry when the model
+is as fast as a GPU's: the real server, with a stand-in runner whose decode step only
+waits (as a GPU step does, without the GIL) and returns random logits.
+
+    .venv/bin/python bench/engine_rate.py [--step-ms 5] [--clients 1,64,256] [--tokens 128]
+
+For each client count it prints the aggregate tok/s against the ceiling (clients per
+step), TTFT and inter-token p50/p95, and the model thread's own time per step outside
+the model (sampling, detokenising, stop strings, handing text to the event loop).
+Issue 13's goal is 20,000 tok/s over 256 streams; a CUDA-graph step of the embedded
+model took 5.1 ms at 256 rows on an H100, so the scheduler's share must stay well
+under that. Sampling is timed apart: here the CPU samples the 49,152-token logits,
+which on a GPU are the device's work (the host only launches the ops); "the rest" is
+the host's own work per step (taking tokens, detokenising, stop strings, handing text
+to the event loop, while the event loop writes to the sockets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import http.client
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+VOCAB = 49152  # the embedded model's
+
+
+class PacedRunner:
+    """The runner interface with no model: each step waits `step_s` and returns random
+    logits (never the end token). Counts the time between its steps that is not its own."""
+
+    architecture = "llama"
+    dtype = "paced"
+    device = "cpu"
+    parameters = 0
+    context_length = 8192
+
+    def __init__(self, codec, step_s: float):
+        import torch
+
+        self.torch = torch
+        self.codec = codec
+        self.eos_ids = frozenset({codec.eos_token_id})
+        self.step_s = step_s
+        # One fixed set of logits (random over the first 512 tokens, the end token never):
+        # making 49,152 random numbers a row each step would cost more than the step.
+        self.fixed = torch.full((1024, VOCAB), -30.0)
+        self.fixed[:, :512] = torch.randn(1024, 512)
+        self.fixed[:, sorted(self.eos_ids)] = -float("inf")
+        self.sampling = 0.0  # seconds spent in sampling.sample_rows, summed
+        self.lengths: list[int] = []
+        self.outside = 0.0  # seconds between steps, summed
+        self.steps = 0
+        self._left = None
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    def _logits(self, rows: int):
+        return self.fixed[:rows]
+
+    def _wait(self) -> None:
+        if self._left is not None:
+            self.outside += time.perf_counter() - self._left
+            self.steps += 1
+        time.sleep(self.step_s)
+        self._left = time.perf_counter()
+
+    def remember_prefix(self, ids):
+        pass
+
+    def prefill(self, prompts):
+        self._wait()
+        self.lengths += [len(p) for p in prompts]
+        return self._logits(len(prompts))
+
+    def begin(self, prompt):
+        return prompt
+
+    def advance(self, partial, tokens):
+        return self.prefill([partial])
+
+    def decode(self, tokens):
+        self._wait()
+        self.lengths = [n + 1 for n in self.lengths]
+        return self._logits(len(tokens))
+
+    def keep(self, rows):
+        self.lengths = [self.lengths[r] for r in rows]
+
+    def reset(self):
+        self.lengths = []
+        self._left = None
+
+    def embed(self, ids):
+        return [0.0]
+
+
+def serve(port: int, step_ms: float, max_batch: int) -> None:
+    """The real server (minivault.main) with the paced runner in place of a model."""
+    import minivault
+    import runner
+    from prompts import TextCodec
+
+    folder = Path(tempfile.mkdtemp())
+    data = ROOT / "bench" / "data" / "smollm2-135m"
+    for name in ("tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(data / name, folder / name)
+    (folder / "tokenizer.json").write_bytes(gzip.decompress((data / "tokenizer.json.gz").read_bytes()))
+    paced = PacedRunner(TextCodec.from_folder(folder), step_ms / 1000)
+    runner.load_runner = lambda *args, **kwargs: paced
+    import sampling
+
+    sample_rows = sampling.sample_rows
+
+    def timed(logits, samplers):
+        started = time.perf_counter()
+        try:
+            return sample_rows(logits, samplers)
+        finally:
+            paced.sampling += time.perf_counter() - started
+    sampling.sample_rows = timed
+
+    import api
+
+    original = api.Api.routes
+
+    def routes(self, router):  # one more route: the runner's own account
+        original(self, router)
+
+        async def account(request, writer):
+            await writer.send_json(200, {"steps": paced.steps, "outside_s": paced.outside,
+                                         "sampling_s": paced.sampling})
+            paced.steps, paced.outside, paced.sampling, paced._left = 0, 0.0, 0.0, None
+        router.add("GET", "/bench/account", account)
+
+    api.Api.routes = routes
+    sys.exit(minivault.main(["--port", str(port), "--log-file", "", "--max-batch", str(max_batch),
+                             "--model", str(ROOT / "bench" / "data" / "smollm2-135m"), "--log-level", "warning"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--step-ms", type=float, default=5.0)
+    parser.add_argument("--clients", default="1,64,256")
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server side, in its own process
+    parser.add_argument("--max-batch", type=int, default=256, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    clients = [int(n) for n in args.clients.split(",")]
+    if args.serve:
+        serve(args.serve, args.step_ms, args.max_batch)
+        return
+    from gpu import free_port, load
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
+                             "--max-batch", str(max(clients))], cwd=ROOT)
+    try:
+        for _ in range(200):
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/health")
+                health = json.loads(conn.getresponse().read())
+                if health.get("status") == "ok":
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+        model = health["model"]
+        asyncio.run(load(port, model, 1, 8))
+
+        def account() -> dict:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/bench/account")
+            return json.loads(conn.getresponse().read())
+
+        print(f"decode step {args.step_ms} ms (waiting, as for a GPU), {args.tokens} tokens a client, OpenAI "
+              f"/v1/completions streamed over HTTP, default sampling (top-k 40, top-p 0.9, repeat penalty 1.1)")
+        print(f"{'clients':>8} {'tok/s':>9} {'ceiling':>9} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16} "
+              f"{'between steps ms':>17} {'sampling':>9} {'the rest':>9}")
+        for n in clients:
+            account()
+            r = asyncio.run(load(port, model, n, args.tokens))
+            a = account()
+            ceiling = n / (args.step_ms / 1000)
+            per_step = a["outside_s"] / max(1, a["steps"]) * 1e3
+            sampling = a["sampling_s"] / max(1, a["steps"]) * 1e3
+            print(f"{n:8d} {r['tok_s']:9.0f} {ceiling:9.0f} {r['ttft50']:8.1f} / {r['ttft95']:6.1f} "
+                  f"{r['itl50']:7.2f} / {r['itl95']:6.2f} {per_step:17.2f} {sampling:9.2f} {per_step - sampling:9.2f}",
+                  flush=True)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+if __name__ == "__main__":
+    main()
