@@ -48,14 +48,40 @@ def span_buckets(capacity: int) -> list[int]:
     return spans + [capacity]
 
 
-class DecodeGraphs:
-    """A decode step captured as a CUDA graph for every (batch bucket, span bucket);
-    inputs are copied into each batch bucket's static tensors, and a replay leaves the
-    logits in the graph's own output tensor."""
+class CudaCapture:
+    """Captures a step as a CUDA graph (graphs share one memory pool: they never run at
+    once). Returns (replay, output): replay() recomputes output in place."""
 
-    def __init__(self, model: LlamaModel, cache: KVRows, max_batch: int, capacity: int):
-        self.model, self.cache = model, cache
+    def __init__(self):
         self.pool = torch.cuda.graph_pool_handle()
+
+    def __call__(self, step):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up runs, as torch.cuda.graphs asks
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = step()
+        return graph.replay, output
+
+
+def eager_capture(step):
+    """CudaCapture's contract without a GPU (tests): replay runs the step again into
+    the same output tensor."""
+    output = step()
+    return (lambda: output.copy_(step())), output
+
+
+class DecodeGraphs:
+    """A decode step captured for every (batch bucket, span bucket); inputs are copied
+    into each batch bucket's static tensors, and a replay leaves the logits in that
+    capture's own output tensor."""
+
+    def __init__(self, model: LlamaModel, cache: KVRows, max_batch: int, capacity: int, capture):
+        self.model, self.cache = model, cache
         self.inputs: dict[int, tuple] = {}
         self.graphs: dict[tuple[int, int], tuple] = {}
         started = time.monotonic()
@@ -63,32 +89,20 @@ class DecodeGraphs:
             self.inputs[rows] = (torch.zeros(rows, 1, dtype=torch.long, device=model.device),
                                  torch.zeros(rows, 1, dtype=torch.long, device=model.device))
             for span in span_buckets(capacity):
-                self._capture(rows, span)
+                self.graphs[(rows, span)] = capture(lambda rows=rows, span=span: self._step(rows, span))
         log.info("captured %d decode graphs in %.1f s", len(self.graphs), time.monotonic() - started)
 
     def _step(self, rows: int, span: int):
         tokens, positions = self.inputs[rows]
         return self.model.decode_logits(tokens, positions, self.cache.k[:, :rows], self.cache.v[:, :rows], span)
 
-    def _capture(self, rows: int, span: int) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up runs, as torch.cuda.graphs asks
-            for _ in range(2):
-                self._step(rows, span)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(rows, span)
-        self.graphs[(rows, span)] = (graph, logits)
-
     def run(self, tokens: list[int], lengths: list[int], rows: int, span: int):
         static_tokens, static_positions = self.inputs[rows]
         pad = [0] * (rows - len(tokens))
         static_tokens.copy_(torch.tensor(tokens + pad).unsqueeze(1))
         static_positions.copy_(torch.tensor(lengths + pad).unsqueeze(1))
-        graph, logits = self.graphs[(rows, span)]
-        graph.replay()
+        replay, logits = self.graphs[(rows, span)]
+        replay()
         return logits[:len(tokens)]
 
 
@@ -98,7 +112,7 @@ class StaticRunner:
     architecture = "llama"
 
     def __init__(self, model: LlamaModel, codec, config: dict, dtype: str, eos_ids: frozenset[int],
-                 parameters: int, max_batch: int, capacity: int, graphs: bool):
+                 parameters: int, max_batch: int, capacity: int, capture=None):
         self.model = model
         self.codec = codec
         self.dtype = dtype
@@ -112,7 +126,8 @@ class StaticRunner:
         self._cache = model.new_cache(rows=max_batch, capacity=capacity)
         self._lengths: list[int] = []
         self._prefix: tuple[list[int], KVRows] | None = None
-        self._graphs = DecodeGraphs(model, self._cache, max_batch, capacity) if graphs else None
+        # capture: CudaCapture() on a GPU; None computes each step eagerly.
+        self._graphs = DecodeGraphs(model, self._cache, max_batch, capacity, capture) if capture else None
 
     @property
     def rows(self) -> int:
@@ -252,9 +267,10 @@ def slot_capacity(model: LlamaModel, max_batch: int) -> int:
     return capacity
 
 
-def load_folder(folder, dtype: str, device: str, max_batch: int, graphs: bool | None = None) -> StaticRunner | None:
+def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None) -> StaticRunner | None:
     """A StaticRunner from a servable folder (None if its tokenizer needs transformers).
-    `dtype` `auto` is bfloat16 on a GPU (weights, cache) and float32 on the CPU."""
+    `dtype` `auto` is bfloat16 on a GPU (weights, cache) and float32 on the CPU. Decode
+    steps are CUDA graphs on a GPU, eager elsewhere, unless `capture` says otherwise."""
     read = read_folder(folder)
     if read is None:
         return None
@@ -274,4 +290,4 @@ def load_folder(folder, dtype: str, device: str, max_batch: int, graphs: bool | 
         log.warning("slots hold %d positions each (the model's context is %d): the GPU's memory for %d rows",
                     capacity, model.context, max_batch)
     return StaticRunner(model, codec, config, dtype, eos, parameters, max_batch, capacity,
-                        graphs=gpu if graphs is None else graphs)
+                        capture=capture or (CudaCapture() if gpu else None))

@@ -15,15 +15,24 @@ PROMPTS = [[5, 17, 33, 2, 9], [40, 41], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17
 
 
 @pytest.fixture(params=["transformers/gpt2", "transformers/llama", "llama/llama", "static/llama",
+                        "static-replayed/llama",
                         pytest.param("static/llama/cuda", marks=pytest.mark.skipif(
                             not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 def runner(request, tiny_gpt2_folder, tiny_llama_folder):
     kind, model, *device = request.param.split("/")
     folder = tiny_gpt2_folder if model == "gpt2" else tiny_llama_folder
-    # On a GPU the static runner captures its decode steps as CUDA graphs.
-    r = load_runner(resolve_model(str(folder)), "float32", None, kind, device=device[0] if device else "cpu")
-    assert type(r).__name__ == {"transformers": "TransformersRunner", "llama": "LlamaRunner",
-                                "static": "StaticRunner"}[kind]
+    if kind == "static-replayed":
+        # The decode steps' graph bookkeeping (static inputs, buckets, padding, outputs
+        # read after a replay) without a GPU: a replay recomputes the captured step.
+        import cuda_runner
+
+        r = cuda_runner.load_folder(folder, "float32", "cpu", max_batch=8, capture=cuda_runner.eager_capture)
+        assert r._graphs is not None and len(r._graphs.graphs) == 4  # batch buckets 1, 2, 4, 8 x one span
+    else:
+        # On a GPU the static runner captures its decode steps as CUDA graphs.
+        r = load_runner(resolve_model(str(folder)), "float32", None, kind, device=device[0] if device else "cpu")
+    assert type(r).__name__ == {"transformers": "TransformersRunner", "llama": "LlamaRunner", "static": "StaticRunner",
+                                "static-replayed": "StaticRunner"}[kind]
     r.reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return r
 
