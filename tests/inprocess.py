@@ -125,12 +125,14 @@ class LiveServer:
 
 @contextlib.asynccontextmanager
 async def live_server(model_folder, log_path, faults: Faults | None = None, policy: Policy | None = None,
-                      runner=None, **engine_kwargs):
-    """`runner`: a runner to serve instead of the folder's model (the folder still names it)."""
+                      runner=None, kind: str = "auto", **engine_kwargs):
+    """`runner`: a runner to serve instead of the folder's model (the folder still names
+    it); `kind`: which runner loads the folder (runner.RUNNERS)."""
     def load(source, dtype, cache_dir):
         from runner import load_runner
 
-        real = runner if runner is not None else load_runner(source, dtype, cache_dir)
+        real = runner if runner is not None else load_runner(source, dtype, cache_dir, kind,
+                                                             max_batch=engine_kwargs.get("max_batch", 8))
         return FaultyRunner(real, faults) if faults is not None else real
 
     engine = Engine(model=str(model_folder), dtype="float32", cache_dir=None, load_runner=load, **engine_kwargs)

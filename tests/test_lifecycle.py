@@ -80,15 +80,17 @@ def check_reply(reply, endpoint: str, faulty: bool) -> None:
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(requests=REQUESTS, plan=FAULTS, max_batch=st.integers(1, 3), queue_size=st.integers(1, 4),
-       chunk=st.sampled_from([8, 256]), model=st.sampled_from(["gpt2", "llama"]))
+       chunk=st.sampled_from([8, 256]), model=st.sampled_from(["gpt2", "llama", "static"]))
 def test_any_mix_of_bodies_disconnects_and_failures_leaves_the_books_balanced(
         tiny_gpt2_folder, tiny_llama_folder, requests, plan, max_batch, queue_size, chunk, model):
     faults = Faults(plan={k: set(v) for k, v in plan.items()})
-    folder = tiny_gpt2_folder if model == "gpt2" else tiny_llama_folder  # transformers' runner, or ours
+    # transformers' runner, ours, or the GPU's static one (on the CPU)
+    folder = tiny_gpt2_folder if model == "gpt2" else tiny_llama_folder
+    kind = "static" if model == "static" else "auto"
 
     async def main(log_path):
-        async with live_server(folder, log_path, faults=faults, max_batch=max_batch,
-                               queue_size=queue_size) as live:
+        async with live_server(folder, log_path, faults=faults, max_batch=max_batch, queue_size=queue_size,
+                               kind=kind) as live:
             live.engine.PREFILL_CHUNK = chunk  # 8: the tiny model's prompts are prefilled in chunks
             finals = count_finals(live.engine)
             model = live.engine.model_name
