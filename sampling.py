@@ -145,7 +145,9 @@ def sample_rows(logits, samplers: list[RowSampler]) -> list[int]:
     tokens: list[int] = [0] * len(samplers)
     for rows, pick in ((_rows_where(samplers, greedy=True), _greedy), (_rows_where(samplers, greedy=False), _draw)):
         if rows:
-            for row, token in zip(rows, pick(_rows(logits, rows), [samplers[r] for r in rows]).tolist()):
+            # .cpu() first: on a GPU the copy waits for the step without holding the
+            # GIL, so the event loop keeps writing meanwhile.
+            for row, token in zip(rows, pick(_rows(logits, rows), [samplers[r] for r in rows]).cpu().tolist()):
                 tokens[row] = token
     return tokens
 
@@ -227,7 +229,7 @@ def _pick(probs, order, samplers: list[RowSampler], fallback):
     pick = torch.searchsorted(cdf, u * total, right=True).clamp_(max=probs.shape[-1] - 1)
     chosen = order.gather(1, pick).squeeze(1)
     usable = (torch.isfinite(total) & (total > 0)).squeeze(1)  # an inf or NaN reaches the total
-    return chosen if bool(usable.all()) else torch.where(usable, chosen, fallback())
+    return torch.where(usable, chosen, fallback())  # no host sync to ask whether any row needs it
 
 
 def _column(values: list, like, dtype=torch.float32):
