@@ -34,6 +34,7 @@ log = logging.getLogger("minivault.cuda")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SMALLEST_SPAN = 256  # decode attention spans: 256, 512, ... (a multiple of SPAN_BUCKET)
 KV_MEMORY_SHARE = 0.6  # of the GPU memory free after loading the weights
+CPU_SLOT_POSITIONS = 2048
 
 
 def batch_bucket(rows: int) -> int:
@@ -253,10 +254,13 @@ class StaticRunner:
 
 def slot_capacity(model: LlamaModel, max_batch: int) -> int:
     """Positions per slot: the model's context, or less where the GPU's free memory
-    cannot hold max_batch slots of it (a multiple of SPAN_BUCKET either way)."""
+    cannot hold max_batch slots of it, or CPU_SLOT_POSITIONS on the CPU (a multiple of
+    SPAN_BUCKET either way)."""
     context = math.ceil(model.context / SPAN_BUCKET) * SPAN_BUCKET
     if not str(model.device).startswith("cuda"):
-        return context
+        # On the CPU this runner is the GPU's code under test: 8 float32 slots of the
+        # embedded model's whole 8,192 positions would hold 3 GB.
+        return min(context, CPU_SLOT_POSITIONS)
     per_position = 2 * model.layers * model.kv_heads * model.head_dim * torch.finfo(model.cache_dtype).bits // 8
     free, _ = torch.cuda.mem_get_info(torch.device(model.device))
     fits = int(free * KV_MEMORY_SHARE) // (per_position * max_batch)
@@ -287,7 +291,7 @@ def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None) -
     _give_back_freed_memory()
     capacity = slot_capacity(model, max_batch)
     if capacity < model.context:
-        log.warning("slots hold %d positions each (the model's context is %d): the GPU's memory for %d rows",
-                    capacity, model.context, max_batch)
+        log.warning("slots hold %d positions each (the model's context is %d): %s", capacity, model.context,
+                    f"the GPU's memory for {max_batch} rows" if gpu else "the static runner's limit on the CPU")
     return StaticRunner(model, codec, config, dtype, eos, parameters, max_batch, capacity,
                         capture=capture or (CudaCapture() if gpu else None))
