@@ -428,7 +428,7 @@ class Api:
         try:
             body = parse_json_body(request.body)
             model = self.check_model(body)
-            gen, stream = parse_responses(body)
+            gen, stream, reads_calls = parse_responses(body, self.eager_tools)
         except HTTPError as err:  # OpenAI clients expect their own error shape
             await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
             return
@@ -436,8 +436,10 @@ class Api:
         echoed = {"instructions": body.get("instructions"), "max_output_tokens": gen.max_tokens,
                   "temperature": gen.sampling.temperature, "top_p": gen.sampling.top_p,
                   "metadata": body.get("metadata") or {}, "store": False, "user": body.get("user"),
-                  "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}}}
-        await self._run(request, writer, gen, stream, "/v1/responses", OpenAIResponse(model, echoed))
+                  "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
+                  "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
+                  "parallel_tool_calls": body.get("parallel_tool_calls") is True}
+        await self._run(request, writer, gen, stream, "/v1/responses", OpenAIResponse(model, echoed, reads_calls))
 
     def _openai_model(self, name: str) -> dict:
         return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "minivault"}

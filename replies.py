@@ -220,17 +220,20 @@ def openai_call(call: dict) -> dict:
 class OpenAIResponse(Shape):
     """OpenAI's /v1/responses: a `response` object, or its documented event stream
     (created, in_progress, output item and content part added, text deltas, done
-    events, completed)."""
+    events, completed). With tools, each call the model makes is a `function_call`
+    output item, streamed as added, arguments delta and done, item done."""
 
     content_type = SSE
 
-    def __init__(self, model: str, request_fields: dict):
+    def __init__(self, model: str, request_fields: dict, reads_calls: bool = False):
         super().__init__(model)
         self.created = int(time.time())
         self.fields = request_fields  # echoed in the response object, as OpenAI does
+        self.calls = toolcalls.ToolCallReader() if reads_calls else None
         self._sequence = 0
         self._text: list[str] = []
-        self._opened = False
+        self._started = False
+        self._opened = False  # the message item (text) is open
 
     @property
     def id(self) -> str:
@@ -251,8 +254,26 @@ class OpenAIResponse(Shape):
     def _item(self, status: str, parts: list) -> dict:
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": parts}
 
+    @staticmethod
+    def _call_item(call: dict, status: str = "completed") -> dict:
+        return {"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"], "name": call["name"],
+                "arguments": json.dumps(call["arguments"], ensure_ascii=False), "status": status}
+
+    @property
+    def _made_calls(self) -> list[dict]:
+        return self.calls.calls if self.calls is not None else []
+
+    @property
+    def _text_index(self) -> int:
+        return len(self._made_calls)  # the message item comes after any calls
+
+    def _output(self, status: str) -> list[dict]:
+        items = [self._call_item(c) for c in self._made_calls]
+        if self._text or not items:
+            items.append(self._item(status, [self._part("".join(self._text))]))
+        return items
+
     def _response(self, status: str, final: Final | None = None, error: dict | None = None) -> dict:
-        text = "".join(self._text)
         incomplete = final is not None and final.done_reason == "length"
         body = {"id": self.id, "object": "response", "created_at": self.created,
                 "status": "incomplete" if incomplete else status, "error": error,
@@ -261,7 +282,7 @@ class OpenAIResponse(Shape):
                 "tools": [], "text": {"format": {"type": "text"}}, "truncation": "disabled", "metadata": {},
                 "usage": None, **self.fields}
         if final is not None:
-            body["output"] = [self._item("incomplete" if incomplete else "completed", [self._part(text)])]
+            body["output"] = self._output("incomplete" if incomplete else "completed")
             s = final.stats
             body["usage"] = {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
                              "output_tokens": s.completion_tokens,
@@ -269,37 +290,71 @@ class OpenAIResponse(Shape):
                              "total_tokens": s.prompt_tokens + s.completion_tokens}
         return body
 
+    def _start(self) -> bytes:
+        if self._started:
+            return b""
+        self._started = True
+        return (self._event("response.created", response=self._response("in_progress"))
+                + self._event("response.in_progress", response=self._response("in_progress")))
+
     def _open(self) -> bytes:
         if self._opened:
-            return b""
+            return self._start()
         self._opened = True
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        return (self._event("response.created", response=self._response("in_progress"))
-                + self._event("response.in_progress", response=self._response("in_progress"))
-                + self._event("response.output_item.added", output_index=0, item=self._item("in_progress", []))
+        where = {"item_id": self.item_id, "output_index": self._text_index, "content_index": 0}
+        return (self._start()
+                + self._event("response.output_item.added", output_index=self._text_index,
+                              item=self._item("in_progress", []))
                 + self._event("response.content_part.added", **where, part=self._part("")))
 
-    def piece(self, text: str) -> bytes:
+    def _text_piece(self, text: str) -> bytes:
         self._text.append(text)
-        return self._open() + self._event("response.output_text.delta", item_id=self.item_id, output_index=0,
-                                          content_index=0, delta=text)
+        return self._open() + self._event("response.output_text.delta", item_id=self.item_id,
+                                          output_index=self._text_index, content_index=0, delta=text)
+
+    def _call_events(self, call: dict, index: int) -> bytes:
+        done = self._call_item(call)
+        return (self._start()
+                + self._event("response.output_item.added", output_index=index,
+                              item={**done, "arguments": "", "status": "in_progress"})
+                + self._event("response.function_call_arguments.delta", item_id=done["id"], output_index=index,
+                              delta=done["arguments"])
+                + self._event("response.function_call_arguments.done", item_id=done["id"], output_index=index,
+                              arguments=done["arguments"])
+                + self._event("response.output_item.done", output_index=index, item=done))
+
+    def piece(self, text: str) -> bytes:
+        if self.calls is None:
+            return self._text_piece(text)
+        content, calls = self.calls.feed(text)
+        out = self._text_piece(content) if content else b""
+        for call in calls:
+            out += self._call_events(call, self._made_calls.index(call))
+        return out
 
     def end(self, final: Final) -> bytes:
-        text = "".join(self._text)
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        rest = self.calls.finish() if self.calls is not None else ""
+        out = self._text_piece(rest) if rest else b""
         done = self._response("completed", final)
-        return (self._open() + self._event("response.output_text.done", **where, text=text)
-                + self._event("response.content_part.done", **where, part=self._part(text))
-                + self._event("response.output_item.done", output_index=0, item=done["output"][0])
-                + self._event("response.completed" if done["status"] == "completed" else "response.incomplete",
-                              response=done))
+        if self._text or not self._made_calls:
+            text = "".join(self._text)
+            where = {"item_id": self.item_id, "output_index": self._text_index, "content_index": 0}
+            out += (self._open() + self._event("response.output_text.done", **where, text=text)
+                    + self._event("response.content_part.done", **where, part=self._part(text))
+                    + self._event("response.output_item.done", output_index=self._text_index,
+                                  item=done["output"][-1]))
+        return out + self._start() + self._event(
+            "response.completed" if done["status"] == "completed" else "response.incomplete", response=done)
 
     def error_line(self, message: str) -> bytes:
-        return self._open() + self._event("response.failed", response=self._response(
+        return self._start() + self._event("response.failed", response=self._response(
             "failed", error={"code": "server_error", "message": message}))
 
     def whole(self, text: str, final: Final) -> dict:
-        self._text = [text]
+        if self.calls is not None and text:
+            text, _ = self.calls.feed(text)
+            text += self.calls.finish()
+        self._text = [text] if text else []
         return self._response("completed", final)
 
     def error(self, message: str, status: int) -> dict:

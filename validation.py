@@ -446,16 +446,14 @@ def _is_token(value) -> bool:
 
 
 # Responses API fields we cannot honour (with a value that asks for something).
-RESPONSES_UNSUPPORTED = ("tools", "previous_response_id", "reasoning", "background", "top_logprobs",
+RESPONSES_UNSUPPORTED = ("previous_response_id", "reasoning", "background", "top_logprobs",
                          "conversation", "prompt", "include", "max_tool_calls")
 RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
 
 
-def parse_responses(body: dict) -> tuple[GenerationRequest, bool]:
-    """OpenAI's /v1/responses body -> (request, stream?)."""
+def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool]:
+    """OpenAI's /v1/responses body -> (request, stream?, read tool calls?)."""
     refuse_unsupported(body, RESPONSES_UNSUPPORTED)
-    if body.get("tool_choice") not in (None, "auto", "none"):
-        raise HTTPError(400, "'tool_choice' is not supported")
     text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if body.get("text") is not None and not isinstance(body.get("text"), dict):
         raise HTTPError(400, "'text' must be an object")
@@ -466,9 +464,9 @@ def parse_responses(body: dict) -> tuple[GenerationRequest, bool]:
             raise HTTPError(400, "'input' must not be empty")
         items = [{"role": "user", "content": value}]
     elif isinstance(value, list) and value:
-        items = [_responses_message(i, item) for i, item in enumerate(value)]
+        items = _responses_items(value)
     else:
-        raise HTTPError(400, "'input' must be a string or a non-empty list of message items")
+        raise HTTPError(400, "'input' must be a string or a non-empty list of input items")
     instructions = body.get("instructions")
     if instructions is not None:
         items = [{"role": "system", "content": string_field("instructions", instructions)}] + items
@@ -480,15 +478,56 @@ def parse_responses(body: dict) -> tuple[GenerationRequest, bool]:
     if body.get("max_output_tokens") is not None:
         max_tokens = _integer("max_output_tokens", body["max_output_tokens"], 1)
     stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
-    messages = parse_messages(items, openai=True)
-    return GenerationRequest(messages=messages, max_tokens=max_tokens, sampling=sampling,
-                             constraint=output.constraint), stream
+    req = GenerationRequest(messages=parse_messages(items, openai=True), max_tokens=max_tokens, sampling=sampling)
+    # Responses' tools are chat's, flattened: {"type": "function", "name", "parameters"}.
+    chat = {"messages": items, "parallel_tool_calls": body.get("parallel_tool_calls")}
+    if body.get("tools") not in (None, []):
+        chat["tools"] = [_responses_tool(i, t) for i, t in enumerate(list_field("tools", body["tools"]))]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+        choice = {"type": "function", "function": {"name": choice["name"]}}
+    chat["tool_choice"] = choice
+    reads_calls = apply_tools(chat, req, output, choice_field=True, eager=eager_tools)
+    return req, stream, reads_calls
+
+
+def _responses_tool(i: int, tool) -> dict:
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        kind = tool.get("type") if isinstance(tool, dict) else None
+        raise HTTPError(400, f"'tools[{i}].type': only function tools are supported, not {kind!r}")
+    return {"type": "function", "function": {k: tool.get(k) for k in ("name", "description", "parameters")}}
+
+
+def _responses_items(value: list) -> list[dict]:
+    """Responses input items -> chat messages: messages, the model's earlier function
+    calls (one assistant turn for consecutive calls) and their outputs."""
+    messages: list[dict] = []
+    for i, item in enumerate(value):
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "function_call":
+            if not isinstance(item.get("name"), str) or not isinstance(item.get("arguments", ""), str):
+                raise HTTPError(400, f"'input[{i}]' must have a 'name' and 'arguments' (a JSON string)")
+            call = {"id": item.get("call_id"), "function": {"name": item["name"], "arguments": item.get("arguments")}}
+            last = messages[-1] if messages else {}
+            if last.get("role") == "assistant" and last.get("tool_calls") and not last.get("content"):
+                last["tool_calls"].append(call)
+            else:
+                messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if not isinstance(output, str):
+                raise HTTPError(400, f"'input[{i}].output' must be a string")
+            messages.append({"role": "tool", "content": output})
+        else:
+            messages.append(_responses_message(i, item))
+    return messages
 
 
 def _responses_message(i: int, item) -> dict:
     """A Responses input item -> a chat message; only text messages are understood."""
     if not isinstance(item, dict) or item.get("type", "message") != "message":
-        raise HTTPError(400, f"'input[{i}]' must be a message item (other item types are not supported)")
+        raise HTTPError(400, f"'input[{i}]' must be a message, function_call or function_call_output item "
+                             f"(other item types are not supported)")
     content = item.get("content")
     if isinstance(content, list):
         texts = []

@@ -193,10 +193,11 @@ def test_openai_responses_streamed_equals_not_streamed(oa):
 
 def test_openai_responses_refuses_what_it_cannot_honour(oa):
     with pytest.raises(openai.BadRequestError) as err:
-        oa.responses.create(model="smollm2", input="hi", tools=[{"type": "function", "name": "f", "parameters": {}}])
-    assert "tools" in str(err.value)
-    with pytest.raises(openai.BadRequestError):
-        oa.responses.create(model="smollm2", input=[{"type": "function_call_output", "call_id": "1", "output": "x"}])
+        oa.responses.create(model="smollm2", input="hi", previous_response_id="resp_1")
+    assert "previous_response_id" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.responses.create(model="smollm2", input=[{"type": "reasoning", "summary": []}])
+    assert "input[0]" in str(err.value)
 
 
 def test_openai_models(oa):

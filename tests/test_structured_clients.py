@@ -194,6 +194,51 @@ def test_openai_streamed_tool_call_arguments_validate_against_the_schema(oa, cho
         GetWeather.model_validate(arguments)
 
 
+# ---- openai: the Responses API's function tools ----
+
+RESPONSES_TOOL = {"type": "function", "name": "get_weather", "description": "Get the current weather for a city.",
+                  "parameters": WEATHER_SCHEMA, "strict": True}
+
+
+def test_openai_responses_tool_call_whole_and_streamed_then_the_round_trip_ends_in_text(oa):
+    kwargs = dict(model="smollm2", input="What's the weather in Paris?", tools=[RESPONSES_TOOL],
+                  max_output_tokens=96, temperature=0)
+    whole = oa.responses.create(**kwargs)
+    assert whole.status == "completed"
+    [call] = whole.output
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    check_schema(json.loads(call.arguments), WEATHER_SCHEMA)
+
+    events = list(oa.responses.create(stream=True, **kwargs))
+    types = [e.type for e in events]
+    assert types == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                     "response.output_item.done", "response.completed"]
+    [streamed] = events[-1].response.output
+    assert (streamed.type, streamed.name, streamed.arguments) == ("function_call", call.name, call.arguments)
+    assert events[4].arguments == call.arguments
+
+    # The call and its output go back as input items; the model then answers in text.
+    final = oa.responses.create(**{**kwargs, "input": [
+        {"role": "user", "content": "What's the weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": WEATHER_RESULT}]})
+    assert [item.type for item in final.output] == ["message"] and "21" in final.output_text
+
+
+def test_openai_responses_tool_choice_names_a_function_or_is_refused(oa):
+    named = oa.responses.create(model="smollm2", input="Hello!", tools=[RESPONSES_TOOL], max_output_tokens=96,
+                                tool_choice={"type": "function", "name": "get_weather"}, temperature=0)
+    assert [item.type for item in named.output] == ["function_call"]
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.responses.create(model="smollm2", input="hi", tools=[RESPONSES_TOOL],
+                            tool_choice={"type": "function", "name": "get_time"})
+    assert "get_time" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.responses.create(model="smollm2", input="hi", tools=[{"type": "web_search"}])
+    assert "tools[0].type" in str(err.value)
+
+
 # ---- ollama: tools ----
 
 def get_weather(city: str) -> str:
