@@ -134,19 +134,24 @@ class LlamaModel:
 
     @staticmethod
     def _rope(x, cos, sin):
-        """Rotary embedding, transformers' layout (the two halves of each head rotate together)."""
-        a, b = x.chunk(2, dim=-1)
-        return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+        """Rotary embedding, transformers' layout (the two halves of each head rotate
+        together): [a, b] -> [a cos - b sin, b cos + a sin], with cos = [cos, cos] and
+        sin = [-sin, sin] over the whole head. Four ops instead of eight, same values."""
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
-    def _attend_one(self, q, keys, values, visible):
+    def _attend_one(self, q, keys, values, hidden):
         """Attention for one new token per row, as two batched matmuls: each key head
         serves its group of query heads without copying keys. scaled_dot_product_attention
-        took 184 us a layer for 8 rows over 256 positions here, mostly overhead."""
+        took 184 us a layer for 8 rows over 256 positions here, mostly overhead.
+        `hidden`: 0 where a key is visible, -inf where not, added to the scaled scores in
+        one op (the same values as scaling, then masking)."""
         rows = q.shape[0]
-        group = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim).to(keys.dtype)
-        scores = torch.matmul(group, keys.transpose(-1, -2)) * self.head_dim ** -0.5
-        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-        return torch.matmul(probs, values).reshape(rows, 1, self.heads, self.head_dim).float()
+        group = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+        if group.dtype != keys.dtype:
+            group = group.to(keys.dtype)
+        scores = torch.add(hidden, torch.matmul(group, keys.transpose(-1, -2)), alpha=self.head_dim ** -0.5)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values).reshape(rows, 1, self.heads, self.head_dim)
+        return out if out.dtype == torch.float32 else out.float()
 
     def forward(self, tokens, cache: KVRows, last: list[int], every_position: bool = False,
                 hidden_states: bool = False):
@@ -188,9 +193,12 @@ class LlamaModel:
         rows, new = tokens.shape
         # Row b's token t sees every key at or before its own position.
         visible = (torch.arange(span, device=self.device) <= positions.unsqueeze(-1)).unsqueeze(1)
+        if new == 1:
+            hidden = torch.zeros(visible.shape, device=self.device, dtype=k.dtype).masked_fill_(~visible, -torch.inf)
         row_index = torch.arange(rows, device=self.device).unsqueeze(1).expand(rows, new)
-        # The rotation of these positions, once for every layer: [rows, new, 1, head_dim / 2].
+        # The rotation of these positions, once for every layer: [rows, new, 1, head_dim].
         cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
         qk_heads = self.heads + self.kv_heads
         x = self.embed[tokens].float().reshape(rows * new, self.hidden)
         for i, blk in enumerate(self.blocks):
@@ -201,10 +209,10 @@ class LlamaModel:
             q, key = qk[:, :, :self.heads], qk[:, :, self.heads:]
             value = qkv[:, qk_heads * self.head_dim:].reshape(rows, new, self.kv_heads, self.head_dim)
             keys, values = k[i], v[i]  # [rows, kv_heads, capacity, head_dim]
-            keys[row_index, :, positions] = key.to(keys.dtype)
-            values[row_index, :, positions] = value.to(values.dtype)
+            keys[row_index, :, positions] = key if key.dtype == keys.dtype else key.to(keys.dtype)
+            values[row_index, :, positions] = value if value.dtype == values.dtype else value.to(values.dtype)
             if new == 1:
-                attn = self._attend_one(q, keys[:, :, :span], values[:, :, :span], visible)
+                attn = self._attend_one(q, keys[:, :, :span], values[:, :, :span], hidden)
             else:
                 attn = F.scaled_dot_product_attention(q.transpose(1, 2).to(keys.dtype), keys[:, :, :span],
                                                       values[:, :, :span], attn_mask=visible,
