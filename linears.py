@@ -24,8 +24,10 @@ log = logging.getLogger("minivault.linears")
 def half_weights_supported() -> bool:
     """fbgemm's float16 kernels need AVX2 and F16C; torch raises without them."""
     try:
-        packed = torch.fbgemm_pack_gemm_matrix_fp16(torch.ones(4, 4))
-        return bool(torch.fbgemm_linear_fp16_weight(torch.ones(2, 4), packed, torch.zeros(4)).sum() == 32)
+        with warnings.catch_warnings():  # the deprecation notice, wherever filters were reset
+            warnings.filterwarnings("ignore", message=r".*fbgemm.*deprecated")
+            packed = torch.fbgemm_pack_gemm_matrix_fp16(torch.ones(4, 4))
+            return bool(torch.fbgemm_linear_fp16_weight(torch.ones(2, 4), packed, torch.zeros(4)).sum() == 32)
     except Exception:
         return False
 
