@@ -147,8 +147,9 @@ def _load_static(source, dtype: str, cache_dir: str | None, device: str, max_bat
         hf.load_model(source, "float32", cache_dir)  # converts and caches a GGUF file
         folder = weights_folder(source, cache_dir)
     if folder is None or not llama_runner.servable_folder(folder):
-        raise RuntimeError(f"{device}: only Llama-architecture models in a folder or GGUF file are served "
-                           f"on a GPU (the static runner); serve this one on the CPU with --device cpu")
+        raise RuntimeError("the static runner serves only Llama-architecture models from a folder or GGUF file"
+                           + ("" if device == "cpu" else f" (all that runs on {device}); serve this one with "
+                                                         f"--device cpu"))
     runner = cuda_runner.load_folder(folder, dtype, device, max_batch)
     if runner is None:
         raise RuntimeError("the static runner needs a tokenizer.json it can read without transformers")
