@@ -27,3 +27,11 @@ def test_a_prompt_that_would_overrun_its_slot_is_refused_and_the_batch_is_kept(t
     with pytest.raises(RuntimeError):
         runner.prefill([[1, 2], [3, 4]])  # two more rows for one free slot
     assert runner.rows == 1 and runner.decode([8]).shape[0] == 1
+
+
+def test_the_static_runner_refuses_other_architectures(tiny_gpt2_folder):
+    from modelsource import resolve_model
+    from runner import load_runner
+
+    with pytest.raises(RuntimeError, match="only Llama-architecture"):
+        load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None, "static")
