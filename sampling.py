@@ -170,8 +170,9 @@ def _draw(logits, samplers: list[RowSampler]):
     """Temperature, top-k and top-p, then one draw per row from its own stream."""
     vocab = logits.shape[-1]
     settings = [s.sampling for s in samplers]
-    whole = [r for r, s in enumerate(settings) if not 0 < s.top_k < vocab and not 0 < s.top_p < 1]
-    cut = [r for r in range(len(settings)) if r not in whole]
+    uncut = [not 0 < s.top_k < vocab and not 0 < s.top_p < 1 for s in settings]
+    whole = [r for r, u in enumerate(uncut) if u]
+    cut = [r for r, u in enumerate(uncut) if not u]
     tokens = torch.empty(len(settings), dtype=torch.long, device=logits.device)
     if whole:  # nothing to leave out: no sort needed
         rows, some = [samplers[r] for r in whole], _rows(logits, whole)
