@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llama_runner import SPAN_BUCKET, KVRows, LlamaModel, PartialPrefill, _give_back_freed_memory, read_folder
+from llama_runner import SPAN_BUCKET, KVRows, LlamaModel, PartialPrefill, give_back_freed_memory, read_folder
 
 log = logging.getLogger("minivault.cuda")
 
@@ -288,7 +288,7 @@ def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None) -
     cache_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     model = LlamaModel(config, weights, dtype, device=device, cache_dtype=cache_dtype)
     del weights, read
-    _give_back_freed_memory()
+    give_back_freed_memory()
     capacity = slot_capacity(model, max_batch)
     if capacity < model.context:
         log.warning("slots hold %d positions each (the model's context is %d): %s", capacity, model.context,

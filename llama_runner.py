@@ -361,11 +361,11 @@ def load_folder(folder: Path, dtype: str) -> LlamaRunner | None:
     config, weights, codec, eos, parameters = read
     runner = LlamaRunner(LlamaModel(config, weights, dtype), codec, config, dtype, eos, parameters)
     del weights, read
-    _give_back_freed_memory()
+    give_back_freed_memory()
     return runner
 
 
-def _give_back_freed_memory() -> None:
+def give_back_freed_memory() -> None:
     """The float32 weights read while building are freed, but glibc keeps freed heap
     unless asked; asking took the resident size down by ~200 MB here."""
     import ctypes
