@@ -142,10 +142,7 @@ class StaticRunner:
         in the cache)."""
         if first + count > self.max_batch:
             raise RuntimeError(f"{first + count} rows for {self.max_batch} slots")
-        view = KVRows.__new__(KVRows)
-        view.k, view.v = self._cache.k[:, first:first + count], self._cache.v[:, first:first + count]
-        view.lengths = list(lengths)
-        return view
+        return KVRows.over(self._cache.k[:, first:first + count], self._cache.v[:, first:first + count], lengths)
 
     def _fits(self, prompts: list[list[int]]) -> None:
         # A prefill span past the slots' length would make KVRows.ensure reallocate the

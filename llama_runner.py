@@ -53,6 +53,13 @@ class KVRows:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.lengths: list[int] = [0] * rows
 
+    @classmethod
+    def over(cls, k, v, lengths: list[int]) -> "KVRows":
+        """Rows kept in tensors owned elsewhere (a view: writes land there)."""
+        rows = cls.__new__(cls)
+        rows.k, rows.v, rows.lengths = k, v, list(lengths)
+        return rows
+
     @property
     def rows(self) -> int:
         return len(self.lengths)
