@@ -3,6 +3,8 @@ HTTP, in one command on a machine with no network and nothing but this repositor
 
     python3 bench/gpu.py [--device cuda] [--clients 1,64,256] [--tokens 128] [--skip-check]
 
+0. Runs the runner tests that need CUDA (tests/test_runner.py's static runner on the
+   GPU, against transformers' forward of tiny models; tests/test_cuda_runner.py).
 1. Builds a model folder with random weights (seeded) from the embedded model's
    config.json and tokenizer (bench/data/smollm2-135m): decode speed does not depend on
    the weights' values, and the 98 MB GGUF need not travel.
@@ -209,11 +211,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--clients", default="1,64,256")
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--skip-check", action="store_true", help="leave out the agreement check")
+    parser.add_argument("--skip-check", action="store_true", help="leave out the tests and the agreement check")
     args = parser.parse_args()
     import torch
 
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(args.device) if torch.cuda.is_available() else 'no GPU'}")
+    if not args.skip_check:
+        tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_runner.py",
+                                "tests/test_cuda_runner.py", "-k", "cuda"], cwd=ROOT, capture_output=True, text=True)
+        print("CUDA runner tests:", (tests.stdout.strip().splitlines() or ["(no output)"])[-1], flush=True)
+        if tests.returncode not in (0, 5):
+            print(tests.stdout[-4000:], tests.stderr[-2000:])
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_random_folder(folder)
