@@ -5,8 +5,8 @@ Why: launched op by op from Python, a step of this small model costs about the s
 batch 1 as at batch 256 on an H100 (transformers' eager loop: 97 ms and 70 ms a step;
 captured in CUDA graphs: 2.4 ms and 5.1 ms, issue 13).
 
-- One KV cache allocated at load: a slot per batch row up to `max_batch`, each as long
-  as the context served. Rows 0..n-1 of the batch are slots 0..n-1; cutting rows moves
+- One KV cache allocated at load: a slot per batch row (`--max-batch`, or as many as
+  fit in the GPU's memory, up to 256), each as long as the context served. Rows 0..n-1 of the batch are slots 0..n-1; cutting rows moves
   the kept ones down (one device copy of each moved row's used positions).
 - A decode step runs at a batch bucket (1, 2, 4, ..., >= the rows) and a span bucket
   (256, 512, ..., >= the longest row), padding rows beyond the batch with position 0 of
@@ -33,7 +33,8 @@ log = logging.getLogger("minivault.cuda")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SMALLEST_SPAN = 256  # decode attention spans: 256, 512, ... (a multiple of SPAN_BUCKET)
-KV_MEMORY_SHARE = 0.6  # of the GPU memory free after loading the weights
+KV_MEMORY_SHARE = 0.85  # of the GPU memory free after loading the weights (vLLM takes 0.9 of all)
+MIN_GPU_SLOTS = 8
 CPU_SLOT_POSITIONS = 2048
 
 
@@ -249,29 +250,38 @@ class StaticRunner:
         return F.normalize(hidden[0].mean(dim=0).float(), dim=0).tolist()
 
 
-def slot_capacity(model: LlamaModel, max_batch: int) -> int:
-    """Positions per slot: the model's context, or less where the GPU's free memory
-    cannot hold max_batch slots of it, or CPU_SLOT_POSITIONS on the CPU (a multiple of
-    SPAN_BUCKET either way)."""
+def slot_plan(model: LlamaModel, max_batch: int, fixed: bool = True) -> tuple[int, int]:
+    """(slots, positions per slot), a multiple of SPAN_BUCKET. On a GPU the cache takes
+    KV_MEMORY_SHARE of the memory free after the weights. `fixed` false (no --max-batch
+    given): max_batch is an upper bound, and the slots are as many of the whole context
+    as fit (a power of two, at least MIN_GPU_SLOTS). A slot is shortened only where the
+    slots do not fit whole. On the CPU: max_batch slots of at most CPU_SLOT_POSITIONS."""
     context = math.ceil(model.context / SPAN_BUCKET) * SPAN_BUCKET
     if not str(model.device).startswith("cuda"):
         # On the CPU this runner is the GPU's code under test: 8 float32 slots of the
         # embedded model's whole 8,192 positions would hold 3 GB.
-        return min(context, CPU_SLOT_POSITIONS)
+        return max_batch, min(context, CPU_SLOT_POSITIONS)
     per_position = 2 * model.layers * model.kv_heads * model.head_dim * torch.finfo(model.cache_dtype).bits // 8
     free, _ = torch.cuda.mem_get_info(torch.device(model.device))
-    fits = int(free * KV_MEMORY_SHARE) // (per_position * max_batch)
+    budget = int(free * KV_MEMORY_SHARE)
+    slots = max_batch
+    if not fixed:
+        whole = budget // (per_position * context)
+        slots = min(max_batch, max(MIN_GPU_SLOTS, 1 << max(0, whole.bit_length() - 1)))
+    fits = budget // (per_position * slots)
     capacity = min(context, fits // SPAN_BUCKET * SPAN_BUCKET)
     if capacity < SPAN_BUCKET:
-        raise RuntimeError(f"--max-batch {max_batch}: the GPU's free memory ({free / 2 ** 30:.1f} GiB) holds "
+        raise RuntimeError(f"--max-batch {slots}: the GPU's free memory ({free / 2 ** 30:.1f} GiB) holds "
                            f"{fits} cached positions a row; use a smaller --max-batch")
-    return capacity
+    return slots, capacity
 
 
-def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None) -> StaticRunner | None:
+def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None,
+                fixed_batch: bool = True) -> StaticRunner | None:
     """A StaticRunner from a servable folder (None if its tokenizer needs transformers).
     `dtype` `auto` is bfloat16 on a GPU (weights, cache) and float32 on the CPU. Decode
-    steps are CUDA graphs on a GPU, eager elsewhere, unless `capture` says otherwise."""
+    steps are CUDA graphs on a GPU, eager elsewhere, unless `capture` says otherwise.
+    Slots: slot_plan's (`fixed_batch` false: max_batch is an upper bound)."""
     read = read_folder(folder)
     if read is None:
         return None
@@ -286,9 +296,9 @@ def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None) -
     model = LlamaModel(config, weights, dtype, device=device, cache_dtype=cache_dtype)
     del weights, read
     give_back_freed_memory()
-    capacity = slot_capacity(model, max_batch)
+    slots, capacity = slot_plan(model, max_batch, fixed_batch)
     if capacity < model.context:
         log.warning("slots hold %d positions each (the model's context is %d): %s", capacity, model.context,
-                    f"the GPU's memory for {max_batch} rows" if gpu else "the static runner's limit on the CPU")
-    return StaticRunner(model, codec, config, dtype, eos, parameters, max_batch, capacity,
+                    f"the GPU's memory for {slots} rows" if gpu else "the static runner's limit on the CPU")
+    return StaticRunner(model, codec, config, dtype, eos, parameters, slots, capacity,
                         capture=capture or (CudaCapture() if gpu else None))

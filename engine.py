@@ -220,7 +220,7 @@ class Engine:
     def __init__(self, model: str | None = None, dtype: str = "auto", max_batch: int = 8,
                  queue_size: int = 64, default_max_tokens: int = 300,
                  cache_dir: str | None = "~/.cache/minivault", runner: str = "auto", device: str = "cpu",
-                 load_runner: Callable | None = None):
+                 max_batch_fixed: bool = True, load_runner: Callable | None = None):
         self.source = resolve_model(model)
         self.model_name = self.source.name
         self.requested_dtype = dtype
@@ -233,6 +233,7 @@ class Engine:
         self.load_error: str | None = None
         self.runner_kind = runner
         self.device = device
+        self.max_batch_fixed = max_batch_fixed  # else max_batch is an upper bound the runner may lower
         self._load_runner = load_runner  # (source, dtype, cache_dir) -> a runner; tests inject their own
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admission: AdmissionQueue | None = None
@@ -420,7 +421,10 @@ class Engine:
                 self._runner = self._load_runner(self.source, self.requested_dtype, self.cache_dir)
             else:
                 self._runner = runner.load_runner(self.source, self.requested_dtype, self.cache_dir,
-                                                  self.runner_kind, self.device, self.max_batch)
+                                                  self.runner_kind, self.device, self.max_batch,
+                                                  self.max_batch_fixed)
+            # A runner with fewer slots than asked (what fits a GPU): admit no more than those.
+            self.max_batch = min(self.max_batch, getattr(self._runner, "max_batch", self.max_batch))
             from prompts import PromptBuilder
 
             self._prompts = PromptBuilder(self._runner.codec)

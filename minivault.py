@@ -20,7 +20,9 @@ from requestlog import RequestLog
 log = logging.getLogger("minivault")
 
 CPU_MAX_BATCH = 8  # 8 rows cost ~2.3x one step on a 2-core CPU: more rows gain little there
-GPU_MAX_BATCH = 256  # a CUDA-graph step of the embedded model: 2.4 ms at 1 row, 5.1 ms at 256 (H100)
+# A CUDA-graph step of the embedded model: 2.4 ms at 1 row, 5.1 ms at 256 (H100). An
+# upper bound: without --max-batch the GPU runner keeps as many slots as fit its memory.
+GPU_MAX_BATCH = 256
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for the model; beyond it clients get 503 (default: 64, or "
                         "--max-batch if larger)")
     p.add_argument("--max-batch", type=int, default=None,
-                   help=f"sequences decoded together in one forward pass (default {CPU_MAX_BATCH} on the CPU, "
-                        f"{GPU_MAX_BATCH} on a GPU)")
+                   help=f"sequences decoded together in one forward pass (default {CPU_MAX_BATCH} on the CPU; on "
+                        f"a GPU as many as fit its memory with the whole context, up to {GPU_MAX_BATCH})")
     p.add_argument("--device", default="auto",
                    help="where the model computes: auto (a CUDA GPU when torch sees one, else the CPU), cpu, "
                         "cuda or cuda:N (exits with an error when there is no such GPU)")
@@ -102,7 +104,7 @@ async def serve(args: argparse.Namespace) -> int:
         queue_size = args.queue_size if args.queue_size is not None else max(64, max_batch)
         engine = Engine(model=args.model, dtype=args.dtype, max_batch=max_batch, queue_size=queue_size,
                         default_max_tokens=args.max_tokens, cache_dir=args.cache_dir or None,
-                        runner=args.runner, device=device)
+                        runner=args.runner, device=device, max_batch_fixed=args.max_batch is not None)
     except RuntimeError as exc:
         log.error("%s", exc)
         return 2

@@ -97,7 +97,7 @@ def resolve_device(requested: str) -> str:
 
 
 def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto", device: str = "cpu",
-                max_batch: int = 8) -> Runner:
+                max_batch: int = 8, fixed_batch: bool = True) -> Runner:
     """The runner for a model source. `auto`: on a GPU the static runner (Llama
     architectures only); on the CPU our own Llama runner for the architectures it
     computes, transformers' for every other. Imports torch: call it on the model thread.
@@ -111,7 +111,7 @@ def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto",
 
     folder = weights_folder(source, cache_dir)
     if device != "cpu" or runner == "static":
-        return _load_static(source, dtype, cache_dir, device, max_batch)
+        return _load_static(source, dtype, cache_dir, device, max_batch, fixed_batch)
     if runner != "transformers" and folder is not None and llama_runner.servable_folder(folder):
         fast = llama_runner.load_folder(folder, linears.choose_dtype(dtype, int8_computable=True))
         if fast is not None:
@@ -133,9 +133,11 @@ def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto",
     return hf.TransformersRunner(model, tokenizer, dtype, hf.eos_ids(model, tokenizer))
 
 
-def _load_static(source, dtype: str, cache_dir: str | None, device: str, max_batch: int) -> Runner:
+def _load_static(source, dtype: str, cache_dir: str | None, device: str, max_batch: int,
+                 fixed_batch: bool) -> Runner:
     """cuda_runner.StaticRunner, from the folder (a GGUF file is converted and cached
-    through transformers first, once)."""
+    through transformers first, once). Its `max_batch` may be fewer than asked when
+    `fixed_batch` is false (cuda_runner.slot_plan)."""
     import cuda_runner
     import llama_runner
     from modelsource import weights_folder
@@ -150,7 +152,7 @@ def _load_static(source, dtype: str, cache_dir: str | None, device: str, max_bat
         raise RuntimeError("the static runner serves only Llama-architecture models from a folder or GGUF file"
                            + ("" if device == "cpu" else f" (all that runs on {device}); serve this one with "
                                                          f"--device cpu"))
-    runner = cuda_runner.load_folder(folder, dtype, device, max_batch)
+    runner = cuda_runner.load_folder(folder, dtype, device, max_batch, fixed_batch=fixed_batch)
     if runner is None:
         raise RuntimeError("the static runner needs a tokenizer.json it can read without transformers")
     return runner
