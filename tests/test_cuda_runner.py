@@ -43,25 +43,24 @@ def test_the_static_runner_refuses_other_architectures(tiny_gpt2_folder):
     (1, False, (8, 4864)),  # at least 8 slots, shortened to fit
     (8, True, (256, 1024)),  # --max-batch 256 given: shorter slots
 ])
-def test_slots_are_planned_from_the_gpus_free_memory(monkeypatch, free_gib, fixed, expected):
-    """The embedded model's shape in bfloat16: 23,040 bytes a cached position."""
+def embedded_model_on_a_gpu(monkeypatch, free_bytes: int):
+    """The embedded model's shape in bfloat16 (23,040 bytes a cached position) on a GPU
+    with that much memory free."""
     import types
 
     import torch
 
-    model = types.SimpleNamespace(context=8192, device="cuda:0", layers=30, kv_heads=3, head_dim=64,
-                                  cache_dtype=torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_gib * 2 ** 30, 80 * 2 ** 30))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (free_bytes, 80 * 2 ** 30))
+    return types.SimpleNamespace(context=8192, device="cuda:0", layers=30, kv_heads=3, head_dim=64,
+                                 cache_dtype=torch.bfloat16)
+
+
+def test_slots_are_planned_from_the_gpus_free_memory(monkeypatch, free_gib, fixed, expected):
+    model = embedded_model_on_a_gpu(monkeypatch, free_gib * 2 ** 30)
     assert cuda_runner.slot_plan(model, 256, fixed) == expected
 
 
 def test_slots_that_cannot_hold_a_span_are_refused(monkeypatch):
-    import types
-
-    import torch
-
-    model = types.SimpleNamespace(context=8192, device="cuda:0", layers=30, kv_heads=3, head_dim=64,
-                                  cache_dtype=torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 ** 20, 80 * 2 ** 30))
+    model = embedded_model_on_a_gpu(monkeypatch, 2 ** 20)
     with pytest.raises(RuntimeError, match="smaller --max-batch"):
         cuda_runner.slot_plan(model, 64, True)
