@@ -37,12 +37,6 @@ def test_the_static_runner_refuses_other_architectures(tiny_gpt2_folder):
         load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None, "static")
 
 
-@pytest.mark.parametrize("free_gib,fixed,expected", [
-    (78, False, (256, 8192)),  # an H100: 256 slots of the whole context
-    (8, False, (32, 8192)),  # a smaller GPU: fewer slots, each whole
-    (1, False, (8, 4864)),  # at least 8 slots, shortened to fit
-    (8, True, (256, 1024)),  # --max-batch 256 given: shorter slots
-])
 def embedded_model_on_a_gpu(monkeypatch, free_bytes: int):
     """The embedded model's shape in bfloat16 (23,040 bytes a cached position) on a GPU
     with that much memory free."""
@@ -55,6 +49,12 @@ def embedded_model_on_a_gpu(monkeypatch, free_bytes: int):
                                  cache_dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("free_gib,fixed,expected", [
+    (78, False, (256, 8192)),  # an H100: 256 slots of the whole context
+    (8, False, (32, 8192)),  # a smaller GPU: fewer slots, each whole
+    (1, False, (8, 4864)),  # at least 8 slots, shortened to fit
+    (8, True, (256, 1024)),  # --max-batch 256 given: shorter slots
+])
 def test_slots_are_planned_from_the_gpus_free_memory(monkeypatch, free_gib, fixed, expected):
     model = embedded_model_on_a_gpu(monkeypatch, free_gib * 2 ** 30)
     assert cuda_runner.slot_plan(model, 256, fixed) == expected
