@@ -146,6 +146,11 @@ class StaticRunner:
         return KVRows.over(self._cache.k[:, first:first + count], self._cache.v[:, first:first + count], lengths)
 
     def _fits(self, prompts: list[list[int]]) -> None:
+        # An id past the embedding table is a device-side assert on a GPU, which leaves
+        # the whole CUDA context unusable: refuse it here, for this request alone.
+        vocab = self.model.embed.shape[0]
+        if any(not 0 <= t < vocab for p in prompts for t in p):
+            raise ValueError(f"token ids must be in [0, {vocab})")
         # A prefill span past the slots' length would make KVRows.ensure reallocate the
         # view, away from the cache: refuse it instead.
         longest = max(len(p) for p in prompts)
