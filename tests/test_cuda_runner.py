@@ -64,3 +64,19 @@ def test_slots_that_cannot_hold_a_span_are_refused(monkeypatch):
     model = embedded_model_on_a_gpu(monkeypatch, 2 ** 20)
     with pytest.raises(RuntimeError, match="smaller --max-batch"):
         cuda_runner.slot_plan(model, 64, True)
+
+
+def test_auto_is_the_cpu_without_a_driver_or_a_gpu_torch_can_see(monkeypatch):
+    import torch
+
+    import runner
+
+    monkeypatch.setattr(runner, "_driver_present", lambda: False)
+    assert runner.resolve_device("auto") == "cpu"
+    monkeypatch.setattr(runner, "_driver_present", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert runner.resolve_device("auto") == "cpu"
+    with pytest.raises(RuntimeError, match="--device cpu"):
+        runner.resolve_device("cuda:1")
+    with pytest.raises(RuntimeError, match="auto, cpu, cuda or cuda:N"):
+        runner.resolve_device("gpu")
