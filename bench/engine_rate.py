@@ -162,23 +162,13 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.step_ms, args.max_batch)
         return
-    from gpu import free_port, load
+    from gpu import free_port, load, wait_healthy
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
                              "--max-batch", str(max(clients))], cwd=ROOT)
     try:
-        for _ in range(200):
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                health = json.loads(conn.getresponse().read())
-                if health.get("status") == "ok":
-                    break
-            except OSError:
-                pass
-            time.sleep(0.1)
-        model = health["model"]
+        model = wait_healthy(proc, port)["model"]
         asyncio.run(load(port, model, 1, 8))
 
         def account() -> dict:

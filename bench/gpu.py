@@ -29,7 +29,6 @@ import gzip
 import http.client
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from peers import free_port  # noqa: E402
 DESCRIPTION = ROOT / "bench" / "data" / "smollm2-135m"
 PROMPTS = [
     "The history of the printing press begins", "A guide to growing tomatoes at home:",
@@ -126,10 +127,25 @@ def agreement(folder: Path, device: str) -> None:
               f"{diff:.2e} (loaded with graphs in {loaded:.1f} s)", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def wait_healthy(proc: subprocess.Popen, port: int, output=None) -> dict:
+    """/health once the model has loaded; exits with the server's last output (from the
+    file `output`, if given) when the server stops first."""
+    while True:
+        if proc.poll() is not None:
+            said = ""
+            if output is not None:
+                output.seek(0)
+                said = output.read().decode(errors="replace")[-3000:]
+            sys.exit(f"server exited:\n{said}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            health = json.loads(conn.getresponse().read())
+            if health.get("status") == "ok":
+                return health
+        except OSError:
+            pass
+        time.sleep(0.2)
 
 
 async def stream_one(port: int, model: str, tokens: int, times: list) -> None:
@@ -174,19 +190,7 @@ def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -
                              "--port", str(port), "--log-file", "", "--runner", "static", "--max-batch", str(max(clients))],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                sys.exit(f"server exited:\n{log.read().decode()[-3000:]}")
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-                conn.request("GET", "/health")
-                health = json.loads(conn.getresponse().read())
-                if health.get("status") == "ok":
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+        health = wait_healthy(proc, port, log)
         print(f"\nserver ready in {time.monotonic() - started:.1f} s: {health}", flush=True)
         asyncio.run(load(port, health["model"], 1, 16))  # warm-up
         print(f"{'clients':>8} {'tok/s':>10} {'tokens':>8} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16}")
