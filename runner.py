@@ -112,13 +112,16 @@ def load_runner(source, dtype: str, cache_dir: str | None, runner: str = "auto",
     A model folder, or a GGUF file converted once before, loads straight from its
     safetensors without importing transformers; anything else loads through
     transformers (which converts and caches a GGUF file the first time)."""
+    if device != "cpu" and runner in ("llama", "transformers"):
+        raise RuntimeError(f"--runner {runner} computes on the CPU only; on {device} the static runner serves "
+                           f"(--runner auto or static), or use --device cpu")
+    if device != "cpu" or runner == "static":
+        return _load_static(source, dtype, cache_dir, device, max_batch, fixed_batch)
     import linears
     import llama_runner
     from modelsource import weights_folder
 
     folder = weights_folder(source, cache_dir)
-    if device != "cpu" or runner == "static":
-        return _load_static(source, dtype, cache_dir, device, max_batch, fixed_batch)
     if runner != "transformers" and folder is not None and llama_runner.servable_folder(folder):
         fast = llama_runner.load_folder(folder, linears.choose_dtype(dtype, int8_computable=True))
         if fast is not None:
@@ -156,7 +159,8 @@ def _load_static(source, dtype: str, cache_dir: str | None, device: str, max_bat
         hf.load_model(source, "float32", cache_dir)  # converts and caches a GGUF file
         folder = weights_folder(source, cache_dir)
     if folder is None or not llama_runner.servable_folder(folder):
-        raise RuntimeError("the static runner serves only Llama-architecture models from a folder or GGUF file"
+        raise RuntimeError("the static runner serves only Llama-architecture models from a folder, or from a GGUF "
+                           "file through its cached conversion (--cache-dir)"
                            + ("" if device == "cpu" else f" (all that runs on {device}); serve this one with "
                                                          f"--device cpu"))
     runner = cuda_runner.load_folder(folder, dtype, device, max_batch, fixed_batch=fixed_batch)

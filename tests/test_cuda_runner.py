@@ -80,3 +80,12 @@ def test_auto_is_the_cpu_without_a_driver_or_a_gpu_torch_can_see(monkeypatch):
         runner.resolve_device("cuda:1")
     with pytest.raises(RuntimeError, match="auto, cpu, cuda or cuda:N"):
         runner.resolve_device("gpu")
+
+
+def test_a_cpu_only_runner_asked_for_on_a_gpu_is_refused(tiny_llama_folder):
+    from modelsource import resolve_model
+    from runner import load_runner
+
+    for kind in ("llama", "transformers"):
+        with pytest.raises(RuntimeError, match=f"--runner {kind} computes on the CPU only"):
+            load_runner(resolve_model(str(tiny_llama_folder)), "auto", None, kind, device="cuda:0")
