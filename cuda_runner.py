@@ -27,7 +27,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from llama_runner import SPAN_BUCKET, KVRows, LlamaModel, PartialPrefill, give_back_freed_memory, read_folder
+from llama_runner import (SPAN_BUCKET, KVRows, LlamaModel, PartialPrefill, all_start_with, give_back_freed_memory,
+                          read_folder)
 
 log = logging.getLogger("minivault.cuda")
 
@@ -98,14 +99,14 @@ class DecodeGraphs:
         tokens, positions = self.inputs[rows]
         return self.model.decode_logits(tokens, positions, self.cache.k[:, :rows], self.cache.v[:, :rows], span)
 
-    def run(self, tokens: list[int], lengths: list[int], rows: int, span: int):
-        static_tokens, static_positions = self.inputs[rows]
-        pad = [0] * (rows - len(tokens))
-        static_tokens.copy_(torch.tensor(tokens + pad).unsqueeze(1))
-        static_positions.copy_(torch.tensor(lengths + pad).unsqueeze(1))
-        replay, logits = self.graphs[(rows, span)]
+    def run(self, tokens, positions, span: int):
+        """Logits for tokens and positions [rows, 1], rows a batch bucket."""
+        static_tokens, static_positions = self.inputs[tokens.shape[0]]
+        static_tokens.copy_(tokens)
+        static_positions.copy_(positions)
+        replay, logits = self.graphs[(tokens.shape[0], span)]
         replay()
-        return logits[:len(tokens)]
+        return logits
 
 
 class StaticRunner:
@@ -164,11 +165,11 @@ class StaticRunner:
         self._prefix = (list(ids), cache)
 
     def _seed(self, rows: KVRows, prompts: list[list[int]]) -> None:
-        """Copy the shared prefix into fresh slots when every prompt starts with it."""
+        """Copy the shared prefix into fresh rows when every prompt starts with it."""
         if self._prefix is None:
             return
         ids, cached = self._prefix
-        if all(len(p) > len(ids) and p[:len(ids)] == ids for p in prompts):
+        if all_start_with(prompts, ids):
             n = len(ids)
             rows.k[:, :, :, :n] = cached.k[:, :, :, :n]
             rows.v[:, :, :, :n] = cached.v[:, :, :, :n]
@@ -188,11 +189,8 @@ class StaticRunner:
 
     def begin(self, prompt: list[int]) -> PartialPrefill:
         self._fits([prompt])
-        cache = self.model.new_cache(rows=1)
-        if self._prefix is not None and len(prompt) > len(self._prefix[0]) \
-                and prompt[:len(self._prefix[0])] == self._prefix[0]:
-            ids, cached = self._prefix
-            cache.k, cache.v, cache.lengths = cached.k.clone(), cached.v.clone(), [len(ids)]
+        cache = self.model.new_cache(rows=1, capacity=self._prefix[1].k.shape[3] if self._prefix else 0)
+        self._seed(cache, [prompt])
         return PartialPrefill(prompt, cache)
 
     @torch.inference_mode()
@@ -218,17 +216,16 @@ class StaticRunner:
         if longest > self.context_length:
             raise RuntimeError(f"a row would pass the {self.context_length} positions of its slot")
         span = next(s for s in span_buckets(self.capacity) if s >= longest)
+        pad = [0] * (rows - len(tokens))  # rows past the batch: position 0 of free slots
+        device = self.model.device
+        padded = torch.tensor(tokens + pad, device=device).unsqueeze(1)
+        positions = torch.tensor(self._lengths + pad, device=device).unsqueeze(1)
         if self._graphs is not None:
-            logits = self._graphs.run(tokens, self._lengths, rows, span)
+            logits = self._graphs.run(padded, positions, span)
         else:
-            pad = [0] * (rows - len(tokens))
-            device = self.model.device
-            logits = self.model.decode_logits(
-                torch.tensor(tokens + pad, device=device).unsqueeze(1),
-                torch.tensor(self._lengths + pad, device=device).unsqueeze(1),
-                self._cache.k[:, :rows], self._cache.v[:, :rows], span)[:len(tokens)]
+            logits = self.model.decode_logits(padded, positions, self._cache.k[:, :rows], self._cache.v[:, :rows], span)
         self._lengths = [n + 1 for n in self._lengths]
-        return logits
+        return logits[:len(tokens)]
 
     @torch.inference_mode()
     def keep(self, rows: list[int]) -> None:

@@ -231,6 +231,11 @@ class LlamaModel:
         return x
 
 
+def all_start_with(prompts: list[list[int]], prefix: list[int]) -> bool:
+    """Every prompt starts with the prefix and goes on past it."""
+    return all(len(p) > len(prefix) and p[:len(prefix)] == prefix for p in prompts)
+
+
 class PartialPrefill:
     def __init__(self, prompt: list[int], cache: KVRows):
         self.prompt = prompt
@@ -272,7 +277,7 @@ class LlamaRunner:
         """Fresh cache rows, holding the shared prefix when every prompt starts with it."""
         if self._prefix is not None:
             ids, cached = self._prefix
-            if all(len(p) > len(ids) and p[:len(ids)] == ids for p in prompts):
+            if all_start_with(prompts, ids):
                 rows = self.model.new_cache(len(prompts), cached.k.shape[3])
                 rows.k[:], rows.v[:] = cached.k, cached.v  # broadcast over the rows
                 rows.lengths = [len(ids)] * len(prompts)
