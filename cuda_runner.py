@@ -6,8 +6,9 @@ batch 1 as at batch 256 on an H100 (transformers' eager loop: 97 ms and 70 ms a 
 captured in CUDA graphs: 2.4 ms and 5.1 ms, issue 13).
 
 - One KV cache allocated at load: a slot per batch row (`--max-batch`, or as many as
-  fit in the GPU's memory, up to 256), each as long as the context served. Rows 0..n-1 of the batch are slots 0..n-1; cutting rows moves
-  the kept ones down (one device copy of each moved row's used positions).
+  fit in the GPU's memory, up to 256), each as long as the context served. Rows 0..n-1
+  of the batch are slots 0..n-1; cutting rows moves the kept ones down (one device copy
+  of each moved row's used positions).
 - A decode step runs at a batch bucket (1, 2, 4, ..., >= the rows) and a span bucket
   (256, 512, ..., >= the longest row), padding rows beyond the batch with position 0 of
   free slots. Each pair is captured once at load as a CUDA graph.

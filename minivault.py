@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
 async def serve(args: argparse.Namespace) -> int:
     try:
         device = resolve_device(args.device)
-        max_batch = args.max_batch if args.max_batch is not None else (CPU_MAX_BATCH if device == "cpu" else GPU_MAX_BATCH)
+        max_batch = args.max_batch
+        if max_batch is None:
+            max_batch = CPU_MAX_BATCH if device == "cpu" else GPU_MAX_BATCH
         queue_size = args.queue_size if args.queue_size is not None else max(64, max_batch)
         engine = Engine(model=args.model, dtype=args.dtype, max_batch=max_batch, queue_size=queue_size,
                         default_max_tokens=args.max_tokens, cache_dir=args.cache_dir or None,

@@ -457,6 +457,9 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
     text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if body.get("text") is not None and not isinstance(body.get("text"), dict):
         raise HTTPError(400, "'text' must be an object")
+    for name, value in (body.get("text") or {}).items():
+        if name != "format" and value is not None:  # verbosity, for one: this model cannot be asked for it
+            raise HTTPError(400, f"'text.{name}' is not supported")
     output = parse_response_format(text_format, field="text.format")
     value = body.get("input")
     if isinstance(value, str):

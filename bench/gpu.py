@@ -187,7 +187,8 @@ def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -
     log = tempfile.TemporaryFile()
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, "minivault.py", "--model", str(folder), "--device", device,
-                             "--port", str(port), "--log-file", "", "--runner", "static", "--max-batch", str(max(clients))],
+                             "--port", str(port), "--log-file", "", "--runner", "static",
+                             "--max-batch", str(max(clients))],
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     try:
         health = wait_healthy(proc, port, log)
@@ -219,7 +220,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(args.device) if torch.cuda.is_available() else 'no GPU'}")
+    gpu = torch.cuda.get_device_name(args.device) if torch.cuda.is_available() else "no GPU"
+    print(f"torch {torch.__version__}, {gpu}")
     if not args.skip_check:
         tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_runner.py",
                                 "tests/test_cuda_runner.py", "-k", "cuda"], cwd=ROOT, capture_output=True, text=True)

@@ -198,6 +198,9 @@ def test_openai_responses_refuses_what_it_cannot_honour(oa):
     with pytest.raises(openai.BadRequestError) as err:
         oa.responses.create(model="smollm2", input=[{"type": "reasoning", "summary": []}])
     assert "input[0]" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.responses.create(model="smollm2", input="hi", text={"verbosity": "low"})
+    assert "text.verbosity" in str(err.value)
 
 
 def test_openai_models(oa):
