@@ -296,7 +296,7 @@ def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None,
         raise RuntimeError(f"--dtype {dtype}: the static runner serves bfloat16 or float32 "
                            f"(int8, int4 and fbgemm float16 are CPU kernels)")
     cache_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    model = LlamaModel(config, weights, dtype, device=device, cache_dtype=cache_dtype)
+    model = LlamaModel(config, weights, dtype, device=device, cache_dtype=cache_dtype, activations=cache_dtype)
     del weights, read
     give_back_freed_memory()
     slots, capacity = slot_plan(model, max_batch, fixed_batch)

@@ -154,7 +154,7 @@ class BFloat16Linear:
         self.weight = weight.to(torch.bfloat16).contiguous()
 
     def __call__(self, x):
-        return F.linear(x.to(torch.bfloat16), self.weight).float()
+        return F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)  # bfloat16 activations stay so
 
 
 def make_linear(weight, kind: str):

@@ -29,6 +29,35 @@ def test_a_prompt_that_would_overrun_its_slot_is_refused_and_the_batch_is_kept(t
     assert runner.rows == 1 and runner.decode([8]).shape[0] == 1
 
 
+def test_bfloat16_keeps_its_activations_and_tracks_float32_logits(tiny_llama_folder):
+    """What a GPU serves by default, run on the CPU: a layer's work, its rotary table and
+    the cache in bfloat16 (no conversion around each matmul), the residual stream and
+    the logits float32, close to the float32 runner's through a prefill and decode
+    steps with a cut."""
+    import torch
+
+    exact = cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=4)
+    half = cuda_runner.load_folder(tiny_llama_folder, "bfloat16", "cpu", max_batch=4,
+                                   capture=cuda_runner.eager_capture)
+    model = half.model
+    assert model.activations == torch.bfloat16 and model.norm.dtype == torch.float32
+    assert model.cos.dtype == torch.bfloat16 and half._cache.k.dtype == torch.bfloat16
+    prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 8, 9, 10, 11, 12]]
+    pairs = [(exact.prefill(prompts), half.prefill(prompts))]
+    tokens = [int(t) for t in pairs[0][0].argmax(-1)]
+    for step in range(4):
+        if step == 2:
+            exact.keep([2, 0])
+            half.keep([2, 0])
+            tokens = [tokens[2], tokens[0]]
+        # clone: a replayed step's logits are valid until the next step
+        pairs.append((exact.decode(tokens), half.decode(tokens).clone()))
+        tokens = [int(t) for t in pairs[-1][0].argmax(-1)]
+    for want, got in pairs:
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() > 0.999
+
+
 def test_the_static_runner_refuses_other_architectures(tiny_gpt2_folder):
     from modelsource import resolve_model
     from runner import load_runner
