@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from llama_runner import (SPAN_BUCKET, KVRows, LlamaModel, PartialPrefill, all_start_with, give_back_freed_memory,
                           read_folder)
+from transfer import to_device
 
 log = logging.getLogger("minivault.cuda")
 
@@ -219,8 +220,8 @@ class StaticRunner:
         span = next(s for s in span_buckets(self.capacity) if s >= longest)
         pad = [0] * (rows - len(tokens))  # rows past the batch: position 0 of free slots
         device = self.model.device
-        padded = torch.tensor(tokens + pad, device=device).unsqueeze(1)
-        positions = torch.tensor(self._lengths + pad, device=device).unsqueeze(1)
+        padded = to_device(tokens + pad, device).unsqueeze(1)
+        positions = to_device(self._lengths + pad, device).unsqueeze(1)
         if self._graphs is not None:
             logits = self._graphs.run(padded, positions, span)
         else:
@@ -241,7 +242,7 @@ class StaticRunner:
                     v[:, i, :, :used] = v[:, r, :, :used]
         elif rows:
             used = max(self._lengths[r] for r in rows)
-            index = torch.tensor(rows, device=k.device)
+            index = to_device(rows, k.device)
             k[:, :len(rows), :, :used] = k[:, index, :, :used]
             v[:, :len(rows), :, :used] = v[:, index, :, :used]
         self._lengths = [self._lengths[r] for r in rows]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from engine import SEEDS
+from transfer import to_device
 
 if TYPE_CHECKING:
     from engine import Sampling
@@ -103,7 +104,7 @@ def _ids(rows: list[list[int]], device):
     for r in rows:
         flat.extend(r)
         flat.extend([r[0] if r else 0] * (width - len(r)))
-    return torch.frombuffer(flat, dtype=torch.long).view(len(rows), width).to(device)
+    return to_device(torch.frombuffer(flat, dtype=torch.long).view(len(rows), width), device)
 
 
 def _penalised(logits, samplers: list[RowSampler]):
@@ -116,8 +117,7 @@ def _penalised(logits, samplers: list[RowSampler]):
         # and scattered back with, the same unpenalised logit.
         recent = [r.recent() if s.repeat_penalty != 1.0 else [] for r, s in zip(samplers, settings)]
         index = _ids(recent, device)
-        factor = torch.tensor([[s.repeat_penalty if t else 1.0] for s, t in zip(settings, recent)],
-                              device=device)
+        factor = to_device([[s.repeat_penalty if t else 1.0] for s, t in zip(settings, recent)], device)
         picked = logits.gather(1, index)
         logits.scatter_(1, index, torch.where(picked > 0, picked / factor, picked * factor))
     if any(r._counts and (s.presence_penalty or s.frequency_penalty) for r, s in zip(samplers, settings)):
@@ -125,8 +125,8 @@ def _penalised(logits, samplers: list[RowSampler]):
         amounts = [[s.presence_penalty + s.frequency_penalty * n for n in r._counts.values()]
                    for r, s in zip(samplers, settings)]
         width = max(1, max(len(t) for t in tokens))
-        index = torch.tensor([t + [0] * (width - len(t)) for t in tokens], device=device)
-        amount = torch.tensor([a + [0.0] * (width - len(a)) for a in amounts], device=device)
+        index = to_device([t + [0] * (width - len(t)) for t in tokens], device)
+        amount = to_device([a + [0.0] * (width - len(a)) for a in amounts], device)
         logits.scatter_add_(1, index, -amount)
     return logits
 
@@ -177,16 +177,21 @@ def _draw(logits, samplers: list[RowSampler]):
     if whole:  # nothing to leave out: no sort needed
         rows, some = [samplers[r] for r in whole], _rows(logits, whole)
         probs = torch.softmax(some / _column([s.sampling.temperature for s in rows], logits), dim=-1)
-        tokens[whole] = _pick(probs, torch.arange(vocab, device=logits.device).expand(len(whole), vocab), rows,
-                              fallback=lambda: torch.argmax(some, dim=-1))
+        _put(tokens, whole, _pick(probs, torch.arange(vocab, device=logits.device).expand(len(whole), vocab),
+                                  rows, fallback=lambda: torch.argmax(some, dim=-1)))
     if cut:
-        tokens[cut] = _draw_cut(_rows(logits, cut), [samplers[r] for r in cut])
+        _put(tokens, cut, _draw_cut(_rows(logits, cut), [samplers[r] for r in cut]))
     return tokens
+
+
+def _put(t, rows: list[int], values) -> None:
+    """values into those rows of `t`."""
+    t.index_copy_(0, to_device(rows, t.device, torch.long), values)
 
 
 def _rows(t, rows: list[int]):
     """Those rows of `t` (a view when they are all of them)."""
-    return t if len(rows) == t.shape[0] else t[rows]
+    return t if len(rows) == t.shape[0] else t.index_select(0, to_device(rows, t.device, torch.long))
 
 
 def _draw_cut(logits, samplers: list[RowSampler], candidates: int = NUCLEUS_CANDIDATES):
@@ -205,11 +210,13 @@ def _draw_cut(logits, samplers: list[RowSampler], candidates: int = NUCLEUS_CAND
     # top-k, then top-p over what is left); without top-k they are the whole
     # vocabulary's probabilities, of which the candidates are the largest.
     normaliser = torch.logsumexp(values, dim=-1, keepdim=True)
-    if not bool(limited.all()):
+    all_limited = all(k < vocab for k in ks)  # known on the host: no device sync to ask
+    if not all_limited:
         normaliser = torch.where(limited, normaliser, torch.logsumexp(logits / temperature, dim=-1, keepdim=True))
     probs = torch.exp(values - normaliser)
     top_p = _column([s.top_p if 0 < s.top_p < 1 else torch.inf for s in settings], logits)
-    if values.shape[-1] < vocab and bool((~limited & (probs.sum(-1, keepdim=True) < top_p)).any()):
+    # (a device sync, only for rows that have top_p without top_k)
+    if not all_limited and values.shape[-1] < vocab and bool((~limited & (probs.sum(-1, keepdim=True) < top_p)).any()):
         return _draw_cut(logits, samplers, candidates=vocab)  # the candidates fall short of top_p
     # Keep the smallest prefix whose mass reaches top_p, and always the top token (a
     # tiny top_p rounds to 0 in float32, which would otherwise drop them all).
@@ -235,4 +242,4 @@ def _pick(probs, order, samplers: list[RowSampler], fallback):
 
 def _column(values: list, like, dtype=torch.float32):
     """Per-row settings as a [rows, 1] tensor on `like`'s device."""
-    return torch.tensor(values, dtype=dtype, device=like.device).unsqueeze(1)
+    return to_device(values, like.device, dtype).unsqueeze(1)

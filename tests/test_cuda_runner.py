@@ -118,3 +118,18 @@ def test_a_cpu_only_runner_asked_for_on_a_gpu_is_refused(tiny_llama_folder):
     for kind in ("llama", "transformers"):
         with pytest.raises(RuntimeError, match=f"--runner {kind} computes on the CPU only"):
             load_runner(resolve_model(str(tiny_llama_folder)), "auto", None, kind, device="cuda:0")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_host_values_reach_the_device_intact(device):
+    import torch
+
+    from transfer import to_device
+
+    seeds = [2 ** 63 - 1, -2 ** 63, 0, 12345]
+    assert to_device(seeds, device, torch.long).cpu().tolist() == seeds
+    assert to_device([[0.5], [2.0]], device).dtype == torch.float32
+    # queued copies land in order before the ops that read them
+    total = sum(to_device([i] * 1000, device, torch.long).sum() for i in range(50))
+    assert int(total) == 1000 * sum(range(50))
