@@ -648,14 +648,17 @@ class Engine:
 
     def _prefill_groups(self, seqs: list[_Sequence]) -> list[list[_Sequence]]:
         """Requests that arrived together are prefilled together, unless padding the
-        shorter prompts to the longest would waste more than a quarter of the work."""
+        shorter prompts to the longest would waste more than a quarter of the work. A
+        runner whose eager pass costs its launches rather than its size (a GPU) pads
+        freely up to its `free_padding` tokens: one pass instead of one per length."""
+        free = getattr(self._runner, "free_padding", 0)
         groups: list[list[_Sequence]] = []
         for seq in sorted(seqs, key=lambda s: len(s.prompt_ids)):
             group = groups[-1] if groups else None
             if group is not None:
                 longest = len(seq.prompt_ids)
                 real = sum(len(s.prompt_ids) for s in group) + longest
-                if longest * (len(group) + 1) <= 1.25 * real:
+                if longest * (len(group) + 1) <= max(1.25 * real, free):
                     group.append(seq)
                     continue
             groups.append([seq])

@@ -400,3 +400,20 @@ def test_a_row_sampler_takes_any_integer_seed_and_repeats_itself():
     for seed in (0, 2 ** 64, 10 ** 30, -(2 ** 70)):
         a, b = (RowSampler(Sampling(temperature=1.0, **PLAIN), seed, [1, 2]) for _ in range(2))
         assert [a.next(logits) for _ in range(10)] == [b.next(logits) for _ in range(10)]
+
+
+def test_prefill_groups_split_by_padding_unless_the_runner_pads_freely():
+    from types import SimpleNamespace
+
+    from engine import Engine
+
+    engine = Engine.__new__(Engine)  # grouping alone: no model, no thread
+    seqs = [SimpleNamespace(prompt_ids=[1] * n) for n in (30, 8, 9, 10, 120)]
+
+    def lengths(free_padding):
+        engine._runner = SimpleNamespace(free_padding=free_padding)
+        return [[len(s.prompt_ids) for s in g] for g in engine._prefill_groups(seqs)]
+
+    assert lengths(0) == [[8, 9, 10], [30], [120]]  # a CPU: padding costs its work
+    assert lengths(4096) == [[8, 9, 10, 30, 120]]  # a GPU: one pass of 600 padded tokens
+    assert lengths(300) == [[8, 9, 10, 30], [120]]
