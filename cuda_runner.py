@@ -45,8 +45,10 @@ GPU_FREE_PADDING = 4096
 CPU_SLOT_POSITIONS = 2048
 
 
-def batch_bucket(rows: int) -> int:
-    return next((b for b in BATCH_BUCKETS if b >= rows), rows)
+def batch_bucket(rows: int, slots: int) -> int:
+    """The rows a step computes: the next power of two, or all the slots (a --max-batch
+    that is no power of two has no slots to pad up to the next one)."""
+    return min(slots, next((b for b in BATCH_BUCKETS if b >= rows), rows))
 
 
 def span_buckets(capacity: int) -> list[int]:
@@ -94,7 +96,7 @@ class DecodeGraphs:
         self.inputs: dict[int, tuple] = {}
         self.graphs: dict[tuple[int, int], tuple] = {}
         started = time.monotonic()
-        for rows in sorted({batch_bucket(n) for n in range(1, max_batch + 1)}):
+        for rows in sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)}):
             self.inputs[rows] = (torch.zeros(rows, 1, dtype=torch.long, device=model.device),
                                  torch.zeros(rows, 1, dtype=torch.long, device=model.device))
             for span in span_buckets(capacity):
@@ -218,7 +220,7 @@ class StaticRunner:
     def decode(self, tokens: list[int]):
         if len(tokens) != self.rows:
             raise ValueError(f"{len(tokens)} tokens for a batch of {self.rows} rows")
-        rows = batch_bucket(self.rows)
+        rows = batch_bucket(self.rows, self.max_batch)
         longest = max(self._lengths) + 1
         if longest > self.context_length:
             raise RuntimeError(f"a row would pass the {self.context_length} positions of its slot")
@@ -301,6 +303,10 @@ def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None,
     if dtype not in ("bfloat16", "float32"):
         raise RuntimeError(f"--dtype {dtype}: the static runner serves bfloat16 or float32 "
                            f"(int8, int4 and fbgemm float16 are CPU kernels)")
+    if gpu and torch.device(device).index is not None:
+        # Graphs are captured on, and kernels launched to, the thread's current device:
+        # make it this one (the model thread loads and steps; cuda:1 must not run on 0).
+        torch.cuda.set_device(torch.device(device))
     cache_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     model = LlamaModel(config, weights, dtype, device=device, cache_dtype=cache_dtype, activations=cache_dtype)
     del weights, read

@@ -12,7 +12,11 @@ HTTP, in one command on a machine with no network and nothing but this repositor
    float32 against our Llama runner on the CPU in float32, then bfloat16 on the GPU
    against float32 on the GPU. Prints how many texts are identical, where the others
    first differ, and the largest logit difference at the first step.
-3. Starts the real server (minivault.py --model FOLDER --device cuda) and drives 1, 64
+3. Times the runner alone in bfloat16, in process: a decode step (a graph replay and its
+   inputs), and a step with sampling as the clients below ask (temperature 1 with the
+   default top-k, top-p and repeat penalty), at 1, 64 and 256 rows. What the HTTP load
+   reaches beyond these is the host's work per token and the server's.
+4. Starts the real server (minivault.py --model FOLDER --device cuda) and drives 1, 64
    and 256 concurrent streaming clients (OpenAI /v1/completions, --tokens each,
    temperature 1 so that a random model rarely ends early). Prints aggregate tok/s,
    TTFT p50/p95 and inter-token latency p50/p95, and the server's start-up line.
@@ -127,6 +131,46 @@ def agreement(folder: Path, device: str) -> None:
               f"{diff:.2e} (loaded with graphs in {loaded:.1f} s)", flush=True)
 
 
+def step_times(folder: Path, device: str, batches: list[int], steps: int = 50) -> None:
+    import torch
+
+    import cuda_runner
+    import sampling
+    from engine import Sampling
+
+    started = time.monotonic()
+    runner = cuda_runner.load_folder(folder, "bfloat16", device, max_batch=max(batches))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    graphs = len(runner._graphs.graphs) if runner._graphs else 0
+    print(f"\nrunner alone, bfloat16 (loaded with {graphs} graphs in "
+          f"{time.monotonic() - started:.1f} s):", flush=True)
+    ids = [runner.codec.backend.encode(p, add_special_tokens=False).ids for p in PROMPTS]
+    for rows in batches:
+        runner.reset()
+        prompts = [ids[i % len(ids)] for i in range(rows)]
+        runner.prefill(prompts)
+        samplers = [sampling.RowSampler(Sampling(temperature=1.0), seed=i, prompt_ids=p)
+                    for i, p in enumerate(prompts)]
+        tokens = [1] * rows
+        timings = {}
+        for label, sample in (("decode", False), ("decode + sampling", True)):
+            for i in range(steps + 3):
+                if i == 3:
+                    sync()
+                    t0 = time.perf_counter()
+                logits = runner.decode(tokens)
+                if sample:
+                    tokens = sampling.sample_rows(logits, samplers)
+                    for sampler, token in zip(samplers, tokens):
+                        sampler.accept(token)
+            sync()
+            timings[label] = (time.perf_counter() - t0) / steps * 1e3
+        print(f"  {rows:4d} rows: " + ", ".join(f"{k} {v:.2f} ms" for k, v in timings.items())
+              + f" = {rows / timings['decode + sampling'] * 1e3:,.0f} tok/s", flush=True)
+    del runner, logits
+    torch.cuda.empty_cache()
+
+
 def wait_healthy(proc: subprocess.Popen, port: int, output=None) -> dict:
     """/health once the model has loaded; exits with the server's last output (from the
     file `output`, if given) when the server stops first."""
@@ -233,6 +277,7 @@ def main() -> None:
         build_random_folder(folder)
         if not args.skip_check:
             agreement(folder, args.device)
+            step_times(folder, args.device, [int(n) for n in args.clients.split(",")])
         serve_and_load(folder, args.device, [int(n) for n in args.clients.split(",")], args.tokens)
 
 

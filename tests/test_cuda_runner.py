@@ -9,8 +9,18 @@ import cuda_runner
 from cuda_runner import batch_bucket, span_buckets
 
 
-def test_batch_buckets_are_powers_of_two_at_or_above_the_rows():
-    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 200, 256, 257)] == [1, 2, 4, 8, 8, 16, 256, 256, 512]
+def test_batch_buckets_are_powers_of_two_at_or_above_the_rows_within_the_slots():
+    assert [batch_bucket(n, 512) for n in (1, 2, 3, 5, 8, 9, 200, 256, 257)] == [1, 2, 4, 8, 8, 16, 256, 256, 512]
+    assert [batch_bucket(n, 100) for n in (1, 3, 64, 65, 100)] == [1, 4, 64, 100, 100]
+
+
+def test_a_batch_as_large_as_slots_that_are_no_power_of_two_decodes(tiny_llama_folder):
+    """--max-batch 3: three rows step at bucket 3 (there is no fourth slot to pad into)."""
+    for capture in (None, cuda_runner.eager_capture):
+        runner = cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=3, capture=capture)
+        runner.prefill([[5, 6, 7], [8, 9], [10]])
+        assert runner.decode([1, 2, 3]).shape[0] == 3
+        assert capture is None or sorted({rows for rows, _ in runner._graphs.graphs}) == [1, 2, 3]
 
 
 def test_span_buckets_double_from_256_and_end_at_the_slot_length():
