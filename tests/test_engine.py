@@ -326,6 +326,17 @@ def test_repeat_penalty_only_looks_at_recent_tokens():
     assert sample_token(logits.clone(), s, history) == 0
 
 
+@pytest.mark.parametrize("prompt", [0, 10, 64, 100])
+@pytest.mark.parametrize("completion", [0, 30, 64, 150])
+def test_the_penalty_window_is_the_last_tokens_of_prompt_and_completion(prompt, completion):
+    prompt_ids, completion_ids = list(range(1000, 1000 + prompt)), list(range(completion))
+    sampler = RowSampler(Sampling(), seed=0, prompt_ids=prompt_ids)
+    for t in completion_ids:
+        sampler.accept(t)
+    assert sampler.recent() == (prompt_ids + completion_ids)[-REPEAT_LAST_N:]
+    assert sampler.steps == completion
+
+
 def test_sampling_does_not_modify_the_callers_logits():
     logits = torch.tensor([2.0, 1.9, 0.0, -1.0])
     before = logits.clone()
