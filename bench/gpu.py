@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import gzip
 import http.client
 import json
@@ -37,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,8 +278,17 @@ def main() -> None:
         folder = Path(tmp)
         build_random_folder(folder)
         if not args.skip_check:
-            agreement(folder, args.device)
-            step_times(folder, args.device, [int(n) for n in args.clients.split(",")])
+            # A stage that fails prints why and leaves the next ones their turn: a GPU
+            # session has one short lease to get every figure it can.
+            for stage, stage_args in ((agreement, (folder, args.device)),
+                                      (step_times, (folder, args.device, [int(n) for n in args.clients.split(",")]))):
+                try:
+                    stage(*stage_args)
+                except Exception:
+                    traceback.print_exc()
+                    print(f"{stage.__name__} failed; going on", flush=True)
+                gc.collect()
+                torch.cuda.empty_cache()
         serve_and_load(folder, args.device, [int(n) for n in args.clients.split(",")], args.tokens)
 
 
