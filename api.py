@@ -387,7 +387,8 @@ class Api:
             "template": e.facts.chat_template,
             "details": self._details(),
             "model_info": {"general.architecture": arch, "general.parameter_count": e.facts.parameters,
-                           f"{arch}.context_length": e.context_length},
+                           f"{arch}.context_length": e.context_length,
+                           "minivault.device": e.facts.device, "minivault.dtype": e.facts.dtype},
             "capabilities": ["completion", "tools", "embedding"],
             "modified_at": self.started_at,
         })
@@ -397,7 +398,9 @@ class Api:
         if self.engine.ready:
             entry = self._model_entry(self.listed_names()[0])
             entry.pop("modified_at")
-            models.append({**entry, "expires_at": "2999-12-31T23:59:59Z", "size_vram": 0,
+            on_gpu = self.engine.facts.device.startswith("cuda")
+            models.append({**entry, "expires_at": "2999-12-31T23:59:59Z",
+                           "size_vram": entry["size"] if on_gpu else 0,
                            "context_length": self.engine.context_length})
         await writer.send_json(200, {"models": models})
 

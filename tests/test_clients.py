@@ -120,7 +120,8 @@ def test_ollama_list_show_ps(ol, server):
     assert models[0].details.family == "llama" and models[0].details.parameter_size == "135M"
     shown = ol.show("smollm2")
     assert "im_start" in shown.template and shown.modelinfo["llama.context_length"] == 8192
-    assert ol.ps().models[0].context_length == 8192
+    assert shown.modelinfo["minivault.device"] == "cpu" and shown.modelinfo["minivault.dtype"]  # what serves
+    assert ol.ps().models[0].context_length == 8192 and ol.ps().models[0].size_vram == 0
     assert server.request("GET", "/api/version").json()["version"]
 
 
