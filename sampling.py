@@ -127,10 +127,12 @@ def _penalised(logits, samplers: list[RowSampler]):
         factor = to_device([[s.repeat_penalty if t else 1.0] for s, t in zip(settings, recent)], device)
         picked = logits.gather(1, index)
         logits.scatter_(1, index, torch.where(picked > 0, picked / factor, picked * factor))
-    if any(r._counts and (s.presence_penalty or s.frequency_penalty) for r, s in zip(samplers, settings)):
-        tokens = [list(r._counts) for r in samplers]
-        amounts = [[s.presence_penalty + s.frequency_penalty * n for n in r._counts.values()]
-                   for r, s in zip(samplers, settings)]
+    penalised = [bool(r._counts and (s.presence_penalty or s.frequency_penalty)) for r, s in zip(samplers, settings)]
+    if any(penalised):
+        # Only the rows that ask: the others' counts would widen every row's index.
+        tokens = [list(r._counts) if p else [] for r, p in zip(samplers, penalised)]
+        amounts = [[s.presence_penalty + s.frequency_penalty * n for n in r._counts.values()] if p else []
+                   for r, s, p in zip(samplers, settings, penalised)]
         width = max(1, max(len(t) for t in tokens))
         index = to_device([t + [0] * (width - len(t)) for t in tokens], device)
         amount = to_device([a + [0.0] * (width - len(a)) for a in amounts], device)
