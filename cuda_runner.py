@@ -133,6 +133,7 @@ class StaticRunner:
         self.parameters = parameters
         self.max_batch = max_batch
         self.capacity = capacity  # positions a slot holds: a whole number of SPAN_BUCKETs
+        self._spans = span_buckets(capacity)  # a decode step attends over the first that holds its rows
         self.context_length = min(capacity, model.context)
         self._cache = model.new_cache(rows=max_batch, capacity=capacity)
         self._lengths: list[int] = []
@@ -224,7 +225,7 @@ class StaticRunner:
         longest = max(self._lengths) + 1
         if longest > self.context_length:
             raise RuntimeError(f"a row would pass the {self.context_length} positions of its slot")
-        span = next(s for s in span_buckets(self.capacity) if s >= longest)
+        span = next(s for s in self._spans if s >= longest)
         pad = [0] * (rows - len(tokens))  # rows past the batch: position 0 of free slots
         device = self.model.device
         padded = to_device(tokens + pad, device).unsqueeze(1)
