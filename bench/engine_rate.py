@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gzip
 import http.client
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -111,13 +109,11 @@ def serve(port: int, step_ms: float, max_batch: int) -> None:
     """The real server (minivault.main) with the paced runner in place of a model."""
     import minivault
     import runner
+    from gpu import copy_description
     from prompts import TextCodec
 
     folder = Path(tempfile.mkdtemp())
-    data = ROOT / "bench" / "data" / "smollm2-135m"
-    for name in ("tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(data / name, folder / name)
-    (folder / "tokenizer.json").write_bytes(gzip.decompress((data / "tokenizer.json.gz").read_bytes()))
+    copy_description(folder)
     paced = PacedRunner(TextCodec.from_folder(folder), step_ms / 1000)
     runner.load_runner = lambda *args, **kwargs: paced
     import sampling

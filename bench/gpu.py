@@ -54,15 +54,20 @@ PROMPTS = [
 ]
 
 
+def copy_description(folder: Path) -> None:
+    """The embedded model's config, tokenizer and template (no weights) into folder."""
+    for name in ("config.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        shutil.copy(DESCRIPTION / name, folder / name)
+    (folder / "tokenizer.json").write_bytes(gzip.decompress((DESCRIPTION / "tokenizer.json.gz").read_bytes()))
+
+
 def build_random_folder(folder: Path, seed: int = 0) -> None:
     """The embedded model's shape, tokenizer and template, with random weights (std 0.02,
     norms 1, as transformers initialises a Llama)."""
     import torch
     from safetensors.torch import save_file
 
-    for name in ("config.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
-        shutil.copy(DESCRIPTION / name, folder / name)
-    (folder / "tokenizer.json").write_bytes(gzip.decompress((DESCRIPTION / "tokenizer.json.gz").read_bytes()))
+    copy_description(folder)
     c = json.loads((DESCRIPTION / "config.json").read_text())
     hidden, inter, heads, kv, dim = (c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
                                      c["num_key_value_heads"], c["head_dim"])
