@@ -358,7 +358,7 @@ def parse_chat(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest
 
 # OpenAI request fields we cannot honour: refused rather than silently ignored.
 OPENAI_UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "logit_bias", "suffix",
-                      "audio", "modalities", "prediction")
+                      "audio", "modalities", "prediction", "reasoning_effort", "verbosity", "web_search_options")
 
 
 # OpenAI request fields that parse_options reads; others would let Ollama's options in.
@@ -454,6 +454,9 @@ RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
 def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool]:
     """OpenAI's /v1/responses body -> (request, stream?, read tool calls?)."""
     refuse_unsupported(body, RESPONSES_UNSUPPORTED)
+    if body.get("truncation") not in (None, "disabled"):  # "auto" would drop earlier items to fit
+        raise HTTPError(400, "'truncation' must be 'disabled': an input longer than the context is refused, "
+                             "not cut")
     text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if body.get("text") is not None and not isinstance(body.get("text"), dict):
         raise HTTPError(400, "'text' must be an object")

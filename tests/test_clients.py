@@ -202,6 +202,18 @@ def test_openai_responses_refuses_what_it_cannot_honour(oa):
     with pytest.raises(openai.BadRequestError) as err:
         oa.responses.create(model="smollm2", input="hi", text={"verbosity": "low"})
     assert "text.verbosity" in str(err.value)
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.responses.create(model="smollm2", input="hi", truncation="auto")
+    assert "truncation" in str(err.value)
+    assert oa.responses.create(model="smollm2", input="hi", truncation="disabled", max_output_tokens=2).output
+
+
+def test_openai_chat_refuses_reasoning_and_verbosity_it_cannot_honour(oa):
+    for field, value in (("reasoning_effort", "high"), ("verbosity", "low"), ("web_search_options", {"a": 1})):
+        with pytest.raises(openai.BadRequestError) as err:
+            oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}],
+                                       max_tokens=2, extra_body={field: value})
+        assert field in str(err.value)
 
 
 def test_openai_models(oa):
