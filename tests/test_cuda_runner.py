@@ -68,6 +68,42 @@ def test_bfloat16_keeps_its_activations_and_tracks_float32_logits(tiny_llama_fol
         assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() > 0.999
 
 
+# Ops that make the host wait for the device (a value read back, or an output whose
+# shape depends on the data) or copy host memory in: a CUDA graph cannot capture them.
+HOST_BOUND_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+                  "aten.is_nonzero.default", "aten.equal.default", "aten.repeat_interleave.Tensor",
+                  "aten.lift_fresh.default", "aten._unique2.default", "aten.unique_consecutive.default"}
+
+
+def test_a_captured_decode_step_never_needs_the_host(tiny_llama_folder):
+    """What DecodeGraphs captures, run once under a dispatch mode on the CPU: no op that
+    syncs or reads host memory, no boolean indexing (a nonzero inside), and no copy
+    between devices. On a GPU any of them fails the capture at load, or worse, is
+    replayed with the values it saw when it was captured."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: list[tuple[str, list]] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+            self.seen.append((str(func), tensors))
+            return func(*args, **(kwargs or {}))
+
+    runner = cuda_runner.load_folder(tiny_llama_folder, "bfloat16", "cpu", max_batch=4,
+                                     capture=cuda_runner.eager_capture)
+    runner.prefill([[5, 6, 7], [8, 9]])
+    with Ops() as ops:
+        runner._graphs._step(4, 256)
+    names = {name for name, _ in ops.seen}
+    assert len(ops.seen) > 100 and "aten.index_put_.default" in names  # the step itself ran
+    assert not names & HOST_BOUND_OPS
+    for name, tensors in ops.seen:
+        assert all(t.dtype != torch.bool for t in tensors[1:]) or not name.startswith("aten.index"), name
+        assert all(t.device == torch.device(runner.model.device) for t in tensors), name
+
+
 def test_the_static_runner_refuses_other_architectures(tiny_gpt2_folder):
     from modelsource import resolve_model
     from runner import load_runner
