@@ -7,8 +7,8 @@ captured in CUDA graphs: 2.4 ms and 5.1 ms, issue 13).
 
 - One KV cache allocated at load: a slot per batch row (`--max-batch`, or as many as
   fit in the GPU's memory, up to 256), each as long as the context served. Rows 0..n-1
-  of the batch are slots 0..n-1; cutting rows moves the kept ones down (one device copy
-  of each moved row's used positions).
+  of the batch are slots 0..n-1; when rows end, the last rows move into their slots
+  (one gather and one write for all of them).
 - A decode step runs at a batch bucket (1, 2, 4, ..., >= the rows) and a span bucket
   (256, 512, ..., >= the longest row), padding rows beyond the batch with position 0 of
   free slots. Each pair is captured once at load as a CUDA graph.
@@ -239,20 +239,15 @@ class StaticRunner:
 
     @torch.inference_mode()
     def keep(self, rows: list[int]) -> None:
-        if rows == list(range(self.rows)):
-            return
-        k, v = self._cache.k, self._cache.v
-        if rows == sorted(rows):  # the usual cut: move each later row down once
-            for i, r in enumerate(rows):
-                if r != i:
-                    used = self._lengths[r]
-                    k[:, i, :, :used] = k[:, r, :, :used]
-                    v[:, i, :, :used] = v[:, r, :, :used]
-        elif rows:
-            used = max(self._lengths[r] for r in rows)
-            index = to_device(rows, k.device)
-            k[:, :len(rows), :, :used] = k[:, index, :, :used]
-            v[:, :len(rows), :, :used] = v[:, index, :, :used]
+        """Rows whose place changes move in one gather and one write (the engine cuts by
+        filling holes from the end, so as many rows move as ended)."""
+        moves = [(i, r) for i, r in enumerate(rows) if r != i]
+        if moves:
+            places, sources = zip(*moves)
+            used = max(self._lengths[r] for r in sources)
+            to, source = to_device(places, self._cache.k.device), to_device(sources, self._cache.k.device)
+            for t in (self._cache.k, self._cache.v):
+                t[:, to, :, :used] = t[:, source, :, :used]  # the gather copies first: cycles are safe
         self._lengths = [self._lengths[r] for r in rows]
 
     @torch.inference_mode()

@@ -211,6 +211,17 @@ class _Sequence:
     ended: bool = False
 
 
+def holes_filled_from_the_end(kept: list[int]) -> list[int]:
+    """The order the surviving rows (`kept`, ascending) keep: a row already within the
+    first len(kept) places stays, and the places of rows that ended there take the
+    survivors from beyond, in order. A static cache moves only the rows whose place
+    changes: at 256 rows, cutting row 0 in place order moved 255 rows' caches; this
+    moves one."""
+    staying = {i for i in kept if i < len(kept)}
+    movers = iter(i for i in kept if i >= len(kept))
+    return [i if i in staying else next(movers) for i in range(len(kept))]
+
+
 class Engine:
     # A prompt longer than PREFILL_CHUNK is prefilled a chunk per step, so the
     # running streams keep getting tokens meanwhile instead of pausing for the
@@ -747,7 +758,7 @@ class Engine:
         for seq in self._batch:
             if seq.stream.cancelled:
                 self._end(seq, "cancelled")
-        keep = [i for i, s in enumerate(self._batch) if not s.ended]
+        keep = holes_filled_from_the_end([i for i, s in enumerate(self._batch) if not s.ended])
         if len(keep) == len(self._batch):
             return
         try:

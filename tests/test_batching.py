@@ -95,18 +95,20 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_others_keep_streaming(server
 def test_the_static_runner_on_the_cpu_gives_our_runners_float32_text_alone_and_in_a_batch():
     """`--runner static` is the GPU's runner (a slot per row, span buckets) run on the
     CPU without graphs: its greedy text equals the Llama runner's in float32, alone and
-    in a batch of eight."""
+    in a batch of eight. The rows end at different steps (10 to 24 tokens), so later
+    rows move into the slots of those that ended while the others stream on."""
     from serverproc import ServerProcess
 
     texts = {}
+    limits = [10 + 2 * i for i in range(len(PROMPTS))]
     for args in (["--runner", "static"], ["--dtype", "float32"]):
         proc = ServerProcess(args)
         try:
             proc.wait_ready()
-            alone = [proc.generate(prompt=p, max_tokens=24, temperature=0).text() for p in PROMPTS]
+            alone = [proc.generate(prompt=p, max_tokens=n, temperature=0).text() for p, n in zip(PROMPTS, limits)]
             with ThreadPoolExecutor(len(PROMPTS)) as pool:
-                batched = [r.text() for r in pool.map(lambda p: proc.generate(prompt=p, max_tokens=24,
-                                                                                temperature=0), PROMPTS)]
+                batched = [r.text() for r in pool.map(lambda p, n: proc.generate(prompt=p, max_tokens=n,
+                                                                                   temperature=0), PROMPTS, limits)]
             assert batched == alone, args
             texts[args[1]] = alone
             assert proc.request("GET", "/health").json()["dtype"] == "float32"

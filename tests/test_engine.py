@@ -428,3 +428,17 @@ def test_prefill_groups_split_by_padding_unless_the_runner_pads_freely():
     assert lengths(0) == [[8, 9, 10], [30], [120]]  # a CPU: padding costs its work
     assert lengths(4096) == [[8, 9, 10, 30, 120]]  # a GPU: one pass of 600 padded tokens
     assert lengths(300) == [[8, 9, 10, 30], [120]]
+
+
+@given(st.lists(st.booleans(), max_size=40))
+def test_rows_that_end_leave_holes_the_last_rows_fill(ended):
+    """A cut keeps every survivor once; one already within the new batch keeps its
+    place, so only as many rows move as ended among the first places."""
+    from engine import holes_filled_from_the_end
+
+    kept = [i for i, e in enumerate(ended) if not e]
+    order = holes_filled_from_the_end(kept)
+    assert sorted(order) == kept
+    assert all(order[i] == i for i in kept if i < len(kept))
+    assert sum(r != i for i, r in enumerate(order)) == sum(ended[:len(kept)])
+    assert holes_filled_from_the_end([1, 2, 3]) == [3, 1, 2] and holes_filled_from_the_end([0, 2]) == [0, 2]
