@@ -2,7 +2,7 @@
 is as fast as a GPU's: the real server, with a stand-in runner whose decode step only
 waits (as a GPU step does, without the GIL) and returns random logits.
 
-    .venv/bin/python bench/engine_rate.py [--step-ms 5] [--clients 1,64,256] [--tokens 128]
+    .venv/bin/python bench/engine_rate.py [--step-ms 5] [--clients 1,64,256] [--tokens 128] [--vocab 512]
 
 For each client count it prints the aggregate tok/s against the ceiling (clients per
 step), TTFT and inter-token p50/p95, and the model thread's own time per step outside
@@ -13,6 +13,11 @@ under that. Sampling is timed apart: here the CPU samples the 49,152-token logit
 which on a GPU are the device's work (the host only launches the ops); "the rest" is
 the host's own work per step (taking tokens, detokenising, stop strings, handing text
 to the event loop, while the event loop writes to the sockets).
+
+`--vocab 512` makes the logits 512 tokens wide (the repeat penalty's ids folded into
+them), so that sampling's tensor work is small, as on a GPU, and its host share (the
+settings, the penalty ids, launching the ops) is what remains: the tok/s then show what
+the server carries end to end beside a GPU-fast step.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class PacedRunner:
     parameters = 0
     context_length = 8192
 
-    def __init__(self, codec, step_s: float):
+    def __init__(self, codec, step_s: float, vocab: int = VOCAB):
         import torch
 
         self.torch = torch
@@ -52,7 +57,7 @@ class PacedRunner:
         self.step_s = step_s
         # One fixed set of logits (random over the first 512 tokens, the end token never):
         # making 49,152 random numbers a row each step would cost more than the step.
-        self.fixed = torch.full((1024, VOCAB), -30.0)
+        self.fixed = torch.full((1024, vocab), -30.0)
         self.fixed[:, :512] = torch.randn(1024, 512)
         self.fixed[:, sorted(self.eos_ids)] = -float("inf")
         self.sampling = 0.0  # seconds spent in sampling.sample_rows, summed
@@ -105,7 +110,7 @@ class PacedRunner:
         return [0.0]
 
 
-def serve(port: int, step_ms: float, max_batch: int) -> None:
+def serve(port: int, step_ms: float, max_batch: int, vocab: int) -> None:
     """The real server (minivault.main) with the paced runner in place of a model."""
     import minivault
     import runner
@@ -114,9 +119,13 @@ def serve(port: int, step_ms: float, max_batch: int) -> None:
 
     folder = Path(tempfile.mkdtemp())
     copy_description(folder)
-    paced = PacedRunner(TextCodec.from_folder(folder), step_ms / 1000)
+    paced = PacedRunner(TextCodec.from_folder(folder), step_ms / 1000, vocab)
     runner.load_runner = lambda *args, **kwargs: paced
     import sampling
+
+    if vocab < VOCAB:  # the prompts' ids fall outside narrow logits: fold them in
+        ids = sampling._ids
+        sampling._ids = lambda rows, device: ids(rows, device) % vocab
 
     sample_rows = sampling.sample_rows
 
@@ -151,18 +160,19 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=5.0)
     parser.add_argument("--clients", default="1,64,256")
     parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument("--vocab", type=int, default=VOCAB, help="the stand-in logits' width")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server side, in its own process
     parser.add_argument("--max-batch", type=int, default=256, help=argparse.SUPPRESS)
     args = parser.parse_args()
     clients = [int(n) for n in args.clients.split(",")]
     if args.serve:
-        serve(args.serve, args.step_ms, args.max_batch)
+        serve(args.serve, args.step_ms, args.max_batch, args.vocab)
         return
     from gpu import free_port, load, wait_healthy
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
-                             "--max-batch", str(max(clients))], cwd=ROOT)
+                             "--max-batch", str(max(clients)), "--vocab", str(args.vocab)], cwd=ROOT)
     try:
         model = wait_healthy(proc, port)["model"]
         asyncio.run(load(port, model, 1, 8))
@@ -172,7 +182,8 @@ def main() -> None:
             conn.request("GET", "/bench/account")
             return json.loads(conn.getresponse().read())
 
-        print(f"decode step {args.step_ms} ms (waiting, as for a GPU), {args.tokens} tokens a client, OpenAI "
+        print(f"decode step {args.step_ms} ms (waiting, as for a GPU), logits {args.vocab} wide, "
+              f"{args.tokens} tokens a client, OpenAI "
               f"/v1/completions streamed over HTTP, default sampling (top-k 40, top-p 0.9, repeat penalty 1.1)")
         print(f"{'clients':>8} {'tok/s':>9} {'ceiling':>9} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16} "
               f"{'between steps ms':>17} {'sampling':>9} {'the rest':>9}")
