@@ -245,10 +245,10 @@ def test_failing_log_disk_never_fails_requests(tmp_path):
         proc.wait_ready()
         for _ in range(3):
             assert proc.generate(prompt="Hi", max_tokens=2).lines()[-1]["done"]
-        text = proc.request("GET", "/metrics").body.decode()
-        families = metric_families(text)
-        assert families["minivault_log_write_errors_total"].samples[0].value >= 1
+        # The log thread writes after the replies: its report first, then the count it made before.
         proc.wait_for_stderr("cannot write the request log")
+        families = metric_families(proc.request("GET", "/metrics").body.decode())
+        assert families["minivault_log_write_errors_total"].samples[0].value >= 1
         assert proc.stderr.count("cannot write the request log") == 1
     finally:
         proc.stop()
