@@ -75,6 +75,30 @@ def test_prefill_decode_join_and_cut_give_each_row_its_own_logits(runner):
     assert runner.rows == 0
 
 
+def test_a_cut_that_fills_the_ended_rows_places_with_the_last_rows(runner):
+    """The order the engine cuts in (engine.holes_filled_from_the_end): rows 0 and 2 of
+    four end, row 3 takes row 0's place and row 1 stays; then one of them joins again."""
+    from engine import holes_filled_from_the_end
+
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0][:3]]
+    histories = [list(p) for p in prompts]
+    logits = runner.prefill(prompts)
+    for _ in range(2):
+        tokens = [int(x) for x in logits.argmax(-1)]
+        for h, t in zip(histories, tokens):
+            h.append(t)
+        logits = runner.decode(tokens)
+    keep = holes_filled_from_the_end([1, 3])
+    assert keep == [3, 1]
+    runner.keep(keep)
+    histories, logits = [histories[r] for r in keep], logits[keep]
+    tokens = [int(x) for x in logits.argmax(-1)]
+    for h, t in zip(histories, tokens):
+        h.append(t)
+    assert_rows_match(runner, runner.decode(tokens), histories)
+    assert_rows_match(runner, runner.prefill([PROMPTS[2]]), [PROMPTS[2]])
+
+
 def test_a_chunked_prefill_equals_a_whole_one_and_joins_the_batch(runner):
     runner.prefill([PROMPTS[0]])
     partial = runner.begin(PROMPTS[2])
