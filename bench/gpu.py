@@ -19,7 +19,8 @@ HTTP, in one command on a machine with no network and nothing but this repositor
 4. Starts the real server (minivault.py --model FOLDER --device cuda) and drives 1, 64
    and 256 concurrent streaming clients (OpenAI /v1/completions, --tokens each,
    temperature 1 so that a random model rarely ends early). Prints aggregate tok/s,
-   TTFT p50/p95 and inter-token latency p50/p95, and the server's start-up line.
+   TTFT p50/p95 and inter-token latency p50/p95, a line per goal (met or missed),
+   and the server's start-up line.
 
 Issue 13's goals on one H100: 1 stream >= 300 tok/s; 64 clients >= 10,000 tok/s;
 256 clients >= 20,000 tok/s with TTFT p50 <= 100 ms.
@@ -239,6 +240,23 @@ async def load(port: int, model: str, clients: int, tokens: int) -> dict:
             "itl50": pct(gaps, 0.5), "itl95": pct(gaps, 0.95)}
 
 
+# Issue 13's goals on one H100: clients -> (aggregate tok/s at least, TTFT p50 ms at most).
+GOALS = {1: (300, None), 64: (10_000, None), 256: (20_000, 100.0)}
+
+
+def verdicts(results: dict) -> str:
+    """One line per goal whose client count was run: met or missed, with the figures."""
+    lines = []
+    for n, (rate, ttft) in GOALS.items():
+        if n in results:
+            r = results[n]
+            met = r["tok_s"] >= rate and (ttft is None or r["ttft50"] <= ttft)
+            asked = f">= {rate:,} tok/s" + (f", TTFT p50 <= {ttft:.0f} ms" if ttft else "")
+            lines.append(f"goal {n} client(s) {asked}: {'met' if met else 'MISSED'} "
+                         f"({r['tok_s']:,.0f} tok/s, TTFT p50 {r['ttft50']:.1f} ms)")
+    return "\n".join(lines)
+
+
 def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -> None:
     port = free_port()
     log = tempfile.TemporaryFile()
@@ -252,10 +270,12 @@ def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -
         print(f"\nserver ready in {time.monotonic() - started:.1f} s: {health}", flush=True)
         asyncio.run(load(port, health["model"], 1, 16))  # warm-up
         print(f"{'clients':>8} {'tok/s':>10} {'tokens':>8} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16}")
+        results = {}
         for n in clients:
-            r = asyncio.run(load(port, health["model"], n, tokens))
+            r = results[n] = asyncio.run(load(port, health["model"], n, tokens))
             print(f"{n:8d} {r['tok_s']:10.0f} {r['tokens']:8d} {r['ttft50']:8.1f} / {r['ttft95']:6.1f} "
                   f"{r['itl50']:7.2f} / {r['itl95']:6.2f}", flush=True)
+        print(verdicts(results), flush=True)
     finally:
         proc.terminate()
         try:
