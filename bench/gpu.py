@@ -179,16 +179,18 @@ def step_times(folder: Path, device: str, batches: list[int], steps: int = 50) -
     torch.cuda.empty_cache()
 
 
-def wait_healthy(proc: subprocess.Popen, port: int, output=None) -> dict:
+def wait_healthy(proc: subprocess.Popen, port: int, output=None, timeout: float = 240.0) -> dict:
     """/health once the model has loaded; exits with the server's last output (from the
-    file `output`, if given) when the server stops first."""
+    file `output`, if given) when the server stops first or is not ready in `timeout` s
+    (a GPU session's lease is short: say why rather than wait it out)."""
+    deadline = time.monotonic() + timeout
     while True:
-        if proc.poll() is not None:
+        if proc.poll() is not None or time.monotonic() > deadline:
             said = ""
             if output is not None:
                 output.seek(0)
                 said = output.read().decode(errors="replace")[-3000:]
-            sys.exit(f"server exited:\n{said}")
+            sys.exit(f"server {'exited' if proc.poll() is not None else f'not ready in {timeout:.0f} s'}:\n{said}")
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
             conn.request("GET", "/health")
@@ -201,9 +203,10 @@ def wait_healthy(proc: subprocess.Popen, port: int, output=None) -> dict:
 
 
 async def stream_one(port: int, model: str, tokens: int, prompt: str) -> tuple:
-    """One streaming completion: (sent, [text arrival times], tokens generated). Tokens are counted from the usage chunk: a token that completes no
-    character (part of a UTF-8 sequence, frequent in a random model's draws) sends no
-    text, so counting chunks undercounted by ~10%."""
+    """One streaming completion: (sent, [text arrival times], tokens generated). Tokens
+    are counted from the usage chunk: a token that completes no character (part of a
+    UTF-8 sequence, frequent in a random model's draws) sends no text, so counting
+    chunks undercounted by ~10%."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     body = json.dumps({"model": model, "prompt": prompt, "max_tokens": tokens,
                        "temperature": 1.0, "stream": True, "stream_options": {"include_usage": True}}).encode()
@@ -240,6 +243,7 @@ async def load(port: int, model: str, clients: int, tokens: int) -> dict:
             "itl50": pct(gaps, 0.5), "itl95": pct(gaps, 0.95)}
 
 
+LOAD_TIMEOUT_S = 90  # one client count's streams (256 x 128 tokens at the goal's rate: under 2 s)
 # Issue 13's goals on one H100: clients -> (aggregate tok/s at least, TTFT p50 ms at most).
 GOALS = {1: (300, None), 64: (10_000, None), 256: (20_000, 100.0)}
 
@@ -272,7 +276,11 @@ def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -
         print(f"{'clients':>8} {'tok/s':>10} {'tokens':>8} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16}")
         results = {}
         for n in clients:
-            r = results[n] = asyncio.run(load(port, health["model"], n, tokens))
+            try:  # a stalled stream must not eat the lease: report it and go on
+                r = results[n] = asyncio.run(asyncio.wait_for(load(port, health["model"], n, tokens), LOAD_TIMEOUT_S))
+            except asyncio.TimeoutError:
+                print(f"{n:8d} clients: not finished in {LOAD_TIMEOUT_S} s", flush=True)
+                continue
             print(f"{n:8d} {r['tok_s']:10.0f} {r['tokens']:8d} {r['ttft50']:8.1f} / {r['ttft95']:6.1f} "
                   f"{r['itl50']:7.2f} / {r['itl95']:6.2f}", flush=True)
         print(verdicts(results), flush=True)
