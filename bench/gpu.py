@@ -272,7 +272,7 @@ def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -
     try:
         health = wait_healthy(proc, port, log)
         print(f"\nserver ready in {time.monotonic() - started:.1f} s: {health}", flush=True)
-        asyncio.run(load(port, health["model"], 1, 16))  # warm-up
+        asyncio.run(asyncio.wait_for(load(port, health["model"], 1, 16), LOAD_TIMEOUT_S))  # warm-up
         print(f"{'clients':>8} {'tok/s':>10} {'tokens':>8} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16}")
         results = {}
         for n in clients:
