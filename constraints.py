@@ -15,7 +15,6 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 
-
 def _llguidance():
     """llguidance, imported on the first constrained request rather than at start-up
     (49 ms here), so a server that never constrains output never loads it."""
@@ -145,17 +144,22 @@ class RowGrammar:
 
     def masked(self, logits):
         """A float copy of `logits` with every token the grammar forbids at -inf."""
+        return self.mask_(logits.float().clone())
+
+    def mask_(self, logits):
+        """Sets every token the grammar forbids to -inf in `logits` (a float row the
+        caller owns: sampling's copy of the model's output), and returns it."""
+        from transfer import to_device  # imports torch: not at start-up, where this module is
+
         torch = self._torch
         words = self._words
         self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
         self._raise_on_error()
-        allowed = ((words.unsqueeze(1) >> self._shifts) & 1).bool().view(-1)
-        out = logits.float().clone()
-        allowed = allowed.to(out.device)
-        width = min(out.numel(), self.vocab_size)
-        out[:width].masked_fill_(~allowed[:width], -torch.inf)
-        out[width:] = -torch.inf  # ids past the tokenizer's vocabulary are never text
-        return out
+        allowed = to_device(((words.unsqueeze(1) >> self._shifts) & 1).bool().view(-1), logits.device)
+        width = min(logits.numel(), self.vocab_size)
+        logits[:width].masked_fill_(~allowed[:width], -torch.inf)
+        logits[width:] = -torch.inf  # ids past the tokenizer's vocabulary are never text
+        return logits
 
     def advance(self, token: int) -> None:
         if not self.matcher.consume_token(token):

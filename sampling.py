@@ -149,7 +149,7 @@ def sample_rows(logits, samplers: list[RowSampler]) -> list[int]:
     logits = logits.float().clone()  # never write into the model's output
     for row, sampler in enumerate(samplers):
         if sampler.grammar is not None:
-            logits[row] = sampler.grammar.masked(logits[row])
+            sampler.grammar.mask_(logits[row])  # logits are this call's own copy
     logits = torch.nan_to_num(_penalised(logits, samplers), nan=-torch.inf)
     tokens: list[int] = [0] * len(samplers)
     for rows, pick in ((_rows_where(samplers, greedy=True), _greedy), (_rows_where(samplers, greedy=False), _draw)):
