@@ -120,8 +120,6 @@ class DecodeGraphs:
 class StaticRunner:
     """The runner interface (runner.py) over LlamaModel with a static KV cache."""
 
-    architecture = "llama"
-
     def __init__(self, model: LlamaModel, codec, config: dict, dtype: str, eos_ids: frozenset[int],
                  parameters: int, max_batch: int, capacity: int, capture=None):
         self.model = model
