@@ -26,7 +26,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from llama_runner import (SPAN_BUCKET, KVRows, LlamaModel, PartialPrefill, all_start_with, give_back_freed_memory,
                           read_folder)
@@ -168,9 +167,7 @@ class StaticRunner:
 
     @torch.inference_mode()
     def remember_prefix(self, ids: list[int]) -> None:
-        cache = self.model.new_cache(rows=1)
-        self.model.forward(torch.tensor([ids]), cache, [len(ids) - 1])
-        self._prefix = (list(ids), cache)
+        self._prefix = (list(ids), self.model.cached(ids))
 
     def _seed(self, rows: KVRows, prompts: list[list[int]]) -> None:
         """Copy the shared prefix into fresh rows when every prompt starts with it."""
@@ -258,9 +255,7 @@ class StaticRunner:
 
     @torch.inference_mode()
     def embed(self, ids: list[int]) -> list[float]:
-        hidden = self.model.forward(torch.tensor([ids]), self.model.new_cache(rows=1), [len(ids) - 1],
-                                    hidden_states=True)
-        return F.normalize(hidden[0].mean(dim=0).float(), dim=0).tolist()
+        return self.model.embedding(ids)
 
 
 def slot_plan(model: LlamaModel, max_batch: int, fixed: bool = True) -> tuple[int, int]:

@@ -152,6 +152,18 @@ class LlamaModel:
     def new_cache(self, rows: int = 0, capacity: int = 0) -> KVRows:
         return KVRows(self.layers, self.kv_heads, self.head_dim, rows, capacity, self.device, self.cache_dtype)
 
+    def cached(self, ids: list[int]) -> KVRows:
+        """A one-row cache holding the keys and values of `ids` (a shared prefix)."""
+        cache = self.new_cache(rows=1)
+        self.forward(torch.tensor([ids]), cache, [len(ids) - 1])
+        return cache
+
+    def embedding(self, ids: list[int]) -> list[float]:
+        """The final hidden states (after the last norm) of `ids`, alone, averaged over
+        its tokens and L2-normalised."""
+        hidden = self.forward(torch.tensor([ids]), self.new_cache(rows=1), [len(ids) - 1], hidden_states=True)
+        return F.normalize(hidden[0].mean(dim=0).float(), dim=0).tolist()
+
     @staticmethod
     def _rope(x, cos, sin):
         """Rotary embedding, transformers' layout (the two halves of each head rotate
@@ -288,9 +300,7 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def remember_prefix(self, ids: list[int]) -> None:
-        cache = self.model.new_cache(rows=1)
-        self.model.forward(torch.tensor([ids]), cache, [len(ids) - 1])
-        self._prefix = (list(ids), cache)
+        self._prefix = (list(ids), self.model.cached(ids))
 
     def _seeded(self, prompts: list[list[int]]) -> KVRows:
         """Fresh cache rows, holding the shared prefix when every prompt starts with it."""
@@ -338,9 +348,7 @@ class LlamaRunner:
 
     @torch.inference_mode()
     def embed(self, ids: list[int]) -> list[float]:
-        hidden = self.model.forward(torch.tensor([ids]), self.model.new_cache(rows=1), [len(ids) - 1],
-                                    hidden_states=True)
-        return F.normalize(hidden[0].mean(dim=0), dim=0).tolist()
+        return self.model.embedding(ids)
 
 
 def from_transformers(model, tokenizer, dtype: str, eos_ids: frozenset[int]) -> LlamaRunner:
