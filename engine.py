@@ -758,9 +758,10 @@ class Engine:
         for seq in self._batch:
             if seq.stream.cancelled:
                 self._end(seq, "cancelled")
-        keep = holes_filled_from_the_end([i for i, s in enumerate(self._batch) if not s.ended])
-        if len(keep) == len(self._batch):
+        kept = [i for i, s in enumerate(self._batch) if not s.ended]
+        if len(kept) == len(self._batch):
             return
+        keep = holes_filled_from_the_end(kept)
         try:
             self._runner.keep(keep)
         except Exception as exc:
