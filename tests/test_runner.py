@@ -184,6 +184,13 @@ def test_the_llama_runner_gives_a_row_the_same_logits_alone_and_in_a_batch(tiny_
         alone = greedy([prompt])[0]
         if dtype in ("int8", "int4"):  # integer weights, bfloat16 activations: bit for bit
             assert torch.equal(alone, batched[row]), row
+        elif dtype == "bfloat16":
+            # A bfloat16 matmul's kernel is picked by shape and CPU (oneDNN): one row and
+            # three rows may sum in another order, and a last float32 bit can round to the
+            # neighbouring bfloat16 (CI's CPU differed at row 1; this one does not). Here
+            # bfloat16 is 0.0026 from float32 at most and the top two logits are >= 0.25
+            # apart, so 0.01 still catches a row mixed with another's.
+            assert torch.allclose(alone, batched[row], atol=1e-2, rtol=0), (dtype, row)
         else:  # float32 sums may differ in the last bit, never more
             assert torch.allclose(alone, batched[row], atol=1e-5, rtol=0), (dtype, row)
         assert torch.equal(alone.argmax(-1), batched[row].argmax(-1))
