@@ -241,6 +241,14 @@ class Api:
         m.gauge("minivault_model_loaded", "1 once the model is ready.", lambda: 1.0 if e.ready else 0.0)
         m.gauge("minivault_log_write_errors_total", "Request log lines that could not be written.",
                 lambda: self.request_log.errors)
+        m.counter_read("minivault_model_thread_seconds_total",
+                       "The model thread's time by stage of its loop (decode: the runner's step, on a GPU "
+                       "only its launch; sampling: choosing tokens, on a GPU waiting for the step too; "
+                       "streaming: detokenising and stop strings; handoff: to the event loop).",
+                       lambda: e.clock.totals(), label="stage")
+        m.counter_read("minivault_decode_steps_total", "Decode steps the model thread ran.", lambda: e.decode_steps)
+        m.counter_read("minivault_decoded_rows_total", "Rows of all decode steps, summed (over the steps: the "
+                       "mean batch).", lambda: e.decoded_rows)
 
     def observe_response(self, route: str, status: int) -> None:
         self.metrics.inc("minivault_http_responses_total", route=route, code=str(status))

@@ -27,6 +27,7 @@ from typing import Callable
 
 from modelsource import resolve_model
 from runner import ModelFacts
+from stageclock import StageClock
 
 log = logging.getLogger("minivault.engine")
 
@@ -265,6 +266,10 @@ class Engine:
         self._embedding: list[_Sequence] = []  # embedding requests, one input computed per step
         self._outbox: list = []  # (stream, text or Final)
         self._grammars = None  # constraints.Grammars, made by the first constrained request
+        # Written by the model thread, read by /metrics:
+        self.clock = StageClock()  # seconds per stage of the model thread's loop
+        self.decode_steps = 0
+        self.decoded_rows = 0  # rows summed over decode steps (their mean is the batch)
 
     # ---- what the event loop reads ----
 
@@ -393,10 +398,11 @@ class Engine:
         if not self._outbox:
             return
         batch, self._outbox = self._outbox, []
-        try:
-            self._loop.call_soon_threadsafe(self._deliver, batch)
-        except RuntimeError:  # the loop has closed: shutting down
-            pass
+        with self.clock.stage("handoff"):
+            try:
+                self._loop.call_soon_threadsafe(self._deliver, batch)
+            except RuntimeError:  # the loop has closed: shutting down
+                pass
 
     def _end(self, seq: _Sequence, reason: str, error: str | None = None, client_error: bool = False) -> None:
         """The one way a request ends: exactly once, whatever calls it."""
@@ -509,18 +515,25 @@ class Engine:
 
     def _step(self) -> bool:
         """One turn: admit, prefill, decode. False once told to stop."""
-        arrived, stop = self._admit()
+        stage = self.clock.stage
+        with stage("admitting"):
+            arrived, stop = self._admit()
         self._embedding += [s for s in arrived if s.inputs]
-        self._prefill_arrivals([s for s in arrived if not s.inputs])
+        with stage("prefill"):
+            self._prefill_arrivals([s for s in arrived if not s.inputs])
         if self._embedding:
-            self._embed_one()
+            with stage("embedding"):
+                self._embed_one()
         if self._long:
-            self._prefill_chunk()
+            with stage("prefill"):
+                self._prefill_chunk()
         self._flush()  # first tokens go out before the next step
-        self._cut_ended()
+        with stage("cutting"):
+            self._cut_ended()
         if self._batch and not stop:
             self._decode_step()
-            self._cut_ended()
+            with stage("cutting"):
+                self._cut_ended()
         self._check_accounts()
         return not stop
 
@@ -539,7 +552,8 @@ class Engine:
             if idle:
                 self._flush()  # nothing may wait in the outbox while we sleep
             try:
-                stream = self._inbox.get(block=idle)
+                with self.clock.stage("waiting" if idle else "admitting"):
+                    stream = self._inbox.get(block=idle)
             except queue.Empty:
                 break
             if stream is None:
@@ -703,8 +717,11 @@ class Engine:
         self._sample(group, logits)
 
     def _decode_step(self) -> None:
+        self.decode_steps += 1
+        self.decoded_rows += len(self._batch)
         try:
-            logits = self._runner.decode([s.pending for s in self._batch])
+            with self.clock.stage("decode"):  # on a GPU: launching it; sampling waits for it
+                logits = self._runner.decode([s.pending for s in self._batch])
         except Exception as exc:
             # The batch's cache is suspect: end its requests and start clean.
             self._fail(self._batch, exc, "decode")
@@ -718,19 +735,21 @@ class Engine:
         row by row, so a failure ends only the rows it belongs to."""
         import sampling
 
-        try:
-            tokens = sampling.sample_rows(logits, [s.sampler for s in seqs])
-        except Exception:
-            tokens = []
-            for row, seq in enumerate(seqs):
-                try:
-                    tokens += sampling.sample_rows(logits[row:row + 1], [seq.sampler])
-                except Exception as exc:
-                    self._fail([seq], exc, "sampling")
-                    tokens.append(None)
-        for seq, token in zip(seqs, tokens):
-            if token is not None:
-                self._take(seq, token)
+        with self.clock.stage("sampling"):
+            try:
+                tokens = sampling.sample_rows(logits, [s.sampler for s in seqs])
+            except Exception:
+                tokens = []
+                for row, seq in enumerate(seqs):
+                    try:
+                        tokens += sampling.sample_rows(logits[row:row + 1], [seq.sampler])
+                    except Exception as exc:
+                        self._fail([seq], exc, "sampling")
+                        tokens.append(None)
+        with self.clock.stage("streaming"):  # detokenising, stop strings, the outbox
+            for seq, token in zip(seqs, tokens):
+                if token is not None:
+                    self._take(seq, token)
 
     def _take(self, seq: _Sequence, token: int) -> None:
         """Take `seq`'s next token and stream its text; a failure ends `seq` alone."""

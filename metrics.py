@@ -36,6 +36,7 @@ class Metrics:
         self._values: dict[str, dict[tuple, float]] = {}
         self._histograms: dict[str, dict[tuple, list]] = {}
         self._gauges_fn: dict[str, Callable[[], float]] = {}
+        self._counters_fn: dict[str, tuple[str, Callable]] = {}
 
     def counter(self, name: str, help_text: str) -> None:
         self._help[name] = ("counter", help_text)
@@ -45,6 +46,13 @@ class Metrics:
         """A gauge read when /metrics is scraped."""
         self._help[name] = ("gauge", help_text)
         self._gauges_fn[name] = read
+
+    def counter_read(self, name: str, help_text: str, read: Callable[[], float | dict[str, float]],
+                     label: str = "") -> None:
+        """A counter kept elsewhere, read when /metrics is scraped: a number, or numbers
+        by the value of `label`."""
+        self._help[name] = ("counter", help_text)
+        self._counters_fn[name] = (label, read)
 
     def histogram(self, name: str, help_text: str) -> None:
         self._help[name] = ("histogram", help_text)
@@ -75,7 +83,15 @@ class Metrics:
             for name, (kind, help_text) in self._help.items():
                 lines.append(f"# HELP {name} {help_text}")
                 lines.append(f"# TYPE {name} {kind}")
-                if kind == "counter":
+                if name in self._counters_fn:
+                    label, read = self._counters_fn[name]
+                    values = read()
+                    if isinstance(values, dict):
+                        for key, v in sorted(values.items()):
+                            lines.append(f"{name}{_labels({label: key})} {_number(v)}")
+                    else:
+                        lines.append(f"{name} {_number(values)}")
+                elif kind == "counter":
                     series = self._values[name] or {(): 0.0}
                     for key, v in series.items():
                         lines.append(f"{name}{_labels(dict(key))} {_number(v)}")

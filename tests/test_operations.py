@@ -68,6 +68,16 @@ def test_metrics_render_parses_as_prometheus_text():
     assert buckets[-1].labels["le"] == "+Inf" and buckets[-1].value == 1
 
 
+def test_counters_kept_elsewhere_render_as_counters_with_their_label():
+    m = Metrics()
+    m.counter_read("steps_total", "Steps.", lambda: 7)
+    m.counter_read("busy_seconds_total", "Busy.", lambda: {"decode": 1.5, "sampling": 0.25}, label="stage")
+    families = metric_families(m.render())
+    assert families["steps"].type == "counter" and families["steps"].samples[0].value == 7
+    assert {s.labels["stage"]: s.value for s in families["busy_seconds"].samples} == {"decode": 1.5,
+                                                                                       "sampling": 0.25}
+
+
 class _FakeEngine:
     model_name, ready, load_error, queued, active_count, load_seconds = "m", True, None, 0, 0, 1.0
 
@@ -114,6 +124,24 @@ def test_metrics_endpoint(server):
             if s.labels.get("endpoint") == "/generate" and s.labels.get("status") == "done"]
     assert done and done[0].value >= 1
     assert families["minivault_model_load_seconds"].samples[0].value > 0
+
+
+def test_metrics_say_where_the_model_threads_time_goes(server):
+    def read():
+        families = metric_families(server.request("GET", "/metrics").body.decode())
+        stages = {s.labels["stage"]: s.value for s in families["minivault_model_thread_seconds"].samples}
+        return stages, families["minivault_decode_steps"].samples[0].value, \
+            families["minivault_decoded_rows"].samples[0].value
+
+    before, steps_before, rows_before = read()
+    reply = server.generate(prompt="Name three colours.", max_tokens=6, temperature=0, stream=False).json()
+    after, steps, rows = read()
+    # The first token comes from the prefill; each later one from a decode step of this row.
+    assert steps - steps_before >= reply["eval_count"] - 1 >= 1
+    assert rows - rows_before >= steps - steps_before
+    for stage in ("waiting", "prefill", "decode", "sampling", "streaming", "handoff"):
+        assert after[stage] > before.get(stage, 0.0), stage
+    assert all(after[stage] >= seconds for stage, seconds in before.items())
 
 
 def test_cors_preflight_allowed_and_foreign_origins(server):
