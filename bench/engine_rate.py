@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
-import json
 import subprocess
 import sys
 import tempfile
@@ -40,7 +38,7 @@ VOCAB = 49152  # the embedded model's
 
 class PacedRunner:
     """The runner interface with no model: each step waits `step_s` and returns random
-    logits (never the end token). Counts the time between its steps that is not its own."""
+    logits (never the end token)."""
 
     architecture = "llama"
     dtype = "paced"
@@ -60,11 +58,7 @@ class PacedRunner:
         self.fixed = torch.full((1024, vocab), -30.0)
         self.fixed[:, :512] = torch.randn(1024, 512)
         self.fixed[:, sorted(self.eos_ids)] = -float("inf")
-        self.sampling = 0.0  # seconds spent in sampling.sample_rows, summed
         self.lengths: list[int] = []
-        self.outside = 0.0  # seconds between steps, summed
-        self.steps = 0
-        self._left = None
 
     @property
     def rows(self) -> int:
@@ -74,11 +68,7 @@ class PacedRunner:
         return self.fixed[:rows]
 
     def _wait(self) -> None:
-        if self._left is not None:
-            self.outside += time.perf_counter() - self._left
-            self.steps += 1
         time.sleep(self.step_s)
-        self._left = time.perf_counter()
 
     def remember_prefix(self, ids):
         pass
@@ -104,7 +94,6 @@ class PacedRunner:
 
     def reset(self):
         self.lengths = []
-        self._left = None
 
     def embed(self, ids):
         return [0.0]
@@ -127,30 +116,6 @@ def serve(port: int, step_ms: float, max_batch: int, vocab: int) -> None:
         ids = sampling._ids
         sampling._ids = lambda rows, device: ids(rows, device) % vocab
 
-    sample_rows = sampling.sample_rows
-
-    def timed(logits, samplers):
-        started = time.perf_counter()
-        try:
-            return sample_rows(logits, samplers)
-        finally:
-            paced.sampling += time.perf_counter() - started
-    sampling.sample_rows = timed
-
-    import api
-
-    original = api.Api.routes
-
-    def routes(self, router):  # one more route: the runner's own account
-        original(self, router)
-
-        async def account(request, writer):
-            await writer.send_json(200, {"steps": paced.steps, "outside_s": paced.outside,
-                                         "sampling_s": paced.sampling})
-            paced.steps, paced.outside, paced.sampling, paced._left = 0, 0.0, 0.0, None
-        router.add("GET", "/bench/account", account)
-
-    api.Api.routes = routes
     sys.exit(minivault.main(["--port", str(port), "--log-file", "", "--max-batch", str(max_batch),
                              "--model", str(ROOT / "bench" / "data" / "smollm2-135m"), "--log-level", "warning"]))
 
@@ -168,7 +133,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.step_ms, args.max_batch, args.vocab)
         return
-    from gpu import free_port, load, wait_healthy
+    from gpu import free_port, load, model_thread_account, per_step, split_line, wait_healthy
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
@@ -177,26 +142,26 @@ def main() -> None:
         model = wait_healthy(proc, port)["model"]
         asyncio.run(load(port, model, 1, 8))
 
-        def account() -> dict:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/bench/account")
-            return json.loads(conn.getresponse().read())
-
         print(f"decode step {args.step_ms} ms (waiting, as for a GPU), logits {args.vocab} wide, "
               f"{args.tokens} tokens a client, OpenAI "
               f"/v1/completions streamed over HTTP, default sampling (top-k 40, top-p 0.9, repeat penalty 1.1)")
+        print("host work a step: the model thread's time per decode step (its /metrics) beyond the stand-in "
+              "steps (decode) and prefills, and idle waits; of it, sampling and the rest (detokenising, stop "
+              "strings, the hand-back)")
         print(f"{'clients':>8} {'tok/s':>9} {'ceiling':>9} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16} "
-              f"{'between steps ms':>17} {'sampling':>9} {'the rest':>9}")
+              f"{'host work a step ms':>20} {'sampling':>9} {'the rest':>9}")
         for n in clients:
-            account()
+            before = model_thread_account(port)
             r = asyncio.run(load(port, model, n, args.tokens))
-            a = account()
+            account = per_step(before, model_thread_account(port))
+            split = account["ms"]
+            host = sum(ms for stage, ms in split.items() if stage not in ("decode", "prefill", "waiting"))
+            sampling = split.get("sampling", 0.0)
             ceiling = n / (args.step_ms / 1000)
-            per_step = a["outside_s"] / max(1, a["steps"]) * 1e3
-            sampling = a["sampling_s"] / max(1, a["steps"]) * 1e3
             print(f"{n:8d} {r['tok_s']:9.0f} {ceiling:9.0f} {r['ttft50']:8.1f} / {r['ttft95']:6.1f} "
-                  f"{r['itl50']:7.2f} / {r['itl95']:6.2f} {per_step:17.2f} {sampling:9.2f} {per_step - sampling:9.2f}",
+                  f"{r['itl50']:7.2f} / {r['itl95']:6.2f} {host:20.2f} {sampling:9.2f} {host - sampling:9.2f}",
                   flush=True)
+            print("         " + split_line(account), flush=True)
     finally:
         proc.terminate()
         proc.wait(30)

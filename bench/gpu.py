@@ -19,8 +19,9 @@ HTTP, in one command on a machine with no network and nothing but this repositor
 4. Starts the real server (minivault.py --model FOLDER --device cuda) and drives 1, 64
    and 256 concurrent streaming clients (OpenAI /v1/completions, --tokens each,
    temperature 1 so that a random model rarely ends early). Prints aggregate tok/s,
-   TTFT p50/p95 and inter-token latency p50/p95, a line per goal (met or missed),
-   and the server's start-up line.
+   TTFT p50/p95 and inter-token latency p50/p95, where the model thread's time went
+   per decode step (the server's /metrics), a line per goal (met or missed), and the
+   server's start-up line.
 
 Issue 13's goals on one H100: 1 stream >= 300 tok/s; 64 clients >= 10,000 tok/s;
 256 clients >= 20,000 tok/s with TTFT p50 <= 100 ms.
@@ -202,6 +203,40 @@ def wait_healthy(proc: subprocess.Popen, port: int, output=None, timeout: float 
         time.sleep(0.2)
 
 
+def model_thread_account(port: int) -> dict:
+    """The server's own account of its model thread (/metrics): seconds by stage, decode
+    steps, and rows summed over them."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    account = {"stages": {}, "steps": 0.0, "rows": 0.0}
+    for line in text.splitlines():
+        if line.startswith('minivault_model_thread_seconds_total{stage="'):
+            stage, value = line[len('minivault_model_thread_seconds_total{stage="'):].split('"} ')
+            account["stages"][stage] = float(value)
+        elif line.startswith("minivault_decode_steps_total "):
+            account["steps"] = float(line.split()[1])
+        elif line.startswith("minivault_decoded_rows_total "):
+            account["rows"] = float(line.split()[1])
+    return account
+
+
+def per_step(before: dict, after: dict) -> dict:
+    """ms per decode step of each model-thread stage between two accounts, and the mean batch."""
+    steps = max(1.0, after["steps"] - before["steps"])
+    split = {stage: (seconds - before["stages"].get(stage, 0.0)) / steps * 1e3
+             for stage, seconds in after["stages"].items()}
+    return {"ms": split, "steps": after["steps"] - before["steps"], "batch": (after["rows"] - before["rows"]) / steps}
+
+
+def split_line(split: dict) -> str:
+    """Where a decode step's time went on the model thread (decode: the runner's step, on
+    a GPU only launching it; sampling waits for the GPU there)."""
+    shown = sorted(((ms, stage) for stage, ms in split["ms"].items() if stage != "waiting"), reverse=True)
+    return (f"model thread per decode step ({split['steps']:.0f} steps, mean batch {split['batch']:.1f}): "
+            + ", ".join(f"{stage} {ms:.2f}" for ms, stage in shown) + " ms")
+
+
 async def stream_one(port: int, model: str, tokens: int, prompt: str) -> tuple:
     """One streaming completion: (sent, [text arrival times], tokens generated). Tokens
     are counted from the usage chunk: a token that completes no character (part of a
@@ -276,6 +311,7 @@ def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -
         print(f"{'clients':>8} {'tok/s':>10} {'tokens':>8} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16}")
         results = {}
         for n in clients:
+            before = model_thread_account(port)
             try:  # a stalled stream must not eat the lease: report it and go on
                 r = results[n] = asyncio.run(asyncio.wait_for(load(port, health["model"], n, tokens), LOAD_TIMEOUT_S))
             except asyncio.TimeoutError:
@@ -283,6 +319,7 @@ def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -
                 continue
             print(f"{n:8d} {r['tok_s']:10.0f} {r['tokens']:8d} {r['ttft50']:8.1f} / {r['ttft95']:6.1f} "
                   f"{r['itl50']:7.2f} / {r['itl95']:6.2f}", flush=True)
+            print("         " + split_line(per_step(before, model_thread_account(port))), flush=True)
         print(verdicts(results), flush=True)
     finally:
         proc.terminate()
