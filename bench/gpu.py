@@ -13,8 +13,9 @@ HTTP, in one command on a machine with no network and nothing but this repositor
    against float32 on the GPU. Prints how many texts are identical, where the others
    first differ, and the largest logit difference at the first step.
 3. Times the runner alone in bfloat16, in process: a decode step (a graph replay and its
-   inputs), and a step with sampling as the clients below ask (temperature 1 with the
-   default top-k, top-p and repeat penalty), at 1, 64 and 256 rows. What the HTTP load
+   inputs), a step with sampling as the clients below ask (temperature 1 with the
+   default top-k, top-p and repeat penalty), and an eager step (no graph), at 1, 64 and
+   256 rows; at the fewest and most rows, how many kernels a step runs and their time. What the HTTP load
    reaches beyond these is the host's work per token and the server's.
 4. Starts the real server (minivault.py --model FOLDER --device cuda) and drives 1, 64
    and 256 concurrent streaming clients (OpenAI /v1/completions, --tokens each,
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,7 +164,10 @@ def step_times(folder: Path, device: str, batches: list[int], steps: int = 50) -
                     for i, p in enumerate(prompts)]
         tokens = [1] * rows
         timings = {}
-        for label, sample in (("decode", False), ("decode + sampling", True)):
+        graphs = runner._graphs
+        for label, sample, eager in (("decode", False, False), ("decode + sampling", True, False),
+                                     ("eager decode (no graph)", False, True)):
+            runner._graphs = None if eager else graphs
             for i in range(steps + 3):
                 if i == 3:
                     sync()
@@ -174,10 +179,48 @@ def step_times(folder: Path, device: str, batches: list[int], steps: int = 50) -
                         sampler.accept(token)
             sync()
             timings[label] = (time.perf_counter() - t0) / steps * 1e3
+        runner._graphs = graphs
         print(f"  {rows:4d} rows: " + ", ".join(f"{k} {v:.2f} ms" for k, v in timings.items())
               + f" = {rows / timings['decode + sampling'] * 1e3:,.0f} tok/s", flush=True)
+        if rows in (min(batches), max(batches)):
+            print("        " + kernel_profile(runner, tokens, device), flush=True)
     del runner, logits
     torch.cuda.empty_cache()
+
+
+def kernel_profile(runner, tokens: list[int], device: str) -> str:
+    """What one eager decode step runs on the device: how many kernels (a graph replays
+    the same ones) and their summed time, the largest first. A graph step near that sum
+    is bound by the kernels themselves (fewer, fused ones would help); one well above it
+    by the gaps between them."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.startswith("cuda")
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    graphs, runner._graphs = runner._graphs, None
+    try:
+        runner.decode(tokens)
+        sync()
+        # (ignored: the profiler's notice that it clears its events each cycle)
+        with warnings.catch_warnings(action="ignore"), \
+                profile(activities=[ProfilerActivity.CUDA if gpu else ProfilerActivity.CPU]) as prof:
+            runner.decode(tokens)
+            sync()
+    finally:
+        runner._graphs = graphs
+    kind = torch.autograd.DeviceType.CUDA if gpu else torch.autograd.DeviceType.CPU
+    events = [e for e in prof.events() if e.device_type == kind and (gpu or e.cpu_parent is None)]
+    times: dict[str, list] = {}
+    for e in events:
+        entry = times.setdefault(e.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.time_range.elapsed_us()
+    total = sum(us for _, us in times.values())
+    top = sorted(times.items(), key=lambda kv: -kv[1][1])[:4]
+    return (f"eager step, {len(tokens)} rows: {len(events)} {'kernels' if gpu else 'top-level ops'}, "
+            f"{total / 1e3:.2f} ms of their time; the largest: "
+            + "; ".join(f"{name[:48]} x{n} {us / 1e3:.2f} ms" for name, (n, us) in top))
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, output=None, timeout: float = 240.0) -> dict:
