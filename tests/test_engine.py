@@ -293,6 +293,31 @@ def test_every_row_samples_the_same_in_a_batch_as_alone():
     assert len(Counter(together[2])) > 5  # the sampled rows really drew
 
 
+def test_settings_kept_between_steps_follow_each_batch_and_are_never_written():
+    """sample_rows keeps a batch's per-row settings on the device from step to step,
+    keyed by their values: batches with other settings alternating with it get their
+    own, and sampling never writes into a kept tensor."""
+    import sampling
+
+    logits = torch.tensor([[1.0, 1.2, 1.1, 0.9]] * 2)
+    narrow = [RowSampler(Sampling(temperature=2.0, top_k=1, top_p=1.0, repeat_penalty=1.0), s, [0]) for s in (1, 2)]
+    wide = [RowSampler(Sampling(temperature=2.0, top_k=4, top_p=1.0, repeat_penalty=1.1), s, [0]) for s in (1, 2)]
+    drawn = set()
+    for _ in range(40):
+        for samplers in (narrow, wide):
+            tokens = sample_rows(logits, samplers)
+            for sampler, token in zip(samplers, tokens):
+                sampler.accept(token)
+            if samplers is narrow:
+                assert tokens == [1, 1]
+            else:
+                drawn.update(tokens)
+    assert len(drawn) > 2
+    assert sampling._KEPT
+    for (values, dtype, _), tensor in sampling._KEPT.items():
+        assert torch.equal(tensor, torch.tensor(values, dtype=dtype)), values
+
+
 def test_tiny_top_p_keeps_only_the_top_token():
     logits = torch.tensor([1.0, 2.0, 1.9, 0.5])
     s = Sampling(temperature=1.0, top_p=1e-6, top_k=0, repeat_penalty=1.0)
