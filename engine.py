@@ -431,28 +431,8 @@ class Engine:
     def _thread_main(self) -> None:
         t0 = time.monotonic()
         try:
-            # These import torch (seconds): the server listens meanwhile.
-            import runner
-
-            if self._load_runner is not None:
-                self._runner = self._load_runner(self.source, self.requested_dtype, self.cache_dir)
-            else:
-                self._runner = runner.load_runner(self.source, self.requested_dtype, self.cache_dir,
-                                                  self.runner_kind, self.device, self.max_batch,
-                                                  self.max_batch_fixed)
-            # A runner with fewer slots than asked (what fits a GPU): admit no more than those.
-            self.max_batch = min(self.max_batch, getattr(self._runner, "max_batch", self.max_batch))
-            from prompts import PromptBuilder
-
-            self._prompts = PromptBuilder(self._runner.codec)
-            self._cache_shared_prefix()
-            r = self._runner
-            facts = ModelFacts(
-                name=self.model_name, architecture=r.architecture, parameters=r.parameters,
-                chat_template=r.codec.chat_template or "",
-                context_length=r.context_length, dtype=r.dtype, device=r.device,
-                max_prompt_chars=self._prompts.max_prompt_chars(r.context_length),
-                load_seconds=time.monotonic() - t0)
+            with self.clock.stage("loading"):
+                facts = self._load(t0)
         except Exception as exc:
             log.exception("model failed to load")
             error = f"model failed to load: {exc}"
@@ -465,6 +445,31 @@ class Engine:
                  self.max_batch)
         self._loop.call_soon_threadsafe(self._publish, facts, None)
         self._serve()
+
+    def _load(self, t0: float) -> ModelFacts:
+        """The runner, the prompt builder and the shared prefix; the model's facts."""
+        # These import torch (seconds): the server listens meanwhile.
+        import runner
+
+        if self._load_runner is not None:
+            self._runner = self._load_runner(self.source, self.requested_dtype, self.cache_dir)
+        else:
+            self._runner = runner.load_runner(self.source, self.requested_dtype, self.cache_dir,
+                                              self.runner_kind, self.device, self.max_batch,
+                                              self.max_batch_fixed)
+        # A runner with fewer slots than asked (what fits a GPU): admit no more than those.
+        self.max_batch = min(self.max_batch, getattr(self._runner, "max_batch", self.max_batch))
+        from prompts import PromptBuilder
+
+        self._prompts = PromptBuilder(self._runner.codec)
+        self._cache_shared_prefix()
+        r = self._runner
+        return ModelFacts(
+            name=self.model_name, architecture=r.architecture, parameters=r.parameters,
+            chat_template=r.codec.chat_template or "",
+            context_length=r.context_length, dtype=r.dtype, device=r.device,
+            max_prompt_chars=self._prompts.max_prompt_chars(r.context_length),
+            load_seconds=time.monotonic() - t0)
 
     def _cache_shared_prefix(self) -> None:
         """The prompt prefix every default-templated request starts with (the system

@@ -142,6 +142,7 @@ def test_metrics_say_where_the_model_threads_time_goes(server):
     for stage in ("waiting", "prefill", "decode", "sampling", "streaming", "handoff"):
         assert after[stage] > before.get(stage, 0.0), stage
     assert all(after[stage] >= seconds for stage, seconds in before.items())
+    assert after["loading"] > 0  # the model's load, before any request
 
 
 def test_cors_preflight_allowed_and_foreign_origins(server):
