@@ -136,6 +136,7 @@ class StaticRunner:
         self._lengths: list[int] = []
         self._prefix: tuple[list[int], KVRows] | None = None
         self.free_padding = GPU_FREE_PADDING if self.device.startswith("cuda") else 0
+        self.asynchronous = self.device.startswith("cuda")  # kernels are queued; sampling's .cpu() waits
         # capture: CudaCapture() on a GPU; None computes each step eagerly.
         self._graphs = DecodeGraphs(model, self._cache, max_batch, capacity, capture) if capture else None
 

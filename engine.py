@@ -260,6 +260,7 @@ class Engine:
         self._finished_at: collections.deque = collections.deque(maxlen=32)  # loop-side clock
         # Model thread only:
         self._runner = None
+        self._asynchronous = False  # the runner's steps run on a device while the host goes on
         self._live: dict[int, _Sequence] = {}  # every request taken off the inbox, until it ends
         self._batch: list[_Sequence] = []  # row i of the runner's batch is _batch[i]
         self._long: list[_Sequence] = []  # long prompts being prefilled a chunk per step
@@ -394,6 +395,15 @@ class Engine:
         if text:
             self._outbox.append((seq.stream, text))
 
+    def _flush_unless_sampling_will(self) -> None:
+        """The end of a step's work: hand its text to the event loop now, unless a decode
+        step follows on an asynchronous device. Then that step's sampling hands it over
+        once the device has the step (sample_rows' before_waiting), and the event loop
+        writes while the device computes, instead of holding the GIL while the next
+        step waits to be launched."""
+        if not (self._asynchronous and self._batch):
+            self._flush()
+
     def _flush(self) -> None:
         if not self._outbox:
             return
@@ -459,6 +469,7 @@ class Engine:
                                               self.max_batch_fixed)
         # A runner with fewer slots than asked (what fits a GPU): admit no more than those.
         self.max_batch = min(self.max_batch, getattr(self._runner, "max_batch", self.max_batch))
+        self._asynchronous = bool(getattr(self._runner, "asynchronous", False))
         from prompts import PromptBuilder
 
         self._prompts = PromptBuilder(self._runner.codec)
@@ -503,7 +514,7 @@ class Engine:
                 # suspect, so every request the thread holds ends with an error.
                 self._fail(list(self._live.values()), exc, "model step")
                 self._forget_all()
-            self._flush()
+            self._flush_unless_sampling_will()
         for seq in list(self._live.values()):
             self._end(seq, "cancelled")
         while (stream := self._next_inbox(block=False)) is not None:
@@ -532,7 +543,7 @@ class Engine:
         if self._long:
             with stage("prefill"):
                 self._prefill_chunk()
-        self._flush()  # first tokens go out before the next step
+        self._flush_unless_sampling_will()  # first tokens go out before the next step
         with stage("cutting"):
             self._cut_ended()
         if self._batch and not stop:
@@ -740,14 +751,16 @@ class Engine:
         row by row, so a failure ends only the rows it belongs to."""
         import sampling
 
+        hand_off = self._flush if self._asynchronous else None
         with self.clock.stage("sampling"):
             try:
-                tokens = sampling.sample_rows(logits, [s.sampler for s in seqs])
+                tokens = sampling.sample_rows(logits, [s.sampler for s in seqs], before_waiting=hand_off)
             except Exception:
                 tokens = []
                 for row, seq in enumerate(seqs):
                     try:
-                        tokens += sampling.sample_rows(logits[row:row + 1], [seq.sampler])
+                        tokens += sampling.sample_rows(logits[row:row + 1], [seq.sampler],
+                                                       before_waiting=hand_off)
                     except Exception as exc:
                         self._fail([seq], exc, "sampling")
                         tokens.append(None)

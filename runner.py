@@ -39,6 +39,9 @@ class Runner(Protocol):
     dtype: str
     device: str
     eos_ids: frozenset[int]
+    # True where a step runs on a device while the host goes on (a GPU): the step's
+    # results are waited for when sampling reads them. Absent: False.
+    asynchronous: bool
 
     @property
     def rows(self) -> int:

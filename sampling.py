@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -140,8 +140,10 @@ def _penalised(logits, samplers: list[RowSampler]):
     return logits
 
 
-def sample_rows(logits, samplers: list[RowSampler]) -> list[int]:
+def sample_rows(logits, samplers: list[RowSampler], before_waiting: Callable[[], None] | None = None) -> list[int]:
     """The next token of each row: logits [rows, vocab], one sampler per row.
+    `before_waiting` runs once every op is launched, before the host waits for the
+    tokens (on a GPU: while the device computes the step and the sampling).
 
     Never fails on finite settings: logits that extreme settings push to inf or NaN
     fall back to the row's most likely token instead of a draw.
@@ -151,13 +153,17 @@ def sample_rows(logits, samplers: list[RowSampler]) -> list[int]:
         if sampler.grammar is not None:
             sampler.grammar.mask_(logits[row])  # logits are this call's own copy
     logits = torch.nan_to_num(_penalised(logits, samplers), nan=-torch.inf)
+    picked = [(rows, pick(_rows(logits, rows), [samplers[r] for r in rows]))
+              for rows, pick in ((_rows_where(samplers, greedy=True), _greedy),
+                                 (_rows_where(samplers, greedy=False), _draw)) if rows]
+    if before_waiting is not None:
+        before_waiting()
     tokens: list[int] = [0] * len(samplers)
-    for rows, pick in ((_rows_where(samplers, greedy=True), _greedy), (_rows_where(samplers, greedy=False), _draw)):
-        if rows:
-            # .cpu() first: on a GPU the copy waits for the step without holding the
-            # GIL, so the event loop keeps writing meanwhile.
-            for row, token in zip(rows, pick(_rows(logits, rows), [samplers[r] for r in rows]).cpu().tolist()):
-                tokens[row] = token
+    for rows, chosen in picked:
+        # .cpu() first: on a GPU the copy waits for the step without holding the
+        # GIL, so the event loop keeps writing meanwhile.
+        for row, token in zip(rows, chosen.cpu().tolist()):
+            tokens[row] = token
     return tokens
 
 

@@ -66,9 +66,9 @@ def faulty_text_stages(faults: Faults):
     saved = sampling.sample_rows, textstream.Detokenizer.step
     real_sample, real_step = saved
 
-    def sample_rows(logits, samplers):
+    def sample_rows(logits, samplers, **kwargs):
         faults.check("sample")
-        return real_sample(logits, samplers)
+        return real_sample(logits, samplers, **kwargs)
 
     def step(self, token_id):
         faults.check("detokenise")
@@ -125,14 +125,17 @@ class LiveServer:
 
 @contextlib.asynccontextmanager
 async def live_server(model_folder, log_path, faults: Faults | None = None, policy: Policy | None = None,
-                      runner=None, kind: str = "auto", **engine_kwargs):
+                      runner=None, kind: str = "auto", asynchronous: bool = False, **engine_kwargs):
     """`runner`: a runner to serve instead of the folder's model (the folder still names
-    it); `kind`: which runner loads the folder (runner.RUNNERS)."""
+    it); `kind`: which runner loads the folder (runner.RUNNERS); `asynchronous`: the
+    engine treats the runner as a GPU's (text handed off while a step computes)."""
     def load(source, dtype, cache_dir):
         from runner import load_runner
 
         real = runner if runner is not None else load_runner(source, dtype, cache_dir, kind,
                                                              max_batch=engine_kwargs.get("max_batch", 8))
+        if asynchronous:
+            real.asynchronous = True
         return FaultyRunner(real, faults) if faults is not None else real
 
     engine = Engine(model=str(model_folder), dtype="float32", cache_dir=None, load_runner=load, **engine_kwargs)

@@ -318,6 +318,18 @@ def test_settings_kept_between_steps_follow_each_batch_and_are_never_written():
         assert torch.equal(tensor, torch.tensor(values, dtype=dtype)), values
 
 
+def test_before_waiting_runs_once_between_launching_and_reading_the_tokens():
+    """Greedy and sampled rows together: the hook runs once, and the tokens are those
+    sampled without it."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    settings_ = [Sampling(temperature=0, **PLAIN), Sampling(temperature=1.0, **PLAIN), Sampling(temperature=0.7)]
+    calls = []
+    with_hook = sample_rows(logits, [RowSampler(s, i, [1, 2]) for i, s in enumerate(settings_)],
+                            before_waiting=lambda: calls.append("waiting"))
+    assert calls == ["waiting"]
+    assert with_hook == sample_rows(logits, [RowSampler(s, i, [1, 2]) for i, s in enumerate(settings_)])
+
+
 def test_tiny_top_p_keeps_only_the_top_token():
     logits = torch.tensor([1.0, 2.0, 1.9, 0.5])
     s = Sampling(temperature=1.0, top_p=1e-6, top_k=0, repeat_penalty=1.0)

@@ -80,17 +80,19 @@ def check_reply(reply, endpoint: str, faulty: bool) -> None:
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(requests=REQUESTS, plan=FAULTS, max_batch=st.integers(1, 3), queue_size=st.integers(1, 4),
-       chunk=st.sampled_from([8, 256]), model=st.sampled_from(["gpt2", "llama", "static"]))
+       chunk=st.sampled_from([8, 256]), model=st.sampled_from(["gpt2", "llama", "static", "static async"]))
 def test_any_mix_of_bodies_disconnects_and_failures_leaves_the_books_balanced(
         tiny_gpt2_folder, tiny_llama_folder, requests, plan, max_batch, queue_size, chunk, model):
     faults = Faults(plan={k: set(v) for k, v in plan.items()})
-    # transformers' runner, ours, or the GPU's static one (on the CPU)
+    # transformers' runner, ours, or the GPU's static one (on the CPU; "async": the
+    # engine hands text off as it does beside a GPU, while the next step computes)
     folder = tiny_gpt2_folder if model == "gpt2" else tiny_llama_folder
-    kind = "static" if model == "static" else "auto"
+    kind = "static" if model.startswith("static") else "auto"
+    asynchronous = model == "static async"
 
     async def main(log_path):
         async with live_server(folder, log_path, faults=faults, max_batch=max_batch, queue_size=queue_size,
-                               kind=kind) as live:
+                               kind=kind, asynchronous=asynchronous) as live:
             live.engine.PREFILL_CHUNK = chunk  # 8: the tiny model's prompts are prefilled in chunks
             finals = count_finals(live.engine)
             model = live.engine.model_name
@@ -115,6 +117,30 @@ def test_any_mix_of_bodies_disconnects_and_failures_leaves_the_books_balanced(
 
     with tempfile.TemporaryDirectory() as tmp, faulty_text_stages(faults):
         asyncio.run(main(Path(tmp) / "log.jsonl"))
+
+
+def test_text_handed_off_while_the_device_computes_is_the_same_text(tiny_llama_folder, tmp_path):
+    """Beside an asynchronous runner (a GPU) a step's text reaches the event loop while
+    the next step computes instead of at the end of its own step: the same texts and
+    ends for requests streamed together, with rows ending at different steps."""
+    bodies = [{"prompt": p, "max_tokens": n, "temperature": 0, "stream": True}
+              for p, n in (("The quick brown fox", 9), ("A language model", 3), ("Streaming servers", 6))]
+
+    def run(asynchronous: bool):
+        async def main():
+            async with live_server(tiny_llama_folder, tmp_path / f"{asynchronous}.jsonl", kind="static",
+                                   asynchronous=asynchronous, max_batch=3) as live:
+                assert live.engine._asynchronous is asynchronous
+                replies = await asyncio.gather(*[http(live.port, "POST", "/generate", b) for b in bodies])
+                await live.settled()
+                assert live.books() == {"free_slots": 3, "queued": 0, "active": 0, "live": 0}
+                return [[line.get("response", "") for line in r.lines()] + [r.lines()[-1]["done_reason"]]
+                        for r in replies]
+        return asyncio.run(main())
+
+    handed_off_later = run(True)
+    assert handed_off_later == run(False)
+    assert [len(r) for r in handed_off_later] != [len(handed_off_later[0])] * 3  # rows ended apart
 
 
 def count_finals(engine) -> collections.Counter:
