@@ -14,6 +14,11 @@ which on a GPU are the device's work (the host only launches the ops); "the rest
 the host's own work per step (taking tokens, detokenising, stop strings, handing text
 to the event loop, while the event loop writes to the sockets).
 
+`--device queued` models a GPU's asynchrony: a step returns at once and runs for
+--step-ms from its launch, and sampling waits for it where a GPU's .cpu() does (the
+engine then hands text off while the step computes); `queued-late` is the same device
+with the hand-off at the end of each step, as before.
+
 `--vocab 512` makes the logits 512 tokens wide (the repeat penalty's ids folded into
 them), so that sampling's tensor work is small, as on a GPU, and its host share (the
 settings, the penalty ids, launching the ops) is what remains: the tok/s then show what
@@ -46,7 +51,7 @@ class PacedRunner:
     parameters = 0
     context_length = 8192
 
-    def __init__(self, codec, step_s: float, vocab: int = VOCAB):
+    def __init__(self, codec, step_s: float, vocab: int = VOCAB, queued: bool = False):
         import torch
 
         self.torch = torch
@@ -59,6 +64,11 @@ class PacedRunner:
         self.fixed[:, :512] = torch.randn(1024, 512)
         self.fixed[:, sorted(self.eos_ids)] = -float("inf")
         self.lengths: list[int] = []
+        # queued: a step returns at once and runs for step_s from its launch, one after
+        # another, as a GPU's queued kernels do; sampling waits for it where a GPU's
+        # .cpu() does (serve() hooks that in).
+        self.queued = queued
+        self.ready_at = 0.0
 
     @property
     def rows(self) -> int:
@@ -68,7 +78,10 @@ class PacedRunner:
         return self.fixed[:rows]
 
     def _wait(self) -> None:
-        time.sleep(self.step_s)
+        if self.queued:
+            self.ready_at = max(time.perf_counter(), self.ready_at) + self.step_s
+        else:
+            time.sleep(self.step_s)
 
     def remember_prefix(self, ids):
         pass
@@ -99,7 +112,7 @@ class PacedRunner:
         return [0.0]
 
 
-def serve(port: int, step_ms: float, max_batch: int, vocab: int) -> None:
+def serve(port: int, step_ms: float, max_batch: int, vocab: int, device: str) -> None:
     """The real server (minivault.main) with the paced runner in place of a model."""
     import minivault
     import runner
@@ -108,9 +121,21 @@ def serve(port: int, step_ms: float, max_batch: int, vocab: int) -> None:
 
     folder = Path(tempfile.mkdtemp())
     copy_description(folder)
-    paced = PacedRunner(TextCodec.from_folder(folder), step_ms / 1000, vocab)
+    paced = PacedRunner(TextCodec.from_folder(folder), step_ms / 1000, vocab, queued=device != "sync")
+    paced.asynchronous = device == "queued"  # "queued-late": the engine hands off as beside a CPU
     runner.load_runner = lambda *args, **kwargs: paced
     import sampling
+
+    if paced.queued:
+        real_sample_rows = sampling.sample_rows
+
+        def sample_rows(logits, samplers, before_waiting=None):
+            def wait():  # where a GPU's .cpu() waits for the step
+                if before_waiting is not None:
+                    before_waiting()
+                time.sleep(max(0.0, paced.ready_at - time.perf_counter()))
+            return real_sample_rows(logits, samplers, before_waiting=wait)
+        sampling.sample_rows = sample_rows
 
     if vocab < VOCAB:  # the prompts' ids fall outside narrow logits: fold them in
         ids = sampling._ids
@@ -126,28 +151,34 @@ def main() -> None:
     parser.add_argument("--clients", default="1,64,256")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=VOCAB, help="the stand-in logits' width")
+    parser.add_argument("--device", choices=["sync", "queued", "queued-late"], default="sync",
+                        help="sync: a step waits in decode; queued: it runs from its launch while the host goes "
+                             "on and sampling waits for it, as on a GPU (the engine hands text off meanwhile); "
+                             "queued-late: the same, with the engine handing off at the end of each step")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server side, in its own process
     parser.add_argument("--max-batch", type=int, default=256, help=argparse.SUPPRESS)
     args = parser.parse_args()
     clients = [int(n) for n in args.clients.split(",")]
     if args.serve:
-        serve(args.serve, args.step_ms, args.max_batch, args.vocab)
+        serve(args.serve, args.step_ms, args.max_batch, args.vocab, args.device)
         return
     from gpu import free_port, load, model_thread_account, per_step, split_line, wait_healthy
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
-                             "--max-batch", str(max(clients)), "--vocab", str(args.vocab)], cwd=ROOT)
+                             "--max-batch", str(max(clients)), "--vocab", str(args.vocab),
+                             "--device", args.device], cwd=ROOT)
     try:
         model = wait_healthy(proc, port)["model"]
         asyncio.run(load(port, model, 1, 8))
 
-        print(f"decode step {args.step_ms} ms (waiting, as for a GPU), logits {args.vocab} wide, "
+        print(f"decode step {args.step_ms} ms ({args.device}), logits {args.vocab} wide, "
               f"{args.tokens} tokens a client, OpenAI "
               f"/v1/completions streamed over HTTP, default sampling (top-k 40, top-p 0.9, repeat penalty 1.1)")
         print("host work a step: the model thread's time per decode step (its /metrics) beyond the stand-in "
               "steps (decode) and prefills, and idle waits; of it, sampling and the rest (detokenising, stop "
-              "strings, the hand-back)")
+              "strings, the hand-back)" + ("; queued: sampling includes waiting for the step" if args.device != "sync"
+                                          else ""))
         print(f"{'clients':>8} {'tok/s':>9} {'ceiling':>9} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16} "
               f"{'host work a step ms':>20} {'sampling':>9} {'the rest':>9}")
         for n in clients:
