@@ -278,7 +278,8 @@ def per_step(before: dict, after: dict) -> dict:
 def split_line(split: dict) -> str:
     """Where a decode step's time went on the model thread (decode: the runner's step, on
     a GPU only launching it; sampling waits for the GPU there)."""
-    shown = sorted(((ms, stage) for stage, ms in split["ms"].items() if stage != "waiting"), reverse=True)
+    shown = sorted(((ms, stage) for stage, ms in split["ms"].items() if stage != "waiting" and ms >= 0.005),
+                   reverse=True)  # stages that took no time meanwhile (loading) are left out
     return (f"model thread per decode step ({split['steps']:.0f} steps, mean batch {split['batch']:.1f}): "
             + ", ".join(f"{stage} {ms:.2f}" for ms, stage in shown) + " ms")
 
