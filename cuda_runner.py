@@ -104,7 +104,7 @@ class DecodeGraphs:
 
     def _step(self, rows: int, span: int):
         tokens, positions = self.inputs[rows]
-        return self.model.decode_logits(tokens, positions, self.cache.k[:, :rows], self.cache.v[:, :rows], span)
+        return self.model.decode_logits(tokens, positions, self.cache.kv[:, :, :rows], span)
 
     def run(self, tokens, positions, span: int):
         """Logits for tokens and positions [rows, 1], rows a batch bucket."""
@@ -152,7 +152,7 @@ class StaticRunner:
         in the cache)."""
         if first + count > self.max_batch:
             raise RuntimeError(f"{first + count} rows for {self.max_batch} slots")
-        return KVRows.over(self._cache.k[:, first:first + count], self._cache.v[:, first:first + count], lengths)
+        return KVRows.over(self._cache.kv[:, :, first:first + count], lengths)
 
     def _fits(self, prompts: list[list[int]]) -> None:
         # An id past the embedding table is a device-side assert on a GPU, which leaves
@@ -177,8 +177,7 @@ class StaticRunner:
         ids, cached = self._prefix
         if all_start_with(prompts, ids):
             n = len(ids)
-            rows.k[:, :, :, :n] = cached.k[:, :, :, :n]
-            rows.v[:, :, :, :n] = cached.v[:, :, :, :n]
+            rows.kv[:, :, :, :, :n] = cached.kv[:, :, :, :, :n]
             rows.lengths = [n] * len(prompts)
 
     @torch.inference_mode()
@@ -195,7 +194,7 @@ class StaticRunner:
 
     def begin(self, prompt: list[int]) -> PartialPrefill:
         self._fits([prompt])
-        cache = self.model.new_cache(rows=1, capacity=self._prefix[1].k.shape[3] if self._prefix else 0)
+        cache = self.model.new_cache(rows=1, capacity=self._prefix[1].capacity if self._prefix else 0)
         self._seed(cache, [prompt])
         return PartialPrefill(prompt, cache)
 
@@ -208,8 +207,7 @@ class StaticRunner:
         if length < len(partial.prompt):
             return None
         slot = self._slots(self.rows, 1, [length])
-        slot.k[:, :, :, :length] = partial.cache.k[:, :, :, :length]
-        slot.v[:, :, :, :length] = partial.cache.v[:, :, :, :length]
+        slot.kv[:, :, :, :, :length] = partial.cache.kv[:, :, :, :, :length]
         self._lengths.append(length)
         return logits
 
@@ -229,7 +227,7 @@ class StaticRunner:
         if self._graphs is not None:
             logits = self._graphs.run(padded, positions, span)
         else:
-            logits = self.model.decode_logits(padded, positions, self._cache.k[:, :rows], self._cache.v[:, :rows], span)
+            logits = self.model.decode_logits(padded, positions, self._cache.kv[:, :, :rows], span)
         self._lengths = [n + 1 for n in self._lengths]
         return logits[:len(tokens)]
 
@@ -240,18 +238,16 @@ class StaticRunner:
         copy of its used positions, with no temporary (gathering them all first would
         hold every moved row at once, ~23 GB for 128 rows of 8k positions)."""
         moves = [(i, r) for i, r in enumerate(rows) if r != i]
-        k, v = self._cache.k, self._cache.v
+        kv = self._cache.kv
         if not {r for _, r in moves} & {i for i, _ in moves}:
             for i, r in moves:
                 used = self._lengths[r]
-                k[:, i, :, :used] = k[:, r, :, :used]
-                v[:, i, :, :used] = v[:, r, :, :used]
+                kv[:, :, i, :, :used] = kv[:, :, r, :, :used]
         else:  # another order, with cycles: read every moved row before writing any
             places, sources = zip(*moves)
             used = max(self._lengths[r] for r in sources)
-            to, source = to_device(places, k.device), to_device(sources, k.device)
-            k[:, to, :, :used] = k[:, source, :, :used]
-            v[:, to, :, :used] = v[:, source, :, :used]
+            to, source = to_device(places, kv.device), to_device(sources, kv.device)
+            kv[:, :, to, :, :used] = kv[:, :, source, :, :used]
         self._lengths = [self._lengths[r] for r in rows]
 
     @torch.inference_mode()
@@ -286,11 +282,12 @@ def slot_plan(model: LlamaModel, max_batch: int, fixed: bool = True) -> tuple[in
 
 
 def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None,
-                fixed_batch: bool = True) -> StaticRunner | None:
+                fixed_batch: bool = True, fused_attention: bool = False) -> StaticRunner | None:
     """A StaticRunner from a servable folder (None if its tokenizer needs transformers).
     `dtype` `auto` is bfloat16 on a GPU (weights, cache) and float32 on the CPU. Decode
     steps are CUDA graphs on a GPU, eager elsewhere, unless `capture` says otherwise.
-    Slots: slot_plan's (`fixed_batch` false: max_batch is an upper bound)."""
+    Slots: slot_plan's (`fixed_batch` false: max_batch is an upper bound).
+    `fused_attention`: LlamaModel's fused_decode_attention (bench/gpu.py compares)."""
     read = read_folder(folder)
     if read is None:
         return None
@@ -306,7 +303,8 @@ def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None,
         # make it this one (the model thread loads and steps; cuda:1 must not run on 0).
         torch.cuda.set_device(torch.device(device))
     cache_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-    model = LlamaModel(config, weights, dtype, device=device, cache_dtype=cache_dtype, activations=cache_dtype)
+    model = LlamaModel(config, weights, dtype, device=device, cache_dtype=cache_dtype, activations=cache_dtype,
+                       fused_decode_attention=fused_attention)
     del weights, read
     give_back_freed_memory()
     slots, capacity = slot_plan(model, max_batch, fixed_batch)

@@ -44,51 +44,59 @@ def supports(config: dict) -> bool:
 
 
 class KVRows:
-    """Keys and values of several sequences: [layers, rows, kv_heads, capacity, head_dim]."""
+    """Keys and values of several sequences in one tensor, [2, layers, rows, kv_heads,
+    capacity, head_dim] (keys, then values), so that a step writes a layer's new keys
+    and values in one op (30 fewer a decode step of the embedded model)."""
 
     def __init__(self, layers: int, kv_heads: int, head_dim: int, rows: int = 0, capacity: int = 0,
                  device: str = "cpu", dtype=torch.float32):
-        shape = (layers, rows, kv_heads, capacity, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.zeros((2, layers, rows, kv_heads, capacity, head_dim), device=device, dtype=dtype)
         self.lengths: list[int] = [0] * rows
 
     @classmethod
-    def over(cls, k, v, lengths: list[int]) -> "KVRows":
-        """Rows kept in tensors owned elsewhere (a view: writes land there)."""
+    def over(cls, kv, lengths: list[int]) -> "KVRows":
+        """Rows kept in a tensor owned elsewhere (a view: writes land there)."""
         rows = cls.__new__(cls)
-        rows.k, rows.v, rows.lengths = k, v, list(lengths)
+        rows.kv, rows.lengths = kv, list(lengths)
         return rows
+
+    @property
+    def k(self):
+        return self.kv[0]
+
+    @property
+    def v(self):
+        return self.kv[1]
 
     @property
     def rows(self) -> int:
         return len(self.lengths)
 
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[4]
+
     def ensure(self, capacity: int) -> None:
-        have = self.k.shape[3]
+        have = self.capacity
         if capacity <= have:
             return
         grown = math.ceil(capacity / CAPACITY_STEP) * CAPACITY_STEP
-        pad = (0, 0, 0, grown - have)
-        self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
+        self.kv = F.pad(self.kv, (0, 0, 0, grown - have))
 
     def join(self, other: "KVRows") -> None:
-        width = max(self.k.shape[3], other.k.shape[3])
+        width = max(self.capacity, other.capacity)
         self.ensure(width)
         other.ensure(width)
-        self.k = torch.cat([self.k, other.k], dim=1)
-        self.v = torch.cat([self.v, other.v], dim=1)
+        self.kv = torch.cat([self.kv, other.kv], dim=2)
         self.lengths += other.lengths
 
     def keep(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, dtype=torch.long, device=self.k.device)
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        self.kv = self.kv.index_select(2, torch.tensor(rows, dtype=torch.long, device=self.kv.device))
         self.lengths = [self.lengths[r] for r in rows]
         longest = max(self.lengths, default=0)
-        if self.k.shape[3] - longest > 2 * CAPACITY_STEP:  # give memory back after long rows end
+        if self.capacity - longest > 2 * CAPACITY_STEP:  # give memory back after long rows end
             keep = math.ceil(max(longest, 1) / CAPACITY_STEP) * CAPACITY_STEP
-            self.k, self.v = self.k[:, :, :, :keep].contiguous(), self.v[:, :, :, :keep].contiguous()
+            self.kv = self.kv[:, :, :, :, :keep].contiguous()
 
 
 class LlamaModel:
@@ -107,8 +115,9 @@ class LlamaModel:
     Logits are float32 either way."""
 
     def __init__(self, config: dict, weights: dict, kind: str, device: str = "cpu", cache_dtype=torch.float32,
-                 activations=torch.float32):
+                 activations=torch.float32, fused_decode_attention: bool = False):
         self.device = device
+        self.fused_decode_attention = fused_decode_attention  # see _attend_one
         self.cache_dtype = cache_dtype
         self.activations = activations
         self.layers = config["num_hidden_layers"]
@@ -121,8 +130,15 @@ class LlamaModel:
         self.context = config.get("max_position_embeddings", 2048)
         inv = 1.0 / theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
         angles = torch.outer(torch.arange(self.context).float(), inv)
-        # [context, head_dim / 2], computed in float32 then rounded, as transformers does
-        self.cos, self.sin = angles.cos().to(device, activations), angles.sin().to(device, activations)
+        # [context, head_dim], computed in float32 then rounded, as transformers does; laid
+        # out for _rope: cos = [cos, cos], sin = [-sin, sin] over each head
+        cos, sin = angles.cos(), angles.sin()
+        self.cos = torch.cat([cos, cos], dim=-1).to(device, activations)
+        self.sin = torch.cat([-sin, sin], dim=-1).to(device, activations)
+        # Values ride along the rotation unturned (cos 1, sin 0), so that a layer's new
+        # keys and values leave it side by side, for one write into the cache.
+        self._unturned = (torch.ones(1, 1, 1, self.head_dim, device=device, dtype=activations),
+                          torch.zeros(1, 1, 1, self.head_dim, device=device, dtype=activations))
         w = {name: t.to(device) for name, t in weights.items()}
         embed = w["model.embed_tokens.weight"].float()
         # Rows are gathered, then widened. (Copies: a tensor kept from a memory-mapped
@@ -168,19 +184,28 @@ class LlamaModel:
     def _rope(x, cos, sin):
         """Rotary embedding, transformers' layout (the two halves of each head rotate
         together): [a, b] -> [a cos - b sin, b cos + a sin], with cos = [cos, cos] and
-        sin = [-sin, sin] over the whole head. Four ops instead of eight, same values."""
-        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+        sin = [-sin, sin] over the whole head. Three ops instead of eight."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
     def _attend_one(self, q, keys, values, hidden):
         """Attention for one new token per row, as two batched matmuls: each key head
         serves its group of query heads without copying keys. scaled_dot_product_attention
         took 184 us a layer for 8 rows over 256 positions here, mostly overhead.
         `hidden`: 0 where a key is visible, -inf where not, added to the scaled scores in
-        one op (the same values as scaling, then masking)."""
+        one op (the same values as scaling, then masking).
+
+        `fused_decode_attention`: the same in one scaled_dot_product_attention, each key
+        head's group of query heads as its query positions: one kernel on a GPU (the
+        memory-efficient one, which takes the mask) instead of four, 90 fewer a step of
+        the embedded model; bench/gpu.py times both."""
         rows = q.shape[0]
         group = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
         if group.dtype != keys.dtype:
             group = group.to(keys.dtype)
+        if self.fused_decode_attention:
+            out = F.scaled_dot_product_attention(group, keys, values, attn_mask=hidden)
+            out = out.reshape(rows, 1, self.heads, self.head_dim)
+            return out if out.dtype == self.activations else out.to(self.activations)
         scores = torch.add(hidden, torch.matmul(group, keys.transpose(-1, -2)), alpha=self.head_dim ** -0.5)
         out = torch.matmul(torch.softmax(scores, dim=-1), values).reshape(rows, 1, self.heads, self.head_dim)
         return out if out.dtype == self.activations else out.to(self.activations)
@@ -202,7 +227,7 @@ class LlamaModel:
         bucket = DECODE_SPAN_BUCKET if new == 1 else SPAN_BUCKET
         span = math.ceil((max(cache.lengths) + new) / bucket) * bucket
         cache.ensure(span)
-        x = self.residual(tokens, positions, cache.k, cache.v, span)
+        x = self.residual(tokens, positions, cache.kv, span)
         cache.lengths = [n + t + 1 for n, t in zip(cache.lengths, last)]
         if hidden_states:  # after the final norm, every position: [rows, new, hidden]
             return F.rms_norm(x, (self.hidden,), self.norm, self.eps).reshape(rows, new, self.hidden)
@@ -218,37 +243,38 @@ class LlamaModel:
     def _logits(self, x):
         return self.head(self._normed(x, self.norm)).float()
 
-    def decode_logits(self, tokens, positions, k, v, span: int):
+    def decode_logits(self, tokens, positions, kv, span: int):
         """One decode step with everything on the device and no host synchronisation,
         as a CUDA graph captures it: tokens and positions [rows, 1], the cache's rows
-        k and v; returns logits [rows, vocab]."""
-        return self._logits(self.residual(tokens, positions, k, v, span))
+        (KVRows.kv); returns logits [rows, vocab]."""
+        return self._logits(self.residual(tokens, positions, kv, span))
 
-    def residual(self, tokens, positions, k, v, span: int):
+    def residual(self, tokens, positions, kv, span: int):
         """The residual stream after the last layer, [rows * new, hidden], for tokens
-        [rows, new] at positions [rows, new]; writes their keys and values into k and v
-        ([layers, rows, kv_heads, capacity >= span, head_dim])."""
+        [rows, new] at positions [rows, new]; writes their keys and values into kv
+        ([2, layers, rows, kv_heads, capacity >= span, head_dim])."""
         rows, new = tokens.shape
         # Row b's token t sees every key at or before its own position.
         visible = (torch.arange(span, device=self.device) <= positions.unsqueeze(-1)).unsqueeze(1)
         if new == 1:
-            hidden = torch.zeros(visible.shape, device=self.device, dtype=k.dtype).masked_fill_(~visible, -torch.inf)
+            hidden = torch.zeros(visible.shape, device=self.device, dtype=kv.dtype).masked_fill_(~visible, -torch.inf)
         row_index = torch.arange(rows, device=self.device).unsqueeze(1).expand(rows, new)
-        # The rotation of these positions, once for every layer: [rows, new, 1, head_dim].
-        cos, sin = self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
-        cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
-        qk_heads = self.heads + self.kv_heads
+        # The rotation of these positions for every head, once for every layer: [rows,
+        # new, heads + 2 * kv_heads, head_dim]; the values' heads unturned.
+        turned, unturned = self.heads + self.kv_heads, (rows, new, self.kv_heads, self.head_dim)
+        cos, sin = (torch.cat([table[positions].unsqueeze(2).expand(rows, new, turned, self.head_dim),
+                               same.expand(unturned)], dim=2) for table, same in zip((self.cos, self.sin),
+                                                                                   self._unturned))
         x = self.embed[tokens].float().reshape(rows * new, self.hidden)
         for i, blk in enumerate(self.blocks):
             h = self._normed(x, blk["attn_norm"])
-            qkv = blk["qkv"](h)
-            # Queries and keys rotate together: one rotation per layer instead of two.
-            qk = self._rope(qkv[:, :qk_heads * self.head_dim].reshape(rows, new, qk_heads, self.head_dim), cos, sin)
-            q, key = qk[:, :, :self.heads], qk[:, :, self.heads:]
-            value = qkv[:, qk_heads * self.head_dim:].reshape(rows, new, self.kv_heads, self.head_dim)
-            keys, values = k[i], v[i]  # [rows, kv_heads, capacity, head_dim]
-            keys[row_index, :, positions] = key if key.dtype == keys.dtype else key.to(keys.dtype)
-            values[row_index, :, positions] = value if value.dtype == values.dtype else value.to(values.dtype)
+            # Queries and keys rotate together, values beside them: one rotation a layer.
+            qkv = self._rope(blk["qkv"](h).reshape(rows, new, turned + self.kv_heads, self.head_dim), cos, sin)
+            q = qkv[:, :, :self.heads]
+            layer = kv[:, i]  # [2, rows, kv_heads, capacity, head_dim]
+            written = qkv[:, :, self.heads:].reshape(rows, new, 2, self.kv_heads, self.head_dim)
+            layer[:, row_index, :, positions] = written if written.dtype == layer.dtype else written.to(layer.dtype)
+            keys, values = layer[0], layer[1]
             if new == 1:
                 attn = self._attend_one(q, keys[:, :, :span], values[:, :, :span], hidden)
             else:
@@ -307,8 +333,8 @@ class LlamaRunner:
         if self._prefix is not None:
             ids, cached = self._prefix
             if all_start_with(prompts, ids):
-                rows = self.model.new_cache(len(prompts), cached.k.shape[3])
-                rows.k[:], rows.v[:] = cached.k, cached.v  # broadcast over the rows
+                rows = self.model.new_cache(len(prompts), cached.capacity)
+                rows.kv[:] = cached.kv  # broadcast over the rows
                 rows.lengths = [len(ids)] * len(prompts)
                 return rows
         return self.model.new_cache(len(prompts))

@@ -75,7 +75,32 @@ HOST_BOUND_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "a
                   "aten.lift_fresh.default", "aten._unique2.default", "aten.unique_consecutive.default"}
 
 
-def test_a_captured_decode_step_never_needs_the_host(tiny_llama_folder):
+def test_fused_decode_attention_computes_what_the_two_matmuls_do(tiny_llama_folder):
+    """bench/gpu.py's other decode attention (one scaled_dot_product_attention, each key
+    head's query heads as its query positions): the same logits as the matmul path
+    through a prefill, decode steps and a cut, with every row seeing only its own
+    positions."""
+    import torch
+
+    runners = [cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=4, fused_attention=fused,
+                                       capture=cuda_runner.eager_capture) for fused in (False, True)]
+    assert [r.model.fused_decode_attention for r in runners] == [False, True]
+    prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 8, 9, 10, 11, 12]]
+    pairs = [tuple(r.prefill(prompts) for r in runners)]
+    tokens = [int(t) for t in pairs[0][0].argmax(-1)]
+    for step in range(4):
+        if step == 2:
+            for r in runners:
+                r.keep([2, 0])
+            tokens = [tokens[2], tokens[0]]
+        pairs.append(tuple(r.decode(tokens).clone() for r in runners))
+        tokens = [int(t) for t in pairs[-1][0].argmax(-1)]
+    for matmuls, fused in pairs:
+        torch.testing.assert_close(fused, matmuls, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_captured_decode_step_never_needs_the_host(tiny_llama_folder, fused):
     """What DecodeGraphs captures, run once under a dispatch mode on the CPU: no op that
     syncs or reads host memory, no boolean indexing (a nonzero inside), and no copy
     between devices. On a GPU any of them fails the capture at load, or worse, is
@@ -92,7 +117,7 @@ def test_a_captured_decode_step_never_needs_the_host(tiny_llama_folder):
             return func(*args, **(kwargs or {}))
 
     runner = cuda_runner.load_folder(tiny_llama_folder, "bfloat16", "cpu", max_batch=4,
-                                     capture=cuda_runner.eager_capture)
+                                     capture=cuda_runner.eager_capture, fused_attention=fused)
     runner.prefill([[5, 6, 7], [8, 9]])
     with Ops() as ops:
         runner._graphs._step(4, 256)
