@@ -11,7 +11,8 @@ captured in CUDA graphs: 2.4 ms and 5.1 ms, issue 13).
   (one device copy of each moved row's used positions).
 - A decode step runs at a batch bucket (1, 2, 4, ..., >= the rows) and a span bucket
   (256, 512, ..., >= the longest row), padding rows beyond the batch with position 0 of
-  free slots. Each pair is captured once at load as a CUDA graph.
+  free slots. Each pair is captured once at load as a CUDA graph, with whichever of
+  two decode attentions replays faster there (DecodeGraphs).
 - Prefill runs eagerly (its shapes vary): the new prompts of a step in one padded pass,
   straight into their slots.
 
@@ -42,6 +43,8 @@ MIN_GPU_SLOTS = 8
 # (transformers' eager step: 97 ms at batch 1, 70 ms at 256, issue 13).
 GPU_FREE_PADDING = 4096
 CPU_SLOT_POSITIONS = 2048
+TIMED_REPLAYS = 10  # per attention and (batch, span) pair at load
+FUSED_MARGIN = 0.05  # the fused attention serves a pair only where it is this much faster
 
 
 def batch_bucket(rows: int, slots: int) -> int:
@@ -77,30 +80,92 @@ class CudaCapture:
             output = step()
         return graph.replay, output
 
+    @staticmethod
+    def seconds(replay, repeats: int = TIMED_REPLAYS) -> float:
+        """A replay's device time, the mean of `repeats` after two unmeasured ones."""
+        replay()
+        replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / repeats
 
-def eager_capture(step):
+
+class EagerCapture:
     """CudaCapture's contract without a GPU (tests): replay runs the step again into
     the same output tensor."""
-    output = step()
-    return (lambda: output.copy_(step())), output
+
+    def __call__(self, step):
+        output = step()
+        return (lambda: output.copy_(step())), output
+
+    @staticmethod
+    def seconds(replay, repeats: int = TIMED_REPLAYS) -> float:
+        started = time.perf_counter()
+        for _ in range(repeats):
+            replay()
+        return (time.perf_counter() - started) / repeats
+
+
+eager_capture = EagerCapture()
 
 
 class DecodeGraphs:
     """A decode step captured for every (batch bucket, span bucket); inputs are copied
     into each batch bucket's static tensors, and a replay leaves the logits in that
-    capture's own output tensor."""
+    capture's own output tensor.
 
-    def __init__(self, model: LlamaModel, cache: KVRows, max_batch: int, capacity: int, capture):
+    Two decode attentions compute the same values (LlamaModel._attend_one): two
+    matmuls, a mask add and a softmax, or one fused kernel (90 fewer a step). Which is
+    faster depends on the rows and the span (the fused kernel runs a block per key head
+    and row), and on the GPU: with `attentions` (False, True), each pair is captured
+    both ways and the faster replay is kept, unless the fused one gains under
+    FUSED_MARGIN. `timings` keeps both times of each pair, `fused` the pairs that use it.
+    """
+
+    def __init__(self, model: LlamaModel, cache: KVRows, max_batch: int, capacity: int, capture,
+                 attentions: tuple[bool, ...] = (False,)):
         self.model, self.cache = model, cache
         self.inputs: dict[int, tuple] = {}
         self.graphs: dict[tuple[int, int], tuple] = {}
+        self.timings: dict[tuple[int, int], dict[bool, float]] = {}
+        self.fused: set[tuple[int, int]] = set()
+        self._attentions = attentions
         started = time.monotonic()
         for rows in sorted({batch_bucket(n, max_batch) for n in range(1, max_batch + 1)}):
             self.inputs[rows] = (torch.zeros(rows, 1, dtype=torch.long, device=model.device),
                                  torch.zeros(rows, 1, dtype=torch.long, device=model.device))
             for span in span_buckets(capacity):
-                self.graphs[(rows, span)] = capture(lambda rows=rows, span=span: self._step(rows, span))
-        log.info("captured %d decode graphs in %.1f s", len(self.graphs), time.monotonic() - started)
+                self.graphs[(rows, span)] = self._fastest(rows, span, capture)
+        log.info("captured %d decode graphs in %.1f s%s", len(self.graphs), time.monotonic() - started,
+                 f" (the fused attention in {len(self.fused)}, faster there)" if len(self._attentions) > 1 else "")
+
+    def _fastest(self, rows: int, span: int, capture):
+        served = self.model.fused_decode_attention
+        candidates = {}
+        try:
+            for fused in self._attentions:
+                self.model.fused_decode_attention = fused
+                try:
+                    candidates[fused] = capture(lambda: self._step(rows, span))
+                except Exception as exc:  # another GPU, another torch: serve the matmuls
+                    if not fused or len(self._attentions) == 1:
+                        raise
+                    log.warning("the fused decode attention could not be captured (%r): two matmuls serve", exc)
+                    self._attentions = (False,)
+        finally:
+            self.model.fused_decode_attention = served
+        if len(candidates) == 1:
+            return next(iter(candidates.values()))
+        times = self.timings[(rows, span)] = {fused: capture.seconds(replay) for fused, (replay, _) in
+                                              candidates.items()}
+        if times[True] < times[False] * (1 - FUSED_MARGIN):
+            self.fused.add((rows, span))
+            return candidates[True]
+        return candidates[False]
 
     def _step(self, rows: int, span: int):
         tokens, positions = self.inputs[rows]
@@ -120,7 +185,8 @@ class StaticRunner:
     """The runner interface (runner.py) over LlamaModel with a static KV cache."""
 
     def __init__(self, model: LlamaModel, codec, config: dict, dtype: str, eos_ids: frozenset[int],
-                 parameters: int, max_batch: int, capacity: int, capture=None):
+                 parameters: int, max_batch: int, capacity: int, capture=None,
+                 attentions: tuple[bool, ...] = (False,)):
         self.model = model
         self.codec = codec
         self.dtype = dtype
@@ -138,7 +204,7 @@ class StaticRunner:
         self.free_padding = GPU_FREE_PADDING if self.device.startswith("cuda") else 0
         self.asynchronous = self.device.startswith("cuda")  # kernels are queued; sampling's .cpu() waits
         # capture: CudaCapture() on a GPU; None computes each step eagerly.
-        self._graphs = DecodeGraphs(model, self._cache, max_batch, capacity, capture) if capture else None
+        self._graphs = DecodeGraphs(model, self._cache, max_batch, capacity, capture, attentions) if capture else None
 
     @property
     def rows(self) -> int:
@@ -282,12 +348,13 @@ def slot_plan(model: LlamaModel, max_batch: int, fixed: bool = True) -> tuple[in
 
 
 def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None,
-                fixed_batch: bool = True, fused_attention: bool = False) -> StaticRunner | None:
+                fixed_batch: bool = True, attention: str | None = None) -> StaticRunner | None:
     """A StaticRunner from a servable folder (None if its tokenizer needs transformers).
     `dtype` `auto` is bfloat16 on a GPU (weights, cache) and float32 on the CPU. Decode
     steps are CUDA graphs on a GPU, eager elsewhere, unless `capture` says otherwise.
     Slots: slot_plan's (`fixed_batch` false: max_batch is an upper bound).
-    `fused_attention`: LlamaModel's fused_decode_attention (bench/gpu.py compares)."""
+    `attention` (DecodeGraphs): `matmuls`, `fused`, or `fastest` of the two for each
+    captured (batch, span) pair; by default `fastest` on a GPU, `matmuls` elsewhere."""
     read = read_folder(folder)
     if read is None:
         return None
@@ -304,12 +371,14 @@ def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None,
         torch.cuda.set_device(torch.device(device))
     cache_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     model = LlamaModel(config, weights, dtype, device=device, cache_dtype=cache_dtype, activations=cache_dtype,
-                       fused_decode_attention=fused_attention)
+                       fused_decode_attention=attention == "fused")
     del weights, read
     give_back_freed_memory()
     slots, capacity = slot_plan(model, max_batch, fixed_batch)
     if capacity < model.context:
         log.warning("slots hold %d positions each (the model's context is %d): %s", capacity, model.context,
                     f"the GPU's memory for {slots} rows" if gpu else "the static runner's limit on the CPU")
+    attention = attention or ("fastest" if gpu else "matmuls")
+    attentions = {"matmuls": (False,), "fused": (True,), "fastest": (False, True)}[attention]
     return StaticRunner(model, codec, config, dtype, eos, parameters, slots, capacity,
-                        capture=capture or (CudaCapture() if gpu else None))
+                        capture=capture or (CudaCapture() if gpu else None), attentions=attentions)

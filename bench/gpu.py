@@ -16,8 +16,8 @@ HTTP, in one command on a machine with no network and nothing but this repositor
    inputs), a step with sampling as the clients below ask (temperature 1 with the
    default top-k, top-p and repeat penalty), and an eager step (no graph), at 1, 64 and
    256 rows; at the fewest and most rows, how many kernels a step runs and their time;
-   then graph steps with the other decode attention (fused, one kernel a layer) against
-   the served one, over 256 and 4,096 positions. What the HTTP load reaches beyond these
+   then, for each, the two decode attentions' replay times that the load compared
+   (fused, one kernel a layer, or two matmuls), over 256 and 4,096 positions. What the HTTP load reaches beyond these
    is the host's work per token and the server's.
 4. Starts the real server (minivault.py --model FOLDER --device cuda) and drives 1, 64
    and 256 concurrent streaming clients (OpenAI /v1/completions, --tokens each,
@@ -189,61 +189,35 @@ def step_times(folder: Path, device: str, batches: list[int], steps: int = 50) -
                 print("        " + kernel_profile(runner, tokens, device), flush=True)
             except Exception as exc:
                 print(f"        kernel profile failed: {exc!r}", flush=True)
-    try:  # the other design's figures must not cost the load test its turn
-        attention_variants(runner, device, batches, steps)
+    try:  # a report that fails must not cost the load test its turn
+        attention_variants(runner, batches)
     except Exception as exc:
-        print(f"  fused attention: failed: {exc!r}", flush=True)
+        print(f"  decode attention report failed: {exc!r}", flush=True)
     del runner, logits
     torch.cuda.empty_cache()
 
 
-def attention_variants(runner, device: str, batches: list[int], steps: int) -> None:
-    """Graph steps with the decode attention as served (two matmuls, a mask add and a
-    softmax: 4 kernels a layer) against fused (LlamaModel.fused_decode_attention: one
-    scaled_dot_product_attention, 90 fewer kernels a step), over a short span and a
-    long one: the fused kernel runs a block per key head and row, which may lose over
-    many positions for few rows."""
-    import torch
-
+def attention_variants(runner, batches: list[int]) -> None:
+    """What the load chose: each captured (batch, span) pair replayed with the decode
+    attention as two matmuls, a mask add and a softmax (4 kernels a layer), and fused
+    (one scaled_dot_product_attention: 90 fewer kernels a step), and kept the faster
+    (cuda_runner.DecodeGraphs). Prints both replay times at these rows over 256 and
+    4,096 positions: the fused kernel runs a block per key head and row, which may
+    lose over many positions for few rows."""
     import cuda_runner
 
-    if runner._graphs is None:
+    graphs = runner._graphs
+    if graphs is None or not graphs.timings:
+        print("  decode attention: the matmuls alone (no timings at load)", flush=True)
         return
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    served, model = runner._graphs, runner.model
-    started = time.monotonic()
-    model.fused_decode_attention = True
-    try:
-        fused = cuda_runner.DecodeGraphs(model, runner._cache, runner.max_batch, runner.capacity,
-                                         cuda_runner.CudaCapture() if device.startswith("cuda")
-                                         else cuda_runner.eager_capture)
-    finally:
-        model.fused_decode_attention = False
-    print(f"  fused attention: {len(fused.graphs)} graphs captured in {time.monotonic() - started:.1f} s; "
-          "graph step, served (matmuls) vs fused:", flush=True)
-    try:
-        for rows in batches:
-            figures = []
-            for span in (s for s in (256, 4096) if s <= runner.capacity):
-                times = {}
-                for label, graphs in (("matmuls", served), ("fused", fused)):
-                    runner._graphs = graphs
-                    runner.reset()
-                    runner.prefill([[1, 2, 3]] * rows)
-                    runner._lengths = [span - steps - 8] * rows  # every step in this span's graph
-                    tokens = [1] * rows
-                    for i in range(steps + 3):
-                        if i == 3:
-                            sync()
-                            t0 = time.perf_counter()
-                        runner.decode(tokens)
-                    sync()
-                    times[label] = (time.perf_counter() - t0) / steps * 1e3
-                figures.append(f"span {span}: {times['matmuls']:.2f} vs {times['fused']:.2f} ms")
-            print(f"  {rows:4d} rows: " + "; ".join(figures), flush=True)
-    finally:
-        runner._graphs = served
-        runner.reset()
+    print(f"  decode attention: fused in {len(graphs.fused)} of {len(graphs.graphs)} graphs; replay at load, "
+          "matmuls vs fused:", flush=True)
+    for rows in batches:
+        bucket = cuda_runner.batch_bucket(rows, runner.max_batch)
+        figures = [f"span {span}: {t[False] * 1e3:.3f} vs {t[True] * 1e3:.3f} ms"
+                   + (" (fused)" if (bucket, span) in graphs.fused else "")
+                   for span in (256, 4096) if (t := graphs.timings.get((bucket, span)))]
+        print(f"  {rows:4d} rows: " + "; ".join(figures), flush=True)
 
 
 def kernel_profile(runner, tokens: list[int], device: str) -> str:

@@ -82,8 +82,8 @@ def test_fused_decode_attention_computes_what_the_two_matmuls_do(tiny_llama_fold
     positions."""
     import torch
 
-    runners = [cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=4, fused_attention=fused,
-                                       capture=cuda_runner.eager_capture) for fused in (False, True)]
+    runners = [cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=4, attention=attention,
+                                       capture=cuda_runner.eager_capture) for attention in ("matmuls", "fused")]
     assert [r.model.fused_decode_attention for r in runners] == [False, True]
     prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 8, 9, 10, 11, 12]]
     pairs = [tuple(r.prefill(prompts) for r in runners)]
@@ -97,6 +97,75 @@ def test_fused_decode_attention_computes_what_the_two_matmuls_do(tiny_llama_fold
         tokens = [int(t) for t in pairs[-1][0].argmax(-1)]
     for matmuls, fused in pairs:
         torch.testing.assert_close(fused, matmuls, rtol=1e-5, atol=1e-5)
+
+
+class TimedCapture(cuda_runner.EagerCapture):
+    """Eager capture whose replays 'take' a set time: the fused attention is faster for
+    one or two rows only, and its captures can be made to fail."""
+
+    def __init__(self, model=None, fail_fused=False):
+        self.model, self.fail_fused = model, fail_fused
+        self.times = {}
+
+    def __call__(self, step):
+        fused = self.model.fused_decode_attention
+        if fused and self.fail_fused:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        replay, output = super().__call__(step)
+        self.times[replay] = 1.0 if not fused else 0.5 if self.rows <= 2 else 2.0
+        return replay, output
+
+    def seconds(self, replay, repeats=1):
+        return self.times[replay]
+
+
+def graphs_timed(runner, capture: TimedCapture):
+    """Recaptures runner's decode graphs with both attentions under `capture`."""
+    capture.model = runner.model
+    real_step = cuda_runner.DecodeGraphs._step
+
+    def step(graphs, rows, span):
+        capture.rows = rows
+        return real_step(graphs, rows, span)
+
+    cuda_runner.DecodeGraphs._step = step
+    try:
+        return cuda_runner.DecodeGraphs(runner.model, runner._cache, runner.max_batch, runner.capacity, capture,
+                                        attentions=(False, True))
+    finally:
+        cuda_runner.DecodeGraphs._step = real_step
+
+
+def test_each_captured_step_keeps_the_faster_attention_and_computes_the_same(tiny_llama_folder):
+    import torch
+
+    runner = cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=4, capture=cuda_runner.eager_capture)
+    assert runner._graphs.timings == {} and runner._graphs.fused == set()  # the CPU's default: the matmuls alone
+    plain = cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=4)
+    runner._graphs = graphs_timed(runner, TimedCapture())
+    span = cuda_runner.span_buckets(runner.capacity)[0]
+    assert runner._graphs.fused == {(1, span), (2, span)}
+    assert runner._graphs.timings[(2, span)] == {False: 1.0, True: 0.5}
+    assert runner._graphs.timings[(4, span)] == {False: 1.0, True: 2.0}
+    assert not runner.model.fused_decode_attention  # only the captures used it
+    for r in (runner, plain):
+        r.prefill([[5, 6, 7], [8, 9], [10]])
+    tokens = [5, 9, 11]  # three rows: bucket 4, the matmuls; after the cut, two: bucket 2, fused
+    for step in range(4):
+        if step == 2:
+            for r in (runner, plain):
+                r.keep([2, 0])
+            tokens = tokens[2:] + tokens[:1]
+        want, got = plain.decode(tokens), runner.decode(tokens)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        tokens = [int(t) for t in want.argmax(-1)]
+
+
+def test_a_fused_attention_that_cannot_be_captured_leaves_the_matmuls(tiny_llama_folder):
+    runner = cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=2, capture=cuda_runner.eager_capture)
+    graphs = graphs_timed(runner, TimedCapture(fail_fused=True))
+    assert graphs.fused == set() and graphs.timings == {} and len(graphs.graphs) == 2 * len(
+        cuda_runner.span_buckets(runner.capacity))
 
 
 @pytest.mark.parametrize("fused", [False, True])
@@ -117,7 +186,7 @@ def test_a_captured_decode_step_never_needs_the_host(tiny_llama_folder, fused):
             return func(*args, **(kwargs or {}))
 
     runner = cuda_runner.load_folder(tiny_llama_folder, "bfloat16", "cpu", max_batch=4,
-                                     capture=cuda_runner.eager_capture, fused_attention=fused)
+                                     capture=cuda_runner.eager_capture, attention="fused" if fused else "matmuls")
     runner.prefill([[5, 6, 7], [8, 9]])
     with Ops() as ops:
         runner._graphs._step(4, 256)
