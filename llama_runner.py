@@ -61,14 +61,6 @@ class KVRows:
         return rows
 
     @property
-    def k(self):
-        return self.kv[0]
-
-    @property
-    def v(self):
-        return self.kv[1]
-
-    @property
     def rows(self) -> int:
         return len(self.lengths)
 
@@ -109,7 +101,8 @@ class LlamaModel:
     float32 back). bfloat16 for a bfloat16 model on a GPU: one conversion after each norm
     instead of two around each matmul and the attention, which cut the operations a
     captured decode step replays from 977 to 677 (counted on the embedded model's
-    shape; views excluded; 616 since keys and values are written in one op). On the embedded model its greedy token agreed with
+    shape; views excluded; 616 since keys and values are written in one op). On the
+    embedded model its greedy token agreed with
     float32's at 98.8% of 1,024 teacher-forced steps (16 prompts x 64), against 98.4%
     with float32 between the matmuls: the bfloat16 matmuls and cache set the agreement.
     Logits are float32 either way."""
@@ -197,7 +190,8 @@ class LlamaModel:
         `fused_decode_attention`: the same in one scaled_dot_product_attention, each key
         head's group of query heads as its query positions: one kernel on a GPU (the
         memory-efficient one, which takes the mask) instead of four, 90 fewer a step of
-        the embedded model; bench/gpu.py times both."""
+        the embedded model; on a GPU each captured step keeps the faster of the two
+        (cuda_runner.DecodeGraphs)."""
         rows = q.shape[0]
         group = q.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
         if group.dtype != keys.dtype:

@@ -51,7 +51,7 @@ def test_bfloat16_keeps_its_activations_and_tracks_float32_logits(tiny_llama_fol
                                    capture=cuda_runner.eager_capture)
     model = half.model
     assert model.activations == torch.bfloat16 and model.norm.dtype == torch.float32
-    assert model.cos.dtype == torch.bfloat16 and half._cache.k.dtype == torch.bfloat16
+    assert model.cos.dtype == torch.bfloat16 and half._cache.kv.dtype == torch.bfloat16
     prompts = [[5, 17, 33, 2, 9], [40, 41], [7, 8, 9, 10, 11, 12]]
     pairs = [(exact.prefill(prompts), half.prefill(prompts))]
     tokens = [int(t) for t in pairs[0][0].argmax(-1)]
@@ -139,7 +139,8 @@ def graphs_timed(runner, capture: TimedCapture):
 def test_each_captured_step_keeps_the_faster_attention_and_computes_the_same(tiny_llama_folder):
     import torch
 
-    runner = cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=4, capture=cuda_runner.eager_capture)
+    runner = cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=4,
+                                     capture=cuda_runner.eager_capture)
     assert runner._graphs.timings == {} and runner._graphs.fused == set()  # the CPU's default: the matmuls alone
     plain = cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=4)
     runner._graphs = graphs_timed(runner, TimedCapture())
@@ -162,7 +163,8 @@ def test_each_captured_step_keeps_the_faster_attention_and_computes_the_same(tin
 
 
 def test_a_fused_attention_that_cannot_be_captured_leaves_the_matmuls(tiny_llama_folder):
-    runner = cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=2, capture=cuda_runner.eager_capture)
+    runner = cuda_runner.load_folder(tiny_llama_folder, "float32", "cpu", max_batch=2,
+                                     capture=cuda_runner.eager_capture)
     graphs = graphs_timed(runner, TimedCapture(fail_fused=True))
     assert graphs.fused == set() and graphs.timings == {} and len(graphs.graphs) == 2 * len(
         cuda_runner.span_buckets(runner.capacity))
