@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from linears import make_linears
 from prompts import TextCodec
+from transfer import to_device
 
 log = logging.getLogger("minivault.llama")
 
@@ -211,8 +212,8 @@ class LlamaModel:
         Returns the logits at those tokens, [rows, vocab] (or at every token, [rows, new,
         vocab], for measuring perplexity); lengths grow by last[b] + 1."""
         rows, new = tokens.shape
-        tokens = tokens.to(self.device)
-        starts = torch.tensor(cache.lengths, device=self.device).unsqueeze(1)
+        tokens = to_device(tokens, self.device)
+        starts = to_device(cache.lengths, self.device).unsqueeze(1)  # (torch.tensor(device=) waits on a GPU)
         positions = starts + torch.arange(new, device=self.device)  # [rows, new]
         # Attention runs over a span rounded up to a whole bucket, so a row's sums run
         # over the same length alone as beside longer rows of the same bucket: summed
@@ -227,7 +228,8 @@ class LlamaModel:
             return F.rms_norm(x, (self.hidden,), self.norm, self.eps).reshape(rows, new, self.hidden)
         if every_position:
             return self._logits(x).reshape(rows, new, -1)
-        return self._logits(x.reshape(rows, new, self.hidden)[torch.arange(rows), torch.tensor(last)])
+        last_tokens = (torch.arange(rows, device=self.device), to_device(last, self.device))
+        return self._logits(x.reshape(rows, new, self.hidden)[last_tokens])
 
     def _normed(self, x, weight):
         """RMS norm of the float32 residual (one fused kernel on a GPU), in the layers'

@@ -4,6 +4,8 @@ captured at, and the slots a prefill may not overrun."""
 from __future__ import annotations
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cuda_runner
 from cuda_runner import batch_bucket, span_buckets
@@ -170,8 +172,9 @@ def test_a_fused_attention_that_cannot_be_captured_leaves_the_matmuls(tiny_llama
         cuda_runner.span_buckets(runner.capacity))
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("fused", [False, True])
-def test_a_captured_decode_step_never_needs_the_host(tiny_llama_folder, fused):
+def test_a_captured_decode_step_never_needs_the_host(tiny_llama_folder, fused, device):
     """What DecodeGraphs captures, run once under a dispatch mode on the CPU: no op that
     syncs or reads host memory, no boolean indexing (a nonzero inside), and no copy
     between devices. On a GPU any of them fails the capture at load, or worse, is
@@ -187,7 +190,8 @@ def test_a_captured_decode_step_never_needs_the_host(tiny_llama_folder, fused):
             self.seen.append((str(func), tensors))
             return func(*args, **(kwargs or {}))
 
-    runner = cuda_runner.load_folder(tiny_llama_folder, "bfloat16", "cpu", max_batch=4,
+    # On "meta" (shapes, no values) a host tensor in the step shows as another device.
+    runner = cuda_runner.load_folder(tiny_llama_folder, "bfloat16", device, max_batch=4,
                                      capture=cuda_runner.eager_capture, attention="fused" if fused else "matmuls")
     runner.prefill([[5, 6, 7], [8, 9]])
     with Ops() as ops:
@@ -198,6 +202,56 @@ def test_a_captured_decode_step_never_needs_the_host(tiny_llama_folder, fused):
     for name, tensors in ops.seen:
         assert all(t.dtype != torch.bool for t in tensors[1:]) or not name.startswith("aten.index"), name
         assert all(t.device == torch.device(runner.model.device) for t in tensors), name
+
+
+class OneDevice(TorchDispatchMode):
+    """Records every op whose tensors lie on more than one device: on a GPU such an op
+    fails, or copies a host tensor in and waits for it. A CPU scalar (0-dim) is
+    allowed, as CUDA allows it, and so are the explicit copies between devices."""
+
+    def __init__(self):
+        super().__init__()
+        self.mixed: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        devices = {t.device for t in tensors if not (t.device.type == "cpu" and t.dim() == 0)}
+        if len(devices) > 1 and str(func) not in ("aten._to_copy.default", "aten.copy_.default"):
+            self.mixed.append(f"{func}: {[(str(t.device), tuple(t.shape)) for t in tensors]}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("attention", ["matmuls", "fastest"])
+def test_the_static_runner_and_its_sampling_keep_their_tensors_on_the_device(tiny_llama_folder, attention):
+    """The whole static runner on a stand-in device ("meta": shapes without values, and
+    no CUDA needed), so that a tensor left on the host shows: loading, the shared
+    prefix, prefill, decode steps, cuts (with and without moved rows that cross),
+    a prompt fed in chunks, and the batched sampling up to the one read of its tokens."""
+    from engine import Sampling
+    from sampling import RowSampler, sample_rows
+
+    with OneDevice() as mode:
+        runner = cuda_runner.load_folder(tiny_llama_folder, "bfloat16", "meta", max_batch=4,
+                                         capture=cuda_runner.eager_capture, attention=attention)
+        runner.remember_prefix([5, 6])
+        runner.prefill([[5, 6, 7], [8, 9]])
+        runner.decode([1, 2])
+        runner.keep([1])
+        runner.prefill([[5, 6, 7, 8]])
+        runner.keep([1, 0])
+        partial = runner.begin([3] * 40)
+        assert runner.advance(partial, 16) is None
+        runner.advance(partial, 30)
+        logits = runner.decode([1, 3, 4])
+        samplers = [RowSampler(s, seed=7, prompt_ids=[1, 2, 3]) for s in
+                    (Sampling(), Sampling(temperature=0), Sampling(frequency_penalty=0.5))]
+        samplers[2].accept(4)
+        launched = []
+        with pytest.raises(NotImplementedError, match="meta"):  # the read: meta tensors hold no data
+            sample_rows(logits, samplers, before_waiting=lambda: launched.append(True))
+    assert launched == [True]  # every op was queued before the read
+    assert logits.device.type == "meta" and runner.rows == 3
+    assert mode.mixed == []
 
 
 def test_the_static_runner_refuses_other_architectures(tiny_gpt2_folder):
