@@ -203,6 +203,9 @@ class StaticRunner:
         self._prefix: tuple[list[int], KVRows] | None = None
         self.free_padding = GPU_FREE_PADDING if self.device.startswith("cuda") else 0
         self.asynchronous = self.device.startswith("cuda")  # kernels are queued; sampling's .cpu() waits
+        # decode takes the last sampled tokens where they are (a device tensor), so the
+        # engine launches step N+1 before it reads step N's tokens (engine._decode_step)
+        self.pipelined = self.asynchronous
         # capture: CudaCapture() on a GPU; None computes each step eagerly.
         self._graphs = DecodeGraphs(model, self._cache, max_batch, capacity, capture, attentions) if capture else None
 
@@ -278,7 +281,9 @@ class StaticRunner:
         return logits
 
     @torch.inference_mode()
-    def decode(self, tokens: list[int]):
+    def decode(self, tokens):
+        """Logits [rows, vocab] for each row's next token: a list of ids, or a long
+        tensor [rows] on the device (the sampling's output, not yet read by the host)."""
         if len(tokens) != self.rows:
             raise ValueError(f"{len(tokens)} tokens for a batch of {self.rows} rows")
         rows = batch_bucket(self.rows, self.max_batch)
@@ -288,7 +293,10 @@ class StaticRunner:
         span = next(s for s in self._spans if s >= longest)
         pad = [0] * (rows - len(tokens))  # rows past the batch: position 0 of free slots
         device = self.model.device
-        padded = to_device(tokens + pad, device).unsqueeze(1)
+        if isinstance(tokens, torch.Tensor):
+            padded = (torch.cat([tokens, tokens.new_zeros(len(pad))]) if pad else tokens).unsqueeze(1)
+        else:
+            padded = to_device(tokens + pad, device).unsqueeze(1)
         positions = to_device(self._lengths + pad, device).unsqueeze(1)
         if self._graphs is not None:
             logits = self._graphs.run(padded, positions, span)

@@ -261,6 +261,10 @@ class Engine:
         # Model thread only:
         self._runner = None
         self._asynchronous = False  # the runner's steps run on a device while the host goes on
+        self._pipelined = False  # and its decode takes the last sampled tokens on the device
+        # Pipelined: the rows of the last decode step (the batch's first rows) and their
+        # sampling, launched and not yet read (_decode_step).
+        self._launched: tuple[list[_Sequence], object] | None = None
         self._live: dict[int, _Sequence] = {}  # every request taken off the inbox, until it ends
         self._batch: list[_Sequence] = []  # row i of the runner's batch is _batch[i]
         self._long: list[_Sequence] = []  # long prompts being prefilled a chunk per step
@@ -470,6 +474,7 @@ class Engine:
         # A runner with fewer slots than asked (what fits a GPU): admit no more than those.
         self.max_batch = min(self.max_batch, getattr(self._runner, "max_batch", self.max_batch))
         self._asynchronous = bool(getattr(self._runner, "asynchronous", False))
+        self._pipelined = self._asynchronous and bool(getattr(self._runner, "pipelined", False))
         from prompts import PromptBuilder
 
         self._prompts = PromptBuilder(self._runner.codec)
@@ -524,6 +529,7 @@ class Engine:
 
     def _forget_all(self) -> None:
         self._batch, self._long, self._embedding = [], [], []
+        self._launched = None
         try:
             self._runner.reset()
         except Exception:
@@ -733,18 +739,83 @@ class Engine:
         self._sample(group, logits)
 
     def _decode_step(self) -> None:
+        """One decode step of the batch. Pipelined (a GPU runner whose decode takes the
+        sampled tokens where they are): step N+1 is launched from step N's tokens still
+        on the device, and the host reads and takes them (text, stop strings, ends)
+        while the device computes it; the rows that ended then leave, and step N+1's
+        sampling is launched for the rest, to be read in the next step. A row that ended
+        at N has computed one step for nothing. Without it, ~2 ms of the host's work a
+        step at 256 rows left the device idle (bench/engine_rate.py's streaming stage)."""
         self.decode_steps += 1
         self.decoded_rows += len(self._batch)
+        launched, self._launched = self._launched, None
         try:
             with self.clock.stage("decode"):  # on a GPU: launching it; sampling waits for it
-                logits = self._runner.decode([s.pending for s in self._batch])
+                logits = self._runner.decode(self._step_tokens(launched))
         except Exception as exc:
             # The batch's cache is suspect: end its requests and start clean.
             self._fail(self._batch, exc, "decode")
             self._batch = []
             self._runner.reset()
             return
-        self._sample(self._batch, logits)
+        if not self._pipelined:
+            self._sample(self._batch, logits)
+            return
+        self._flush()  # first tokens of rows that joined, while the device computes
+        if launched is not None:
+            self._read_and_take(*launched)
+        with self.clock.stage("cutting"):
+            kept = self._cut_ended()
+        if self._batch:
+            import sampling
+
+            self._launch_sampling(list(self._batch), logits if kept is None else sampling.rows_of(logits, kept))
+        self._flush()  # the text of the tokens just taken, while the device computes
+
+    def _step_tokens(self, launched):
+        """The batch's next tokens: the host's, or (pipelined) the last step's sampled
+        tokens still on the device, then the host's of the rows that joined since."""
+        if launched is None:
+            return [s.pending for s in self._batch]
+        import sampling
+
+        rows, sampled = launched
+        if len(rows) > len(self._batch) or any(a is not b for a, b in zip(rows, self._batch)):
+            raise RuntimeError("the launched tokens are not the batch's first rows")
+        return sampling.followed_by(sampled.on_device(), [s.pending for s in self._batch[len(rows):]])
+
+    def _launch_sampling(self, seqs: list[_Sequence], logits) -> None:
+        """Launch the batch's sampling, to be read in the next step; if that fails,
+        sample now, row by row (_sample)."""
+        import sampling
+
+        with self.clock.stage("sampling"):
+            try:
+                self._launched = (seqs, sampling.launch_rows(logits, [s.sampler for s in seqs]))
+                return
+            except Exception:
+                pass
+        self._sample(seqs, logits)
+
+    def _read_and_take(self, seqs: list[_Sequence], sampled) -> None:
+        """Read launched tokens (waiting for their sampling, not for a step launched
+        after it) and take them."""
+        with self.clock.stage("sampling"):
+            try:
+                tokens = sampled.read()
+            except Exception as exc:
+                self._fail(seqs, exc, "sampling")
+                return
+        with self.clock.stage("streaming"):
+            for seq, token in zip(seqs, tokens):
+                if not seq.ended:
+                    self._take(seq, token)
+
+    def _drain(self) -> None:
+        """Take the launched tokens now (before the batch changes under them)."""
+        if self._launched is not None:
+            launched, self._launched = self._launched, None
+            self._read_and_take(*launched)
 
     def _sample(self, seqs: list[_Sequence], logits) -> None:
         """The next token of every row at once (logits [rows, vocab]); if that fails,
@@ -790,14 +861,17 @@ class Engine:
         except Exception as exc:
             self._fail([seq], exc, "sampling")
 
-    def _cut_ended(self) -> None:
-        """Cancelled requests end here; rows that ended leave the runner's batch."""
+    def _cut_ended(self) -> list[int] | None:
+        """Cancelled requests end here; rows that ended leave the runner's batch.
+        Returns the rows kept, in their new order (None: all stay where they are)."""
+        if self._launched is not None and any(s.stream.cancelled or s.ended for s in self._batch):
+            self._drain()  # the launched tokens are these rows': take them first
         for seq in self._batch:
             if seq.stream.cancelled:
                 self._end(seq, "cancelled")
         kept = [i for i, s in enumerate(self._batch) if not s.ended]
         if len(kept) == len(self._batch):
-            return
+            return None
         keep = holes_filled_from_the_end(kept)
         try:
             self._runner.keep(keep)
@@ -806,6 +880,7 @@ class Engine:
             keep = []
             self._runner.reset()
         self._batch = [self._batch[i] for i in keep]
+        return keep
 
     def _check_accounts(self) -> None:
         """Every live request is in the batch or a long prefill, and the batch is the

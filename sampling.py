@@ -148,23 +148,58 @@ def sample_rows(logits, samplers: list[RowSampler], before_waiting: Callable[[],
     Never fails on finite settings: logits that extreme settings push to inf or NaN
     fall back to the row's most likely token instead of a draw.
     """
+    sampled = launch_rows(logits, samplers)
+    if before_waiting is not None:
+        before_waiting()
+    return sampled.read()
+
+
+def launch_rows(logits, samplers: list[RowSampler]) -> Sampled:
+    """sample_rows' ops, launched (on a GPU: queued), their tokens not yet read."""
     logits = logits.float().clone()  # never write into the model's output
     for row, sampler in enumerate(samplers):
         if sampler.grammar is not None:
             sampler.grammar.mask_(logits[row])  # logits are this call's own copy
     logits = torch.nan_to_num(_penalised(logits, samplers), nan=-torch.inf)
-    picked = [(rows, pick(_rows(logits, rows), [samplers[r] for r in rows]))
-              for rows, pick in ((_rows_where(samplers, greedy=True), _greedy),
-                                 (_rows_where(samplers, greedy=False), _draw)) if rows]
-    if before_waiting is not None:
-        before_waiting()
-    tokens: list[int] = [0] * len(samplers)
-    for rows, chosen in picked:
-        # .cpu() first: on a GPU the copy waits for the step without holding the
-        # GIL, so the event loop keeps writing meanwhile.
-        for row, token in zip(rows, chosen.cpu().tolist()):
-            tokens[row] = token
-    return tokens
+    return Sampled([(rows, pick(rows_of(logits, rows), [samplers[r] for r in rows]))
+                    for rows, pick in ((_rows_where(samplers, greedy=True), _greedy),
+                                       (_rows_where(samplers, greedy=False), _draw)) if rows], len(samplers))
+
+
+class Sampled:
+    """A batch's next tokens, computed where its logits are and not yet read: a GPU's
+    next decode step can start from them (on_device) before the host reads them."""
+
+    def __init__(self, picked: list, rows: int):
+        self._picked = picked  # [(row numbers, their tokens)]: the greedy rows, the drawn ones
+        self._rows = rows
+        self._tokens = None
+
+    def on_device(self):
+        """The tokens [rows] in row order, on the logits' device (no host wait)."""
+        if self._tokens is None:
+            if len(self._picked) == 1:  # the rows of one kind are all of them, in order
+                self._tokens = self._picked[0][1]
+            else:
+                self._tokens = torch.empty(self._rows, dtype=torch.long, device=self._picked[0][1].device)
+                for rows, chosen in self._picked:
+                    _put(self._tokens, rows, chosen)
+        return self._tokens
+
+    def read(self) -> list[int]:
+        tokens: list[int] = [0] * self._rows
+        for rows, chosen in self._picked:
+            # .cpu() first: on a GPU the copy waits for the step without holding the
+            # GIL, so the event loop keeps writing meanwhile.
+            for row, token in zip(rows, chosen.cpu().tolist()):
+                tokens[row] = token
+        return tokens
+
+
+def followed_by(tokens, more: list[int]):
+    """Device tokens [rows] (Sampled.on_device) and then host tokens, as one tensor
+    on that device: a decode step's input when rows joined after the sampling."""
+    return torch.cat([tokens, to_device(more, tokens.device, torch.long)]) if more else tokens
 
 
 def _rows_where(samplers: list[RowSampler], greedy: bool) -> list[int]:
@@ -190,12 +225,12 @@ def _draw(logits, samplers: list[RowSampler]):
     cut = [r for r, u in enumerate(uncut) if not u]
     tokens = torch.empty(len(settings), dtype=torch.long, device=logits.device)
     if whole:  # nothing to leave out: no sort needed
-        rows, some = [samplers[r] for r in whole], _rows(logits, whole)
+        rows, some = [samplers[r] for r in whole], rows_of(logits, whole)
         probs = torch.softmax(some / _column([s.sampling.temperature for s in rows], logits), dim=-1)
         _put(tokens, whole, _pick(probs, torch.arange(vocab, device=logits.device).expand(len(whole), vocab),
                                   rows, fallback=lambda: torch.argmax(some, dim=-1)))
     if cut:
-        _put(tokens, cut, _draw_cut(_rows(logits, cut), [samplers[r] for r in cut]))
+        _put(tokens, cut, _draw_cut(rows_of(logits, cut), [samplers[r] for r in cut]))
     return tokens
 
 
@@ -204,7 +239,7 @@ def _put(t, rows: list[int], values) -> None:
     t.index_copy_(0, _kept(rows, t.device, torch.long), values)
 
 
-def _rows(t, rows: list[int]):
+def rows_of(t, rows: list[int]):
     """Those rows of `t` (a view when they are all of them)."""
     return t if len(rows) == t.shape[0] else t.index_select(0, _kept(rows, t.device, torch.long))
 

@@ -17,7 +17,9 @@ to the event loop, while the event loop writes to the sockets).
 `--device queued` models a GPU's asynchrony: a step returns at once and runs for
 --step-ms from its launch, and sampling waits for it where a GPU's .cpu() does (the
 engine then hands text off while the step computes); `queued-late` is the same device
-with the hand-off at the end of each step, as before.
+with the hand-off at the end of each step, as before; `pipelined` is `queued` with the
+engine launching step N+1 from step N's sampled tokens before it reads them (as beside
+the GPU's static runner), so the host's work on step N overlaps step N+1.
 
 `--vocab 512` makes the logits 512 tokens wide (the repeat penalty's ids folded into
 them), so that sampling's tensor work is small, as on a GPU, and its host share (the
@@ -122,7 +124,8 @@ def serve(port: int, step_ms: float, max_batch: int, vocab: int, device: str) ->
     folder = Path(tempfile.mkdtemp())
     copy_description(folder)
     paced = PacedRunner(TextCodec.from_folder(folder), step_ms / 1000, vocab, queued=device != "sync")
-    paced.asynchronous = device == "queued"  # "queued-late": the engine hands off as beside a CPU
+    paced.asynchronous = device in ("queued", "pipelined")  # "queued-late": it hands off as beside a CPU
+    paced.pipelined = device == "pipelined"
     runner.load_runner = lambda *args, **kwargs: paced
     import sampling
 
@@ -136,6 +139,18 @@ def serve(port: int, step_ms: float, max_batch: int, vocab: int, device: str) ->
                 time.sleep(max(0.0, paced.ready_at - time.perf_counter()))
             return real_sample_rows(logits, samplers, before_waiting=wait)
         sampling.sample_rows = sample_rows
+
+        real_launch, real_read = sampling.launch_rows, sampling.Sampled.read
+
+        def launch_rows(logits, samplers):
+            sampled = real_launch(logits, samplers)
+            sampled.ready_at = paced.ready_at  # the end of the step these logits are of
+            return sampled
+
+        def read(sampled):  # where a GPU's .cpu() waits for that step (not one launched since)
+            time.sleep(max(0.0, getattr(sampled, "ready_at", 0.0) - time.perf_counter()))
+            return real_read(sampled)
+        sampling.launch_rows, sampling.Sampled.read = launch_rows, read
 
     if vocab < VOCAB:  # the prompts' ids fall outside narrow logits: fold them in
         ids = sampling._ids
@@ -151,10 +166,11 @@ def main() -> None:
     parser.add_argument("--clients", default="1,64,256")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=VOCAB, help="the stand-in logits' width")
-    parser.add_argument("--device", choices=["sync", "queued", "queued-late"], default="sync",
+    parser.add_argument("--device", choices=["sync", "queued", "queued-late", "pipelined"], default="sync",
                         help="sync: a step waits in decode; queued: it runs from its launch while the host goes "
                              "on and sampling waits for it, as on a GPU (the engine hands text off meanwhile); "
-                             "queued-late: the same, with the engine handing off at the end of each step")
+                             "queued-late: the same, with the engine handing off at the end of each step; "
+                             "pipelined: queued, each step launched from the last one's tokens before they are read")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)  # the server side, in its own process
     parser.add_argument("--max-batch", type=int, default=256, help=argparse.SUPPRESS)
     args = parser.parse_args()

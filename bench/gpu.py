@@ -14,7 +14,9 @@ HTTP, in one command on a machine with no network and nothing but this repositor
    first differ, and the largest logit difference at the first step.
 3. Times the runner alone in bfloat16, in process: a decode step (a graph replay and its
    inputs), a step with sampling as the clients below ask (temperature 1 with the
-   default top-k, top-p and repeat penalty), and an eager step (no graph), at 1, 64 and
+   default top-k, top-p and repeat penalty), the same pipelined (each step launched
+   from the last one's sampled tokens before the host reads them, as the server does
+   on a GPU), and an eager step (no graph), at 1, 64 and
    256 rows; at the fewest and most rows, how many kernels a step runs and their time;
    then, for each, the two decode attentions' replay times that the load compared
    (fused, one kernel a layer, or two matmuls), over 256 and 4,096 positions. What the HTTP load reaches beyond these
@@ -168,22 +170,35 @@ def step_times(folder: Path, device: str, batches: list[int], steps: int = 50) -
         timings = {}
         graphs = runner._graphs
         for label, sample, eager in (("decode", False, False), ("decode + sampling", True, False),
-                                     ("eager decode (no graph)", False, True)):
+                                     ("pipelined", True, False), ("eager decode (no graph)", False, True)):
             runner._graphs = None if eager else graphs
+            sampled = None
             for i in range(steps + 3):
                 if i == 3:
                     sync()
                     t0 = time.perf_counter()
+                if label == "pipelined":  # the engine's way on a GPU: step N+1 starts before N is read
+                    logits = runner.decode(tokens if sampled is None else sampled.on_device())
+                    if sampled is not None:
+                        for sampler, token in zip(samplers, sampled.read()):
+                            sampler.accept(token)
+                    sampled = sampling.launch_rows(logits, samplers)
+                    continue
                 logits = runner.decode(tokens)
                 if sample:
                     tokens = sampling.sample_rows(logits, samplers)
                     for sampler, token in zip(samplers, tokens):
                         sampler.accept(token)
+            if sampled is not None:
+                tokens = sampled.read()
+                for sampler, token in zip(samplers, tokens):
+                    sampler.accept(token)
             sync()
             timings[label] = (time.perf_counter() - t0) / steps * 1e3
         runner._graphs = graphs
         print(f"  {rows:4d} rows: " + ", ".join(f"{k} {v:.2f} ms" for k, v in timings.items())
-              + f" = {rows / timings['decode + sampling'] * 1e3:,.0f} tok/s", flush=True)
+              + f" = {rows / timings['decode + sampling'] * 1e3:,.0f} tok/s "
+              f"({rows / timings['pipelined'] * 1e3:,.0f} pipelined)", flush=True)
         if rows in (min(batches), max(batches)):
             try:  # a profiler that cannot start here must not cost the other rows' figures
                 print("        " + kernel_profile(runner, tokens, device), flush=True)

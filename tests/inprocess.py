@@ -63,22 +63,26 @@ def faulty_text_stages(faults: Faults):
     """Sampling and detokenising fail where the plan says (patched for the whole
     process). A failed batch of samples is retried row by row by the engine, so a
     plan can fail the whole batch, then single rows."""
-    saved = sampling.sample_rows, textstream.Detokenizer.step
-    real_sample, real_step = saved
+    saved = sampling.sample_rows, sampling.launch_rows, textstream.Detokenizer.step
+    real_sample, real_launch, real_step = saved
 
     def sample_rows(logits, samplers, **kwargs):
         faults.check("sample")
         return real_sample(logits, samplers, **kwargs)
 
+    def launch_rows(logits, samplers):  # the pipelined engine's (a GPU's) way in
+        faults.check("sample")
+        return real_launch(logits, samplers)
+
     def step(self, token_id):
         faults.check("detokenise")
         return real_step(self, token_id)
 
-    sampling.sample_rows, textstream.Detokenizer.step = sample_rows, step
+    sampling.sample_rows, sampling.launch_rows, textstream.Detokenizer.step = sample_rows, launch_rows, step
     try:
         yield
     finally:
-        sampling.sample_rows, textstream.Detokenizer.step = saved
+        sampling.sample_rows, sampling.launch_rows, textstream.Detokenizer.step = saved
 
 
 class LiveServer:
@@ -125,17 +129,22 @@ class LiveServer:
 
 @contextlib.asynccontextmanager
 async def live_server(model_folder, log_path, faults: Faults | None = None, policy: Policy | None = None,
-                      runner=None, kind: str = "auto", asynchronous: bool = False, **engine_kwargs):
+                      runner=None, kind: str = "auto", asynchronous: bool = False, pipelined: bool = False,
+                      **engine_kwargs):
     """`runner`: a runner to serve instead of the folder's model (the folder still names
     it); `kind`: which runner loads the folder (runner.RUNNERS); `asynchronous`: the
-    engine treats the runner as a GPU's (text handed off while a step computes)."""
+    engine treats the runner as a GPU's (text handed off while a step computes);
+    `pipelined` too: each decode step starts from the last one's sampled tokens before
+    the host reads them (the static runner's decode takes them as a tensor)."""
     def load(source, dtype, cache_dir):
         from runner import load_runner
 
         real = runner if runner is not None else load_runner(source, dtype, cache_dir, kind,
                                                              max_batch=engine_kwargs.get("max_batch", 8))
-        if asynchronous:
+        if asynchronous or pipelined:
             real.asynchronous = True
+        if pipelined:
+            real.pipelined = True
         return FaultyRunner(real, faults) if faults is not None else real
 
     engine = Engine(model=str(model_folder), dtype="float32", cache_dir=None, load_runner=load, **engine_kwargs)

@@ -226,9 +226,10 @@ def test_the_static_runner_and_its_sampling_keep_their_tensors_on_the_device(tin
     """The whole static runner on a stand-in device ("meta": shapes without values, and
     no CUDA needed), so that a tensor left on the host shows: loading, the shared
     prefix, prefill, decode steps, cuts (with and without moved rows that cross),
-    a prompt fed in chunks, and the batched sampling up to the one read of its tokens."""
+    a prompt fed in chunks, the batched sampling up to the one read of its tokens, and a
+    step started from sampled tokens that were not read (pipelined)."""
     from engine import Sampling
-    from sampling import RowSampler, sample_rows
+    from sampling import RowSampler, followed_by, launch_rows, sample_rows
 
     with OneDevice() as mode:
         runner = cuda_runner.load_folder(tiny_llama_folder, "bfloat16", "meta", max_batch=4,
@@ -249,6 +250,10 @@ def test_the_static_runner_and_its_sampling_keep_their_tensors_on_the_device(tin
         launched = []
         with pytest.raises(NotImplementedError, match="meta"):  # the read: meta tensors hold no data
             sample_rows(logits, samplers, before_waiting=lambda: launched.append(True))
+        # pipelined: the next step starts from the sampled tokens, on the device
+        runner.keep([0, 1])
+        runner.prefill([[9, 9]])
+        runner.decode(followed_by(launch_rows(logits[:2], samplers[:2]).on_device(), [5]))
     assert launched == [True]  # every op was queued before the read
     assert logits.device.type == "meta" and runner.rows == 3
     assert mode.mixed == []

@@ -293,6 +293,21 @@ def test_every_row_samples_the_same_in_a_batch_as_alone():
     assert len(Counter(together[2])) > 5  # the sampled rows really drew
 
 
+@pytest.mark.parametrize("greedy", [[True, False, True, False], [True, True], [False, False, False]])
+def test_launched_tokens_on_the_device_are_the_tokens_read(greedy):
+    """What a pipelined step starts from (Sampled.on_device: greedy and drawn rows put
+    back in row order, on the logits' device) is what the host then reads; rows that
+    joined since follow as host tokens."""
+    from sampling import followed_by, launch_rows
+
+    logits = torch.randn(len(greedy), 300, generator=torch.Generator().manual_seed(1)) * 3
+    samplers = [RowSampler(Sampling(temperature=0 if g else 1.0), 5 + r, [r]) for r, g in enumerate(greedy)]
+    sampled = launch_rows(logits, samplers)
+    tokens = sampled.read()
+    assert sampled.on_device().tolist() == tokens == sample_rows(logits, samplers)
+    assert followed_by(sampled.on_device(), [7, 8]).tolist() == tokens + [7, 8]
+
+
 def test_settings_kept_between_steps_follow_each_batch_and_are_never_written():
     """sample_rows keeps a batch's per-row settings on the device from step to step,
     keyed by their values: batches with other settings alternating with it get their

@@ -80,19 +80,21 @@ def check_reply(reply, endpoint: str, faulty: bool) -> None:
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
 @given(requests=REQUESTS, plan=FAULTS, max_batch=st.integers(1, 3), queue_size=st.integers(1, 4),
-       chunk=st.sampled_from([8, 256]), model=st.sampled_from(["gpt2", "llama", "static", "static async"]))
+       chunk=st.sampled_from([8, 256]),
+       model=st.sampled_from(["gpt2", "llama", "static", "static async", "static pipelined"]))
 def test_any_mix_of_bodies_disconnects_and_failures_leaves_the_books_balanced(
         tiny_gpt2_folder, tiny_llama_folder, requests, plan, max_batch, queue_size, chunk, model):
     faults = Faults(plan={k: set(v) for k, v in plan.items()})
     # transformers' runner, ours, or the GPU's static one (on the CPU; "async": the
-    # engine hands text off as it does beside a GPU, while the next step computes)
+    # engine hands text off as it does beside a GPU, while the next step computes;
+    # "pipelined": each step starts from the last one's tokens before they are read)
     folder = tiny_gpt2_folder if model == "gpt2" else tiny_llama_folder
     kind = "static" if model.startswith("static") else "auto"
-    asynchronous = model == "static async"
+    asynchronous, pipelined = model == "static async", model == "static pipelined"
 
     async def main(log_path):
         async with live_server(folder, log_path, faults=faults, max_batch=max_batch, queue_size=queue_size,
-                               kind=kind, asynchronous=asynchronous) as live:
+                               kind=kind, asynchronous=asynchronous, pipelined=pipelined) as live:
             live.engine.PREFILL_CHUNK = chunk  # 8: the tiny model's prompts are prefilled in chunks
             finals = count_finals(live.engine)
             model = live.engine.model_name
@@ -119,18 +121,24 @@ def test_any_mix_of_bodies_disconnects_and_failures_leaves_the_books_balanced(
         asyncio.run(main(Path(tmp) / "log.jsonl"))
 
 
+MODES = {"step by step": {}, "async": {"asynchronous": True}, "pipelined": {"pipelined": True}}
+
+
 def test_text_handed_off_while_the_device_computes_is_the_same_text(tiny_llama_folder, tmp_path):
     """Beside an asynchronous runner (a GPU) a step's text reaches the event loop while
-    the next step computes instead of at the end of its own step: the same texts and
-    ends for requests streamed together, with rows ending at different steps."""
+    the next step computes instead of at the end of its own step, and pipelined, each
+    step starts from the last one's sampled tokens before the host reads them: the same
+    streamed texts and ends for requests streamed together, with rows ending at
+    different steps."""
     bodies = [{"prompt": p, "max_tokens": n, "temperature": 0, "stream": True}
               for p, n in (("The quick brown fox", 9), ("A language model", 3), ("Streaming servers", 6))]
 
-    def run(asynchronous: bool):
+    def run(mode: str):
         async def main():
-            async with live_server(tiny_llama_folder, tmp_path / f"{asynchronous}.jsonl", kind="static",
-                                   asynchronous=asynchronous, max_batch=3) as live:
-                assert live.engine._asynchronous is asynchronous
+            async with live_server(tiny_llama_folder, tmp_path / f"{mode}.jsonl", kind="static", max_batch=3,
+                                   **MODES[mode]) as live:
+                assert (live.engine._asynchronous, live.engine._pipelined) == (mode != "step by step",
+                                                                               mode == "pipelined")
                 replies = await asyncio.gather(*[http(live.port, "POST", "/generate", b) for b in bodies])
                 await live.settled()
                 assert live.books() == {"free_slots": 3, "queued": 0, "active": 0, "live": 0}
@@ -138,9 +146,47 @@ def test_text_handed_off_while_the_device_computes_is_the_same_text(tiny_llama_f
                         for r in replies]
         return asyncio.run(main())
 
-    handed_off_later = run(True)
-    assert handed_off_later == run(False)
+    handed_off_later = run("async")
+    assert handed_off_later == run("step by step") == run("pipelined")
     assert [len(r) for r in handed_off_later] != [len(handed_off_later[0])] * 3  # rows ended apart
+
+
+def test_pipelined_steps_sample_what_steps_one_by_one_do(tiny_llama_folder, tmp_path):
+    """Pipelined against step by step, for requests that wait for a slot and join the
+    running batch at different steps (two slots for five), a prompt prefilled in chunks,
+    seeded draws with repeat and frequency penalties, top-p without top-k, a stop string,
+    and a JSON grammar: the same texts and ends."""
+    requests = [("/generate", {"prompt": "The quick brown fox", "max_tokens": 9, "temperature": 0}),
+                ("/generate", {"prompt": "A language model", "max_tokens": 3, "temperature": 0}),
+                ("/generate", {"prompt": "Streaming servers send each piece", "max_tokens": 12, "temperature": 0.9,
+                               "seed": 7, "repeat_penalty": 1.3, "top_k": 0, "top_p": 0.8}),
+                ("/generate", {"prompt": "The lazy dog", "max_tokens": 10, "temperature": 1.2, "seed": 3,
+                               "frequency_penalty": 1.0, "stop": ["e"]}),
+                ("/api/generate", {"prompt": "Give JSON", "format": "json",
+                                   "options": {"num_predict": 10, "temperature": 0.7, "seed": 1}})]
+
+    def run(mode: str):
+        async def main():
+            async with live_server(tiny_llama_folder, tmp_path / f"{mode}.jsonl", kind="static", max_batch=2,
+                                   **MODES[mode]) as live:
+                live.engine.PREFILL_CHUNK = 8  # the third prompt is prefilled a chunk per step
+                runner, inputs = live.engine._runner, []
+                decode = runner.decode
+                runner.decode = lambda tokens: inputs.append(type(tokens).__name__) or decode(tokens)
+                replies = await asyncio.gather(*[
+                    http(live.port, "POST", path, {"model": live.engine.model_name, "stream": False, **body})
+                    for path, body in requests])
+                await live.settled()
+                assert live.books() == {"free_slots": 2, "queued": 0, "active": 0, "live": 0}
+                assert all(r.status == 200 for r in replies), [r.json() for r in replies]
+                # pipelined, steps start from the device's tokens (a tensor), not the host's
+                assert ("Tensor" in inputs) == (mode == "pipelined") and "list" in inputs
+                return [(r.json()["response"], r.json()["done_reason"]) for r in replies]
+        return asyncio.run(main())
+
+    pipelined = run("pipelined")
+    assert pipelined == run("step by step")
+    assert all(text for text, _ in pipelined)
 
 
 def count_finals(engine) -> collections.Counter:
