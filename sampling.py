@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from engine import SEEDS
-from transfer import to_device
+from transfer import HostCopy, to_device
 
 if TYPE_CHECKING:
     from engine import Sampling
@@ -168,12 +168,15 @@ def launch_rows(logits, samplers: list[RowSampler]) -> Sampled:
 
 class Sampled:
     """A batch's next tokens, computed where its logits are and not yet read: a GPU's
-    next decode step can start from them (on_device) before the host reads them."""
+    next decode step can start from them (on_device) before the host reads them. Their
+    copy to the host is queued at once, so read() waits for this step's sampling and
+    not for a step launched after it."""
 
     def __init__(self, picked: list, rows: int):
         self._picked = picked  # [(row numbers, their tokens)]: the greedy rows, the drawn ones
         self._rows = rows
         self._tokens = None
+        self._host = HostCopy(self.on_device())
 
     def on_device(self):
         """The tokens [rows] in row order, on the logits' device (no host wait)."""
@@ -187,13 +190,7 @@ class Sampled:
         return self._tokens
 
     def read(self) -> list[int]:
-        tokens: list[int] = [0] * self._rows
-        for rows, chosen in self._picked:
-            # .cpu() first: on a GPU the copy waits for the step without holding the
-            # GIL, so the event loop keeps writing meanwhile.
-            for row, token in zip(rows, chosen.cpu().tolist()):
-                tokens[row] = token
-        return tokens
+        return self._host.read()
 
 
 def followed_by(tokens, more: list[int]):

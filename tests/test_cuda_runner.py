@@ -334,3 +334,22 @@ def test_host_values_reach_the_device_intact(device):
     # queued copies land in order before the ops that read them
     total = sum(to_device([i] * 1000, device, torch.long).sum() for i in range(50))
     assert int(total) == 1000 * sum(range(50))
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_reading_sampled_tokens_waits_for_their_step_alone():
+    """Pipelined, the engine reads step N's tokens after it launched step N+1: the read
+    must not wait for N+1 (a plain .cpu() would, queued behind it)."""
+    import torch
+
+    from engine import Sampling
+    from sampling import RowSampler, launch_rows
+
+    logits = torch.randn(4, 1000, device="cuda")
+    samplers = [RowSampler(Sampling(temperature=0), seed=i, prompt_ids=[1]) for i in range(4)]
+    expected = torch.argmax(logits, dim=-1).tolist()
+    sampled = launch_rows(logits, samplers)
+    torch.cuda._sleep(2 ** 31)  # the next step: about a second of device time queued after the sampling
+    assert sampled.read() == expected
+    assert not torch.cuda.current_stream().query()  # that "step" still runs: the read did not wait for it
+    torch.cuda.synchronize()

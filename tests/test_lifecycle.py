@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import tempfile
 from pathlib import Path
@@ -170,23 +171,63 @@ def test_pipelined_steps_sample_what_steps_one_by_one_do(tiny_llama_folder, tmp_
             async with live_server(tiny_llama_folder, tmp_path / f"{mode}.jsonl", kind="static", max_batch=2,
                                    **MODES[mode]) as live:
                 live.engine.PREFILL_CHUNK = 8  # the third prompt is prefilled a chunk per step
-                runner, inputs = live.engine._runner, []
+                runner, inputs, events = live.engine._runner, [], []
                 decode = runner.decode
-                runner.decode = lambda tokens: inputs.append(type(tokens).__name__) or decode(tokens)
-                replies = await asyncio.gather(*[
-                    http(live.port, "POST", path, {"model": live.engine.model_name, "stream": False, **body})
-                    for path, body in requests])
+                runner.decode = lambda tokens: inputs.append(type(tokens).__name__) or events.append("decode") or \
+                    decode(tokens)
+                with tracing_host_copies(events):
+                    replies = await asyncio.gather(*[
+                        http(live.port, "POST", path, {"model": live.engine.model_name, "stream": False, **body})
+                        for path, body in requests])
                 await live.settled()
                 assert live.books() == {"free_slots": 2, "queued": 0, "active": 0, "live": 0}
                 assert all(r.status == 200 for r in replies), [r.json() for r in replies]
                 # pipelined, steps start from the device's tokens (a tensor), not the host's
                 assert ("Tensor" in inputs) == (mode == "pipelined") and "list" in inputs
+                # pipelined, a step's tokens were on their way to the host before the next
+                # step was launched, so reading them waited for their step alone
+                assert bool(reads_after_a_later_step(events)) == (mode == "pipelined")
                 return [(r.json()["response"], r.json()["done_reason"]) for r in replies]
         return asyncio.run(main())
 
     pipelined = run("pipelined")
     assert pipelined == run("step by step")
     assert all(text for text, _ in pipelined)
+
+
+@contextlib.contextmanager
+def tracing_host_copies(events: list):
+    """Each HostCopy (sampled tokens on their way to the host) queued and read, into
+    `events` as ("copy", n) and ("read", n)."""
+    import transfer
+
+    init, read = transfer.HostCopy.__init__, transfer.HostCopy.read
+
+    def traced_init(self, tensor):
+        init(self, tensor)
+        events.append(("copy", id(self)))
+
+    def traced_read(self):
+        events.append(("read", id(self)))
+        return read(self)
+
+    transfer.HostCopy.__init__, transfer.HostCopy.read = traced_init, traced_read
+    try:
+        yield
+    finally:
+        transfer.HostCopy.__init__, transfer.HostCopy.read = init, read
+
+
+def reads_after_a_later_step(events: list) -> list:
+    """The copies read after a decode step launched since they were queued."""
+    queued_at = {}
+    later = []
+    for i, event in enumerate(events):
+        if event[0] == "copy":
+            queued_at[event[1]] = i
+        elif event[0] == "read" and "decode" in events[queued_at[event[1]]:i]:
+            later.append(event[1])
+    return later
 
 
 def count_finals(engine) -> collections.Counter:
