@@ -161,9 +161,10 @@ def launch_rows(logits, samplers: list[RowSampler]) -> Sampled:
         if sampler.grammar is not None:
             sampler.grammar.mask_(logits[row])  # logits are this call's own copy
     logits = torch.nan_to_num(_penalised(logits, samplers), nan=-torch.inf)
-    return Sampled([(rows, pick(rows_of(logits, rows), [samplers[r] for r in rows]))
-                    for rows, pick in ((_rows_where(samplers, greedy=True), _greedy),
-                                       (_rows_where(samplers, greedy=False), _draw)) if rows], len(samplers))
+    picked = [(rows, pick(rows_of(logits, rows), [samplers[r] for r in rows]))
+              for rows, pick in ((_rows_where(samplers, greedy=True), _greedy),
+                                 (_rows_where(samplers, greedy=False), _draw)) if rows]
+    return Sampled(picked, len(samplers), logits.device)
 
 
 class Sampled:
@@ -172,21 +173,18 @@ class Sampled:
     copy to the host is queued at once, so read() waits for this step's sampling and
     not for a step launched after it."""
 
-    def __init__(self, picked: list, rows: int):
-        self._picked = picked  # [(row numbers, their tokens)]: the greedy rows, the drawn ones
-        self._rows = rows
-        self._tokens = None
-        self._host = HostCopy(self.on_device())
+    def __init__(self, picked: list, rows: int, device):
+        """picked: [(row numbers, their tokens)], the greedy rows and the drawn ones."""
+        if len(picked) == 1:  # the rows of one kind are all of them, in order
+            self._tokens = picked[0][1]
+        else:
+            self._tokens = torch.empty(rows, dtype=torch.long, device=device)
+            for numbers, chosen in picked:
+                _put(self._tokens, numbers, chosen)
+        self._host = HostCopy(self._tokens)
 
     def on_device(self):
         """The tokens [rows] in row order, on the logits' device (no host wait)."""
-        if self._tokens is None:
-            if len(self._picked) == 1:  # the rows of one kind are all of them, in order
-                self._tokens = self._picked[0][1]
-            else:
-                self._tokens = torch.empty(self._rows, dtype=torch.long, device=self._picked[0][1].device)
-                for rows, chosen in self._picked:
-                    _put(self._tokens, rows, chosen)
         return self._tokens
 
     def read(self) -> list[int]:
