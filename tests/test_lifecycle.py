@@ -173,8 +173,12 @@ def test_pipelined_steps_sample_what_steps_one_by_one_do(tiny_llama_folder, tmp_
                 live.engine.PREFILL_CHUNK = 8  # the third prompt is prefilled a chunk per step
                 runner, inputs, events = live.engine._runner, [], []
                 decode = runner.decode
-                runner.decode = lambda tokens: inputs.append(type(tokens).__name__) or events.append("decode") or \
-                    decode(tokens)
+
+                def traced_decode(tokens):
+                    inputs.append(type(tokens).__name__)
+                    events.append("decode")
+                    return decode(tokens)
+                runner.decode = traced_decode
                 with tracing_host_copies(events):
                     replies = await asyncio.gather(*[
                         http(live.port, "POST", path, {"model": live.engine.model_name, "stream": False, **body})
