@@ -9,6 +9,7 @@ concatenated in; rows that end are cut out with batch_select_indices.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import shutil
@@ -73,6 +74,13 @@ def _save_cache(model, tokenizer, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def cache_argument(model) -> str:
+    """The name a model's forward takes its KV cache by: `cache` from transformers 5.2x on
+    (where `past_key_values` still works but warns), `past_key_values` before (5.17, as on
+    the GPU machines, ignores `cache` and would decode every step without its context)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def eos_ids(model, tokenizer) -> frozenset[int]:
     ids = set()
     for value in (model.generation_config.eos_token_id, tokenizer.eos_token_id):
@@ -106,6 +114,7 @@ class TransformersRunner:
                                   or getattr(config, "n_positions", 0) or 2048)
         self.eos_ids = eos_ids
         fastdecode.speed_up(model, dtype)
+        self._cache_argument = cache_argument(model)
         self._prefix: fastdecode.SharedPrefix | None = None
         self.reset()
 
@@ -121,7 +130,9 @@ class TransformersRunner:
     def _new_cache(self):
         return fastdecode.new_cache(self.model.config)
 
-    def _forward(self, **kwargs):
+    def _forward(self, cache=None, **kwargs):
+        if cache is not None:
+            kwargs[self._cache_argument] = cache
         return self.model(use_cache=True, **kwargs)
 
     @torch.inference_mode()

@@ -10,6 +10,7 @@ from transformers.cache_utils import DynamicLayer
 
 from fastdecode import FewRowsHead, HalfWeightLinear, RoomyLayer, SharedPrefix, new_cache, use_half_weights
 from linears import half_weights_supported
+from transformers_runner import cache_argument
 
 
 def kv(batch: int, length: int, seed: int):
@@ -147,13 +148,23 @@ def tiny_llama():
     return LlamaForCausalLM(config).eval()
 
 
+def test_the_cache_is_passed_by_the_name_the_installed_transformers_reads():
+    # transformers 5.2x renamed past_key_values to cache; 5.17 (the GPU machines') ignores
+    # an unknown `cache` and leaves it empty.
+    model = tiny_llama()
+    with torch.inference_mode():
+        cache = new_cache(model.config)
+        model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True, **{cache_argument(model): cache})
+    assert cache.get_seq_length() == 3
+
+
 def test_a_prefill_seeded_with_the_shared_prefix_matches_a_full_prefill():
     # The engine's layout: [cached prefix][left padding][rest of the prompt] per row.
     model = tiny_llama()
     prefix, rests = [5, 6, 7, 8, 9], [[11, 12, 13], [21, 22, 23, 24, 25, 26]]
     with torch.inference_mode():
         cache = new_cache(model.config)
-        model(input_ids=torch.tensor([prefix]), cache=cache, use_cache=True)
+        model(input_ids=torch.tensor([prefix]), use_cache=True, **{cache_argument(model): cache})
         shared = SharedPrefix(prefix, cache)
         assert shared.covers(prefix + [1]) and not shared.covers(prefix) and not shared.covers([4] + prefix)
 
@@ -163,8 +174,8 @@ def test_a_prefill_seeded_with_the_shared_prefix_matches_a_full_prefill():
         ids = torch.tensor([[0] * (width - len(r)) + r for r in rests])
         mask = torch.tensor([[1] * len(prefix) + [0] * (width - len(r)) + [1] * len(r) for r in rests])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix):]
-        batched = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=seeded,
-                        use_cache=True).logits[:, -1]
+        batched = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                        **{cache_argument(model): seeded}).logits[:, -1]
         for row, rest in enumerate(rests):
             alone = model(input_ids=torch.tensor([prefix + rest])).logits[0, -1]
             assert torch.allclose(batched[row], alone, atol=1e-5)
