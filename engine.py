@@ -223,6 +223,12 @@ def holes_filled_from_the_end(kept: list[int]) -> list[int]:
     return [i if i in staying else next(movers) for i in range(len(kept))]
 
 
+def _log_batch_sampling_failure(rows: int, exc: Exception) -> None:
+    """Said once for a batch; then its rows are sampled one by one, and only the rows
+    that fail again end, each with its own error."""
+    log.warning("sampling a batch of %d rows failed (%s: %s); sampling them row by row", rows, type(exc).__name__, exc)
+
+
 class Engine:
     # A prompt longer than PREFILL_CHUNK is prefilled a chunk per step, so the
     # running streams keep getting tokens meanwhile instead of pausing for the
@@ -793,8 +799,8 @@ class Engine:
             try:
                 self._launched = (seqs, sampling.launch_rows(logits, [s.sampler for s in seqs]))
                 return
-            except Exception:
-                pass
+            except Exception as exc:
+                _log_batch_sampling_failure(len(seqs), exc)
         self._sample(seqs, logits)
 
     def _read_and_take(self, seqs: list[_Sequence], sampled) -> None:
@@ -826,7 +832,8 @@ class Engine:
         with self.clock.stage("sampling"):
             try:
                 tokens = sampling.sample_rows(logits, [s.sampler for s in seqs], before_waiting=hand_off)
-            except Exception:
+            except Exception as exc:
+                _log_batch_sampling_failure(len(seqs), exc)
                 tokens = []
                 for row, seq in enumerate(seqs):
                     try:

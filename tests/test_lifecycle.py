@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -197,6 +198,32 @@ def test_pipelined_steps_sample_what_steps_one_by_one_do(tiny_llama_folder, tmp_
     pipelined = run("pipelined")
     assert pipelined == run("step by step")
     assert all(text for text, _ in pipelined)
+
+
+@pytest.mark.parametrize("mode", ["step by step", "pipelined"])
+def test_a_failed_batch_sampling_is_logged_and_its_rows_sampled_one_by_one(tiny_llama_folder, tmp_path, caplog, mode):
+    """The first batch's sampling fails: the engine says so once and samples its rows
+    one by one, so both requests get the same text as without the failure."""
+    bodies = [{"prompt": p, "max_tokens": 5, "temperature": 0, "stream": False} for p in ("The quick", "A model")]
+
+    def run(faults: Faults):
+        async def main():
+            async with live_server(tiny_llama_folder, tmp_path / "log.jsonl", kind="static", max_batch=2,
+                                   **MODES[mode]) as live:
+                replies = await asyncio.gather(*[http(live.port, "POST", "/generate", b) for b in bodies])
+                await live.settled()
+                assert live.books() == {"free_slots": 2, "queued": 0, "active": 0, "live": 0}
+                return [(r.status, r.json()["response"]) for r in replies]
+        with faulty_text_stages(faults):
+            return asyncio.run(main())
+
+    clean = run(Faults())
+    with caplog.at_level(logging.WARNING, logger="minivault.engine"):
+        assert run(Faults(plan={"sample": {0}})) == clean
+    said = [r.getMessage() for r in caplog.records if "sampling a batch" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("sampling a batch of ")
+    assert said[0].endswith("failed (InjectedFault: injected failure in sample); sampling them row by row")
+    assert all(status == 200 for status, _ in clean)
 
 
 @contextlib.contextmanager
