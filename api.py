@@ -239,8 +239,8 @@ class Api:
         m.gauge("minivault_active_sequences", "Sequences in the running batch.", lambda: e.active_count)
         m.gauge("minivault_model_load_seconds", "Seconds the model took to load.", lambda: e.load_seconds)
         m.gauge("minivault_model_loaded", "1 once the model is ready.", lambda: 1.0 if e.ready else 0.0)
-        m.gauge("minivault_log_write_errors_total", "Request log lines that could not be written.",
-                lambda: self.request_log.errors)
+        m.counter_read("minivault_log_write_errors_total", "Request log lines that could not be written.",
+                       lambda: self.request_log.errors)
         m.counter_read("minivault_model_thread_seconds_total",
                        "The model thread's time by stage of its loop (decode: the runner's step, on a GPU "
                        "only its launch; sampling: choosing tokens, on a GPU waiting for the step too; "
