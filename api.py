@@ -284,7 +284,10 @@ class Api:
         params = facts.parameters
         size = f"{params / 1e6:.0f}M" if params < 1e9 else f"{params / 1e9:.1f}B"
         fmt = "gguf" if e.source.kind == "gguf" else "safetensors"
-        quant = e.source.location.rsplit(".", 2)[-2].upper() if fmt == "gguf" and "." in e.source.location else e.dtype.upper()
+        if fmt == "gguf" and "." in e.source.location:
+            quant = e.source.location.rsplit(".", 2)[-2].upper()  # the file's tag: model.Q8_0.gguf -> Q8_0
+        else:
+            quant = e.dtype.upper()
         return {"parent_model": "", "format": fmt, "family": facts.architecture,
                 "families": [facts.architecture] if facts.architecture else None,
                 "parameter_size": size if params else "", "quantization_level": quant}

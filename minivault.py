@@ -52,11 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(SmolLM2, Llama, Mistral), transformers for every other; static: the GPU's runner "
                         "on the CPU (float32, no graphs)")
     p.add_argument("--dtype", choices=["auto", "float32", "float16", "int8", "int4", "bfloat16"], default="auto",
-                   help="number type (float16: float16 weights, float32 sums; int8: int8 weights, bfloat16 activations, "
-                        "llama runner only; int4: 4-bit weights where the model's are 4-bit already (a Q4_1 GGUF), "
-                        "int8 elsewhere; auto: int4 where the CPU has bfloat16 instructions and the llama "
-                        "runner serves, else float16 where fbgemm runs (AVX2 + F16C), else float32; bfloat16 "
-                        "only when asked: with transformers it is not batch-invariant)")
+                   help="number type (float16: float16 weights, float32 sums; int8: int8 weights, bfloat16 "
+                        "activations, llama runner only; int4: 4-bit weights where the model's are 4-bit "
+                        "already (a Q4_1 GGUF), int8 elsewhere; auto: int4 where the CPU has bfloat16 "
+                        "instructions and the llama runner serves, else float16 where fbgemm runs (AVX2 + "
+                        "F16C), else float32; bfloat16 only when asked: with transformers it is not "
+                        "batch-invariant)")
     p.add_argument("--tool-calls", choices=["eager", "auto"], default="eager",
                    help="a request with tools and no tool_choice (Ollama never sends one): eager: the reply to a "
                         "user message is a tool call, after a tool result the model may answer in text; auto: the "
@@ -69,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-headers", type=int, default=100, help="most header fields (431 beyond)")
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a request's head may take to arrive (408 beyond; stops slowloris)")
-    p.add_argument("--keepalive-timeout", type=float, default=5.0, help="idle seconds before a keep-alive connection closes")
+    p.add_argument("--keepalive-timeout", type=float, default=5.0,
+                   help="idle seconds before a keep-alive connection closes")
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds a request body may take to arrive")
     p.add_argument("--write-timeout", type=float, default=30.0,
-                   help="seconds a client may stop reading its stream before it is dropped (and its generation stopped)")
+                   help="seconds a client may stop reading its stream before it is dropped (and its generation "
+                        "stopped)")
     p.add_argument("--max-connections", type=int, default=1024, help="open connections before new ones get 503")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests get to finish on SIGTERM/SIGINT")
