@@ -15,11 +15,18 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 
+class ConstraintUnavailable(RuntimeError):
+    """This server's Python has no grammar engine: no request can constrain its output."""
+
+
 def _llguidance():
     """llguidance, imported on the first constrained request rather than at start-up
     (49 ms here), so a server that never constrains output never loads it."""
-    import llguidance
-
+    try:
+        import llguidance
+    except ImportError:  # an install without it (the GPU machines' packages have none)
+        raise ConstraintUnavailable("constrained output needs the llguidance package, which this server's "
+                                    "Python lacks (requirements.txt pins the version to install)") from None
     return llguidance
 
 # JSON as people (and models) write it on one line: `{"a": 1, "b": [2, 3]}`. Without

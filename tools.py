@@ -16,7 +16,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from constraints import Constraint, ConstraintInvalid, json_rule
+from constraints import Constraint, ConstraintInvalid, ConstraintUnavailable, json_rule
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -138,6 +138,8 @@ def call_constraint(tools: list[Tool], choice: str, parallel: bool = False,
         return Constraint.lark("\n".join(lines), "tools")
     except ConstraintInvalid as exc:
         raise ToolsInvalid(f"'tools': {exc}") from None
+    except ConstraintUnavailable as exc:
+        raise ToolsInvalid(f"'tools' cannot be honoured here: {exc}") from None
 
 
 def call_id() -> str:

@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from constraints import Constraint, ConstraintInvalid
+from constraints import Constraint, ConstraintInvalid, ConstraintUnavailable
 from engine import SEEDS, GenerationRequest, Sampling
 from httpserver import HTTPError
 import tools as toolcalls
@@ -268,6 +268,8 @@ def json_constraint(field: str, schema: dict | None) -> Constraint:
         return Constraint.json(schema, field)
     except ConstraintInvalid as exc:
         raise HTTPError(400, f"'{field}': not a JSON schema this server supports: {exc}") from None
+    except ConstraintUnavailable as exc:
+        raise HTTPError(400, f"'{field}' cannot be honoured here: {exc}") from None
 
 
 @dataclass

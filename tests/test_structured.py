@@ -5,11 +5,12 @@ requests give the same text while constrained ones run beside them."""
 from __future__ import annotations
 
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from validation import parse_chat, parse_messages, parse_openai
+from validation import parse_chat, parse_messages, parse_openai, parse_responses
 from httpserver import HTTPError
 from test_batching import PROMPTS
 
@@ -187,3 +188,24 @@ def test_tool_history_is_rendered_as_text_for_the_model():
                 {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": "{x"}}]}):
         with pytest.raises(HTTPError, match="tool_calls"):
             parse_messages([{"role": "user", "content": "hi"}, bad])
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("parse, body, field", [
+    (lambda b: parse_chat(b), {"messages": HI, "format": "json"}, "'format'"),
+    (lambda b: parse_chat(b), {"messages": HI, "tools": [WEATHER]}, "'tools'"),
+    (lambda b: parse_openai(b, chat=True), {"messages": HI, "response_format": {"type": "json_object"}},
+     "'response_format'"),
+    (lambda b: parse_openai(b, chat=True), {"messages": HI, "tools": [WEATHER], "tool_choice": "required"},
+     "'tools'"),
+    (lambda b: parse_responses(b), {"input": "hi", "text": {"format": {"type": "json_object"}}}, "'text.format'"),
+])
+def test_without_the_grammar_engine_constrained_output_is_a_400_naming_the_field(monkeypatch, parse, body,
+                                                                                 field):
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # what an import of a missing package meets
+    with pytest.raises(HTTPError) as refused:
+        parse({"model": "smollm2", **body})
+    assert refused.value.status == 400
+    assert field in refused.value.message and "llguidance" in refused.value.message
