@@ -194,13 +194,13 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.mark.parametrize("parse, body, field", [
-    (lambda b: parse_chat(b), {"messages": HI, "format": "json"}, "'format'"),
-    (lambda b: parse_chat(b), {"messages": HI, "tools": [WEATHER]}, "'tools'"),
+    (parse_chat, {"messages": HI, "format": "json"}, "'format'"),
+    (parse_chat, {"messages": HI, "tools": [WEATHER]}, "'tools'"),
     (lambda b: parse_openai(b, chat=True), {"messages": HI, "response_format": {"type": "json_object"}},
      "'response_format'"),
     (lambda b: parse_openai(b, chat=True), {"messages": HI, "tools": [WEATHER], "tool_choice": "required"},
      "'tools'"),
-    (lambda b: parse_responses(b), {"input": "hi", "text": {"format": {"type": "json_object"}}}, "'text.format'"),
+    (parse_responses, {"input": "hi", "text": {"format": {"type": "json_object"}}}, "'text.format'"),
 ])
 def test_without_the_grammar_engine_constrained_output_is_a_400_naming_the_field(monkeypatch, parse, body,
                                                                                  field):
