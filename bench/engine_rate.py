@@ -178,7 +178,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.step_ms, args.max_batch, args.vocab, args.device)
         return
-    from gpu import free_port, load, model_thread_account, per_step, split_line, wait_healthy
+    from gpu import free_port, load, model_thread_account, per_step, split_line, ttft_line, wait_healthy
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
@@ -209,6 +209,7 @@ def main() -> None:
                   f"{r['itl50']:7.2f} / {r['itl95']:6.2f} {host:20.2f} {sampling:9.2f} {host - sampling:9.2f}",
                   flush=True)
             print("         " + split_line(account), flush=True)
+            print("         " + ttft_line(r, account), flush=True)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -295,11 +295,12 @@ def wait_healthy(proc: subprocess.Popen, port: int, output=None, timeout: float 
 
 def model_thread_account(port: int) -> dict:
     """The server's own account of its model thread (/metrics): seconds by stage, decode
-    steps, and rows summed over them."""
+    steps, and rows summed over them; and its time to first token (from the handler's
+    start, after the request was read and parsed), summed and counted."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
-    account = {"stages": {}, "steps": 0.0, "rows": 0.0}
+    account = {"stages": {}, "steps": 0.0, "rows": 0.0, "ttft_s": 0.0, "ttfts": 0.0}
     for line in text.splitlines():
         if line.startswith('minivault_model_thread_seconds_total{stage="'):
             stage, value = line[len('minivault_model_thread_seconds_total{stage="'):].split('"} ')
@@ -308,6 +309,10 @@ def model_thread_account(port: int) -> dict:
             account["steps"] = float(line.split()[1])
         elif line.startswith("minivault_decoded_rows_total "):
             account["rows"] = float(line.split()[1])
+        elif line.startswith("minivault_time_to_first_token_seconds_sum "):
+            account["ttft_s"] = float(line.split()[1])
+        elif line.startswith("minivault_time_to_first_token_seconds_count "):
+            account["ttfts"] = float(line.split()[1])
     return account
 
 
@@ -316,7 +321,9 @@ def per_step(before: dict, after: dict) -> dict:
     steps = max(1.0, after["steps"] - before["steps"])
     split = {stage: (seconds - before["stages"].get(stage, 0.0)) / steps * 1e3
              for stage, seconds in after["stages"].items()}
-    return {"ms": split, "steps": after["steps"] - before["steps"], "batch": (after["rows"] - before["rows"]) / steps}
+    firsts = after["ttfts"] - before["ttfts"]
+    return {"ms": split, "steps": after["steps"] - before["steps"], "batch": (after["rows"] - before["rows"]) / steps,
+            "ttft_ms": (after["ttft_s"] - before["ttft_s"]) / firsts * 1e3 if firsts else float("nan")}
 
 
 def split_line(split: dict) -> str:
@@ -326,6 +333,16 @@ def split_line(split: dict) -> str:
                    reverse=True)  # stages that took no time meanwhile (loading) are left out
     return (f"model thread per decode step ({split['steps']:.0f} steps, mean batch {split['batch']:.1f}): "
             + ", ".join(f"{stage} {ms:.2f}" for ms, stage in shown) + " ms")
+
+
+def ttft_line(result: dict, split: dict) -> str:
+    """Where the first token's wait went: inside the server (its handler's start to the
+    first token: queueing, admission, prefill, the first sampling) and the rest of the
+    client's wait (connection intake, reading and parsing the request, writing the
+    first chunk; a TTFT goal missed by the rest is the event loop's, not the model's)."""
+    inside = split["ttft_ms"]
+    return (f"TTFT mean {result['ttft_mean']:.1f} ms: {inside:.1f} in the server from its handler to the first "
+            f"token, {result['ttft_mean'] - inside:.1f} reading the request and writing the token")
 
 
 async def stream_one(port: int, model: str, tokens: int, prompt: str) -> tuple:
@@ -366,6 +383,7 @@ async def load(port: int, model: str, clients: int, tokens: int) -> dict:
         return values[min(len(values) - 1, int(q * len(values)))] * 1e3 if values else float("nan")
 
     return {"tok_s": total / wall, "tokens": total, "ttft50": pct(ttft, 0.5), "ttft95": pct(ttft, 0.95),
+            "ttft_mean": sum(ttft) / len(ttft) * 1e3 if ttft else float("nan"),
             "itl50": pct(gaps, 0.5), "itl95": pct(gaps, 0.95)}
 
 
@@ -410,7 +428,9 @@ def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -
                 continue
             print(f"{n:8d} {r['tok_s']:10.0f} {r['tokens']:8d} {r['ttft50']:8.1f} / {r['ttft95']:6.1f} "
                   f"{r['itl50']:7.2f} / {r['itl95']:6.2f}", flush=True)
-            print("         " + split_line(per_step(before, model_thread_account(port))), flush=True)
+            split = per_step(before, model_thread_account(port))
+            print("         " + split_line(split), flush=True)
+            print("         " + ttft_line(r, split), flush=True)
         print(verdicts(results), flush=True)
     finally:
         proc.terminate()
