@@ -297,7 +297,8 @@ ENGINES = [Llguidance, OutlinesCore, Xgrammar]
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+          + list(range(ord("®"), ord("ÿ") + 1)))
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -483,7 +484,8 @@ def main() -> None:
         t = time.perf_counter()
         for rows in (1, 8):
             e.apply(torch.zeros(rows, vocab), new_bitmask(rows, vocab))
-        notes.append(f"{e.name}: first apply_token_bitmask_inplace calls (kernel build) {time.perf_counter() - t:.1f} s")
+        notes.append(f"{e.name}: first apply_token_bitmask_inplace calls (kernel build) "
+                     f"{time.perf_counter() - t:.1f} s")
         one = walk(e, compiled, docs[:1], vocab, args.reps, batched=False, shared_apply=shared_apply)
         eight = walk(e, compiled, docs, vocab, args.reps, batched=False, shared_apply=shared_apply)
         name = f"{e.name} {versions[e.name]}"

@@ -190,7 +190,8 @@ def main() -> None:
     for name, r in runs.items():
         prefill = " / ".join(f"{tps:.0f}" for _, tps in r["prefill"])
         print(f"{name:26} {r['single_tps']:14.1f} {r['many_tps']:15.1f} "
-              f"{r['many_ttft_p50']:8.2f}/{r['many_ttft_max']:.2f} s {prefill:>26} {r['rss_mb']:7.0f} {r['ready_s']:7.1f}")
+              f"{r['many_ttft_p50']:8.2f}/{r['many_ttft_max']:.2f} s {prefill:>26} {r['rss_mb']:7.0f} "
+              f"{r['ready_s']:7.1f}")
         print(f"{'':26} tokens per client at 8: {r['many_tokens']}")
     ours, peer, one = runs.get("minivault"), runs.get("llama.cpp"), runs.get("minivault --max-batch 1")
     if ours and peer:

@@ -97,9 +97,9 @@ def main() -> int:
         version = subprocess.run([find_binary("haproxy"), "-v"], capture_output=True, text=True).stdout.split()[2]
         threads = f"{args.torch_threads} torch threads" if args.torch_threads else "torch threads: one per core"
         dtype = re.search(r"loaded in [\d.]+ s \((\S+) on", replicas[0].stderr)[1]
-        print(f"embedded model, 2 replicas (--dtype auto: {dtype}, {threads}), greedy, {args.max_tokens} tokens, one stream at a "
-              f"time after {args.pause} s idle, {args.repeats} requests per side alternating, 127.0.0.1; "
-              f"HAProxy {version} with deploy/haproxy.cfg")
+        print(f"embedded model, 2 replicas (--dtype auto: {dtype}, {threads}), greedy, {args.max_tokens} tokens, "
+              f"one stream at a time after {args.pause} s idle, {args.repeats} requests per side alternating, "
+              f"127.0.0.1; HAProxy {version} with deploy/haproxy.cfg")
         medians = {}
         for side, results in runs.items():
             ttft = quartiles([r[0] * 1000 for r in results])

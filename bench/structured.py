@@ -94,7 +94,8 @@ def validity(port: int, attempts: int) -> None:
             options = {"temperature": 0.7, "seed": seed, "num_predict": 300}
             free = chat(port, {"messages": ask(task, schema), "options": options})
             bound = chat(port, {"messages": ask(task, schema), "options": options, "format": schema})
-            for i, ok in enumerate(valid(free["message"]["content"], schema) + valid(bound["message"]["content"], schema)):
+            checks = valid(free["message"]["content"], schema) + valid(bound["message"]["content"], schema)
+            for i, ok in enumerate(checks):
                 counts[i] += ok
             cut += bound["done_reason"] == "length"
         totals = [t + c for t, c in zip(totals, counts)]

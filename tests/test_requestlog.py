@@ -30,7 +30,8 @@ def test_creates_missing_folder_and_writes_one_line_per_record(tmp_path):
 
 def test_awkward_text_survives_the_round_trip(tmp_path):
     path = tmp_path / "log.jsonl"
-    texts = ["line one\nline two\r\n", 'say "hi" \\ ok', "😀 👍🏽 世界你好", "\ud800 lone surrogate", "\u2028\x00"]
+    texts = ["line one\nline two\r\n", 'say "hi" \\ ok', "😀 👍🏽 世界你好", "\ud800 lone surrogate",
+             "\u2028\x00"]
     log = RequestLog(str(path))
     for t in texts:
         log.write({"prompt": t, "response": t})

@@ -66,7 +66,8 @@ def test_ollama_format_streamed_and_not_on_generate_and_chat(server, fmt):
 
 def test_openai_json_schema_and_json_object_streamed_and_not(server):
     for response_format in ({"type": "json_object"},
-                            {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}):
+                            {"type": "json_schema",
+                             "json_schema": {"name": "person", "schema": PERSON, "strict": True}}):
         body = {"model": "smollm2", "messages": [{"role": "user", "content": ASK}], "temperature": 0,
                 "max_tokens": 120, "response_format": response_format}
         whole = server.request("POST", "/v1/chat/completions", body).json()
@@ -156,7 +157,8 @@ def test_tool_choice_left_to_the_server_follows_its_policy():
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "object", "properties": {"a": {"$ref": "#/nope"}}}}}},
      "'response_format.json_schema.schema'"),
-    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "a b"}}]}, "'tools[0].function.name'"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "a b"}}]},
+     "'tools[0].function.name'"),
     ("/v1/chat/completions", {"tool_choice": "required"}, "'tool_choice'"),
     ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "'tool_choice'"),
@@ -176,8 +178,10 @@ def test_tool_history_is_rendered_as_text_for_the_model():
     messages = parse_messages([
         {"role": "user", "content": "Weather in Paris and Rome?"},
         {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "call_2", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
         {"role": "tool", "tool_call_id": "call_2", "content": "rain"},
     ], openai=True)
