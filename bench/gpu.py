@@ -25,8 +25,8 @@ HTTP, in one command on a machine with no network and nothing but this repositor
    and 256 concurrent streaming clients (OpenAI /v1/completions, --tokens each,
    temperature 1 so that a random model rarely ends early). Prints aggregate tok/s,
    TTFT p50/p95 and inter-token latency p50/p95, where the model thread's time went
-   per decode step (the server's /metrics), a line per goal (met or missed), and the
-   server's start-up line.
+   per decode step and how much of the mean TTFT was inside the server (its /metrics),
+   a line per goal (met or missed), and the server's start-up line.
 
 Issue 13's goals on one H100: 1 stream >= 300 tok/s; 64 clients >= 10,000 tok/s;
 256 clients >= 20,000 tok/s with TTFT p50 <= 100 ms.
