@@ -7,6 +7,7 @@ import base64
 import json
 import struct
 import time
+from typing import Callable
 
 from engine import Final
 from httpserver import json_bytes
@@ -19,6 +20,40 @@ SSE = "text/event-stream"
 
 def ndjson_line(obj: dict) -> bytes:
     return json_bytes(obj) + b"\n"
+
+
+class PieceTemplate:
+    """A chunk's bytes encoded once with its varying strings left as slots; each token
+    then encodes only those strings. Beside a GPU the event loop writes one chunk per
+    stream per decode step: building and encoding a whole OpenAI chunk took ~3.8 us a
+    token here, the template ~1 us. `render(*strings)` must depend on nothing else that
+    changes; the bytes are exactly render's."""
+
+    _MARK = "\x00minivault-slot-{}\x00"  # JSON escapes the NULs: no text can look like it
+
+    def __init__(self, render: Callable[..., bytes], slots: int = 1):
+        self._render = render
+        marks = [json_bytes(self._MARK.format(i)) for i in range(slots)]
+        rest = render(*(self._MARK.format(i) for i in range(slots)))
+        parts: list[bytes] | None = []
+        for mark in marks:
+            if rest.count(mark) != 1:  # a fixed field holds the mark itself: render each time
+                parts = None
+                break
+            before, _, rest = rest.partition(mark)
+            parts.append(before)
+        self._parts = None if parts is None else parts + [rest]
+
+    def __call__(self, *strings: str) -> bytes:
+        parts = self._parts
+        if parts is None:
+            return self._render(*strings)
+        if len(strings) == 1:
+            return parts[0] + json_bytes(strings[0]) + parts[1]
+        out = [parts[0]]
+        for value, part in zip(strings, parts[1:]):
+            out += (json_bytes(value), part)
+        return b"".join(out)
 
 
 def final_fields(final: Final) -> dict:
@@ -38,9 +73,17 @@ class Shape:
 
     def __init__(self, model: str):
         self.model = model
+        self._template: PieceTemplate | None = None
+
+    def _templated(self, render: Callable[..., bytes], *strings: str) -> bytes:
+        """render(*strings), through a template of it made at the first call (a shape's
+        one streamed text chunk)."""
+        if self._template is None:
+            self._template = PieceTemplate(render, len(strings))
+        return self._template(*strings)
 
     def piece(self, text: str) -> bytes:
-        return ndjson_line({"response": text})
+        return self._templated(lambda t: ndjson_line({"response": t}), text)
 
     def end(self, final: Final) -> bytes:
         return ndjson_line(self.whole("", final))
@@ -60,8 +103,8 @@ class OllamaGenerate(Shape):
         return {"response": text}
 
     def piece(self, text: str) -> bytes:
-        return ndjson_line({"model": self.model, "created_at": utc_timestamp("auto"), **self.content(text),
-                            "done": False})
+        return self._templated(lambda at, t: ndjson_line({"model": self.model, "created_at": at, **self.content(t),
+                                                          "done": False}), utc_timestamp("auto"), text)
 
     def whole(self, text: str, final: Final) -> dict:
         return {"model": self.model, "created_at": utc_timestamp("auto"), **self.content(text),
@@ -138,7 +181,10 @@ class OpenAICompletion(Shape):
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
     def piece(self, text: str) -> bytes:
-        return self._event(self._chunk(self._choice(text, None)))
+        return self._text_chunk(text)
+
+    def _text_chunk(self, text: str) -> bytes:
+        return self._templated(lambda t: self._event(self._chunk(self._choice(t, None))), text)
 
     def _finish(self, final: Final) -> str:
         return finish_reason(final)
@@ -173,11 +219,16 @@ class OpenAIChat(OpenAICompletion):
             return "tool_calls"
         return finish_reason(final)
 
+    def _text_chunk(self, text: str) -> bytes:
+        if self._first:  # the first delta names the role; the template is the others'
+            return self._event(self._chunk(self._choice(text, None)))
+        return super()._text_chunk(text)
+
     def piece(self, text: str) -> bytes:
         if self.calls is None:
-            return super().piece(text)
+            return self._text_chunk(text)
         content, calls = self.calls.feed(text)
-        out = super().piece(content) if content else b""
+        out = self._text_chunk(content) if content else b""
         for call in calls:  # each call whole in one delta: id, name and all its arguments
             delta = {"tool_calls": [{"index": self.calls.calls.index(call), **openai_call(call)}]}
             if self._first:
