@@ -552,9 +552,13 @@ class Api:
                 return
             if stream_mode:
                 await writer.start_stream(200, shape.content_type, STREAM_HEADERS + id_header)
+
+                def take(text: str) -> bool:  # written from the hand-back itself, no task wake-up
+                    return writer.write_now(shape.piece(text))
                 try:
                     while not isinstance(item, Final):
                         await writer.write(shape.piece(item))
+                        stream.follow(take)  # until the socket backs up
                         item = await stream.next()
                     await writer.write(shape.error_line(item.error) if item.error else shape.end(item))
                 except ClientGone:

@@ -468,6 +468,13 @@ class ResponseWriter:
             return
         await self._conn.write(encode_chunk(data))
 
+    def write_now(self, data: bytes) -> bool:
+        """write without waiting: False when the client's socket is backed up (await
+        write for the next chunk then)."""
+        if self._head_only or not data:
+            return True
+        return self._conn.write_now(encode_chunk(data))
+
     async def end(self) -> None:
         if self.finished:
             return
@@ -568,7 +575,20 @@ class _Connection(asyncio.Protocol):
     # I/O helpers -------------------------------------------------------------------
 
     async def write(self, data: bytes) -> None:
-        """Queue bytes for the client and wait while its socket is backed up.
+        """Queue bytes for the client and wait while its socket is backed up."""
+        if not self.write_now(data):
+            try:
+                await asyncio.wait_for(self._can_write.wait(), self.limits.write_timeout)
+            except asyncio.TimeoutError:
+                log.warning("client %s stopped reading for %.0fs; dropping it",
+                            self.client, self.limits.write_timeout)
+                self.abort()
+            if self.closed:
+                raise ClientGone()
+
+    def write_now(self, data: bytes) -> bool:
+        """Queue bytes for the client without waiting; False when its socket is backed
+        up (then wait as write does before writing more).
 
         Writes made in one event-loop iteration go out in one send: a token that
         arrives alone is still sent at once, but a burst costs one syscall, not one
@@ -583,15 +603,7 @@ class _Connection(asyncio.Protocol):
         elif not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
-        if not self._can_write.is_set():
-            try:
-                await asyncio.wait_for(self._can_write.wait(), self.limits.write_timeout)
-            except asyncio.TimeoutError:
-                log.warning("client %s stopped reading for %.0fs; dropping it",
-                            self.client, self.limits.write_timeout)
-                self.abort()
-            if self.closed:
-                raise ClientGone()
+        return self._can_write.is_set()
 
     def flush(self) -> None:
         self._flush_scheduled = False

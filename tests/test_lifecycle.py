@@ -409,3 +409,107 @@ def test_row11_a_prompt_too_long_for_the_context_is_refused_before_the_model_thr
                            {"model": live.engine.model_name, "input": long, "truncate": False})
         assert reply.status == 400
     run_live(tiny_gpt2_folder, tmp_path, scenario, faults=faults)
+
+
+# ---------------------------------------------------------------------------
+# Text written from the hand-back itself (TokenStream.follow), and queued for the
+# handler while the client's socket is backed up.
+
+
+def streamed_text(reply, endpoint: str) -> str:
+    """The text of a streamed reply, in any of the generation shapes."""
+    if endpoint in ("/v1/completions", "/v1/chat/completions"):
+        events = [json.loads(e[6:]) for e in reply.body.decode().split("\n\n") if e and e != "data: [DONE]"]
+        choices = [e["choices"][0] for e in events if e.get("choices")]
+        return "".join(c.get("text") or c.get("delta", {}).get("content") or "" for c in choices)
+    return "".join(line.get("response") or line.get("message", {}).get("content", "") for line in reply.lines())
+
+
+@contextlib.contextmanager
+def followed_texts(taken: list):
+    """Every text a stream's `take` writes straight from the hand-back, into `taken`
+    as (request id, text) while it is being taken."""
+    import engine
+
+    real = engine.TokenStream.follow
+
+    def follow(self, take):
+        def counted(text):
+            taken.append((self.id, text))
+            try:
+                return take(text)
+            finally:
+                taken.append(None)
+        real(self, counted)
+
+    engine.TokenStream.follow = follow
+    try:
+        yield
+    finally:
+        engine.TokenStream.follow = real
+
+
+def texts_taken(taken: list) -> list:
+    return [t for t in taken if t is not None]
+
+
+@pytest.mark.parametrize("endpoint", GENERATION_ENDPOINTS)
+def test_streams_whose_sockets_back_up_now_and_then_get_every_piece_in_order(tiny_gpt2_folder, tmp_path,
+                                                                             endpoint, monkeypatch):
+    import httpserver
+
+    # Every other chunk finds the socket backed up: the text after it queues for the
+    # handler, which waits for the socket, writes it, and follows the stream again.
+    real, calls = httpserver._Connection.write_now, []
+
+    def write_now(self, data):
+        calls.append(data)
+        return real(self, data) and len(calls) % 2 == 0
+    monkeypatch.setattr(httpserver._Connection, "write_now", write_now)
+    taken: list = []
+
+    async def scenario(live):
+        body = body_for(endpoint, live.engine.model_name, "The quick brown fox",
+                        {"temperature": 0, "max_tokens": 16, "stream": True})
+        replies[:] = await asyncio.gather(*[http(live.port, "POST", endpoint, body) for _ in range(3)])
+
+    replies: list = []
+    with followed_texts(taken):
+        lines = run_live(tiny_gpt2_folder, tmp_path, scenario, max_batch=2)
+    logged = {line["id"]: line["response"] for line in lines}
+    assert [r.status for r in replies] == [200] * 3
+    assert [streamed_text(r, endpoint) for r in replies] == [logged[int(r.headers["x-request-id"])] for r in replies]
+    assert texts_taken(taken), "no text was written from the hand-back"
+    assert all(logged.values())
+
+
+def test_a_chunk_that_fails_to_encode_in_the_hand_back_ends_its_stream_alone(tiny_gpt2_folder, tmp_path,
+                                                                             monkeypatch, caplog):
+    import replies as shapes
+
+    real, failed, taken = shapes.Shape.piece, [], []
+
+    def piece(self, text):
+        # The first chunk encoded inside a `take` (the hand-back), of whichever stream
+        # gets there first, fails.
+        if not failed and taken and taken[-1] is not None:
+            failed.append(self.request_id)
+            raise RuntimeError("injected failure encoding a chunk")
+        return real(self, text)
+    monkeypatch.setattr(shapes.Shape, "piece", piece)
+
+    async def scenario(live):
+        body = {"prompt": "The quick brown fox", "temperature": 0, "max_tokens": 16}
+        replies[:] = await asyncio.gather(*[http(live.port, "POST", "/generate", body) for _ in range(2)])
+
+    replies: list = []
+    with followed_texts(taken), caplog.at_level(logging.ERROR, logger="minivault"):
+        lines = run_live(tiny_gpt2_folder, tmp_path, scenario, max_batch=2)
+    assert failed, "no chunk was encoded in the hand-back"
+    by_id = {int(r.headers["x-request-id"]): r for r in replies}
+    victim, other = by_id.pop(failed[0]), next(iter(by_id.values()))
+    assert victim.status == 200 and victim.lines()[-1] == {"error": "internal server error"}
+    assert victim.lines()[:-1] and all("response" in line for line in victim.lines()[:-1])
+    assert other.lines()[-1]["done"] is True
+    assert streamed_text(other, "/generate") == next(line["response"] for line in lines if line["id"] != failed[0])
+    assert "injected failure encoding a chunk" in caplog.text
