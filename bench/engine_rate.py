@@ -5,8 +5,9 @@ waits (as a GPU step does, without the GIL) and returns random logits.
     .venv/bin/python bench/engine_rate.py [--step-ms 5] [--clients 1,64,256] [--tokens 128] [--vocab 512]
 
 For each client count it prints the aggregate tok/s against the ceiling (clients per
-step), TTFT and inter-token p50/p95, and the model thread's own time per step outside
-the model (sampling, detokenising, stop strings, handing text to the event loop).
+step), TTFT and inter-token p50/p95, the model thread's own time per step outside the
+model (sampling, detokenising, stop strings, handing text to the event loop), and the
+event loop's CPU per token (it shares the GIL with the model thread).
 Issue 13's goal is 20,000 tok/s over 256 streams; a CUDA-graph step of the embedded
 model took 5.1 ms at 256 rows on an H100, so the scheduler's share must stay well
 under that. Sampling is timed apart: here the CPU samples the 49,152-token logits,
@@ -178,7 +179,8 @@ def main() -> None:
     if args.serve:
         serve(args.serve, args.step_ms, args.max_batch, args.vocab, args.device)
         return
-    from gpu import free_port, load, model_thread_account, per_step, split_line, ttft_line, wait_healthy
+    from gpu import (event_loop_cpu_s, event_loop_line, free_port, load, model_thread_account, per_step, split_line,
+                     ttft_line, wait_healthy)
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port), "--step-ms", str(args.step_ms),
@@ -198,8 +200,9 @@ def main() -> None:
         print(f"{'clients':>8} {'tok/s':>9} {'ceiling':>9} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16} "
               f"{'host work a step ms':>20} {'sampling':>9} {'the rest':>9}")
         for n in clients:
-            before = model_thread_account(port)
+            before, loop_before = model_thread_account(port), event_loop_cpu_s(proc.pid)
             r = asyncio.run(load(port, model, n, args.tokens))
+            loop_after = event_loop_cpu_s(proc.pid)
             account = per_step(before, model_thread_account(port))
             split = account["ms"]
             host = sum(ms for stage, ms in split.items() if stage not in ("decode", "prefill", "waiting"))
@@ -210,6 +213,7 @@ def main() -> None:
                   flush=True)
             print("         " + split_line(account), flush=True)
             print("         " + ttft_line(r, account), flush=True)
+            print("         " + event_loop_line(loop_before, loop_after, r["tokens"]), flush=True)
     finally:
         proc.terminate()
         proc.wait(30)

@@ -26,7 +26,8 @@ HTTP, in one command on a machine with no network and nothing but this repositor
    temperature 1 so that a random model rarely ends early). Prints aggregate tok/s,
    TTFT p50/p95 and inter-token latency p50/p95, where the model thread's time went
    per decode step and how much of the mean TTFT was inside the server (its /metrics),
-   a line per goal (met or missed), and the server's start-up line.
+   the event loop's CPU per token, a line per goal (met or missed), and the server's
+   start-up line.
 
 Issue 13's goals on one H100: 1 stream >= 300 tok/s; 64 clients >= 10,000 tok/s;
 256 clients >= 20,000 tok/s with TTFT p50 <= 100 ms.
@@ -345,6 +346,22 @@ def ttft_line(result: dict, split: dict) -> str:
             f"token, {result['ttft_mean'] - inside:.1f} reading the request and writing the token")
 
 
+def event_loop_cpu_s(pid: int) -> float | None:
+    """CPU seconds the server's main thread, its event loop, has run (Linux's
+    schedstat, in ns; None without it). The model thread shares the GIL with it."""
+    try:
+        return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[0]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def event_loop_line(before: float | None, after: float | None, tokens: int) -> str:
+    if before is None or after is None or not tokens:
+        return "event loop CPU: not measured here (no /proc schedstat)"
+    return (f"event loop (the server's main thread): {after - before:.2f} s CPU, "
+            f"{(after - before) / tokens * 1e6:.1f} us a token")
+
+
 async def stream_one(port: int, model: str, tokens: int, prompt: str) -> tuple:
     """One streaming completion: (sent, [text arrival times], tokens generated). Tokens
     are counted from the usage chunk: a token that completes no character (part of a
@@ -420,17 +437,19 @@ def serve_and_load(folder: Path, device: str, clients: list[int], tokens: int) -
         print(f"{'clients':>8} {'tok/s':>10} {'tokens':>8} {'TTFT p50/p95 ms':>18} {'ITL p50/p95 ms':>16}")
         results = {}
         for n in clients:
-            before = model_thread_account(port)
+            before, loop_before = model_thread_account(port), event_loop_cpu_s(proc.pid)
             try:  # a stalled stream must not eat the lease: report it and go on
                 r = results[n] = asyncio.run(asyncio.wait_for(load(port, health["model"], n, tokens), LOAD_TIMEOUT_S))
             except asyncio.TimeoutError:
                 print(f"{n:8d} clients: not finished in {LOAD_TIMEOUT_S} s", flush=True)
                 continue
+            loop_after = event_loop_cpu_s(proc.pid)
             print(f"{n:8d} {r['tok_s']:10.0f} {r['tokens']:8d} {r['ttft50']:8.1f} / {r['ttft95']:6.1f} "
                   f"{r['itl50']:7.2f} / {r['itl95']:6.2f}", flush=True)
             split = per_step(before, model_thread_account(port))
             print("         " + split_line(split), flush=True)
             print("         " + ttft_line(r, split), flush=True)
+            print("         " + event_loop_line(loop_before, loop_after, r["tokens"]), flush=True)
         print(verdicts(results), flush=True)
     finally:
         proc.terminate()
