@@ -155,7 +155,9 @@ class TokenStream:
         queue as before; an exception take raises is raised by next(). Only while
         nothing is queued, so that the order holds. Why: beside a GPU each stream
         gets a token a decode step, and waking its handler for each (a future, a task
-        step) cost ~4 us of the event loop's ~10 a token at 256 streams."""
+        step) costs ~4 us a token in a bare event loop here; with this and the chunk
+        templates (replies.PieceTemplate) the event loop's CPU a token at 256 streams
+        went from ~27 to ~16 us."""
         if self.final is None and self._items.empty():
             self._take = take
 
