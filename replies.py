@@ -37,7 +37,7 @@ class PieceTemplate:
         rest = render(*(self._MARK.format(i) for i in range(slots)))
         parts: list[bytes] | None = []
         for mark in marks:
-            if rest.count(mark) != 1:  # a fixed field holds the mark itself: render each time
+            if rest.count(mark) != 1:  # out of order, or a fixed field holds it: render each time
                 parts = None
                 break
             before, _, rest = rest.partition(mark)
