@@ -6,6 +6,8 @@ chat template, another architecture and a short context.
 
 from __future__ import annotations
 
+import contextlib
+
 CONTEXT = 64
 TRAINING_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
@@ -28,8 +30,21 @@ def save_tiny_gpt2(folder) -> None:
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=CONTEXT, n_embd=32, n_layer=2, n_head=2,
                         bos_token_id=eos, eos_token_id=eos)
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    with drawn_from(seed=0):
+        GPT2LMHeadModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+@contextlib.contextmanager
+def drawn_from(seed: int):
+    """Random weights drawn from `seed`, whatever the tests before them drew: a tiny
+    model is the same whichever tests run (and what it writes with them), and the
+    global random state is left as it was."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 # ChatML, as the embedded model's template writes it (with its default system turn).
@@ -59,5 +74,6 @@ def save_tiny_llama(folder, gpt2_folder) -> None:
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
+    with drawn_from(seed=1):
+        LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
