@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import Final
-from inprocess import STAGES, Faults, GatedRunner, ScriptedRunner, faulty_text_stages, http, live_server, wait_until
+from inprocess import (STAGES, Faults, GatedRunner, LoopPacedRunner, ScriptedRunner, faulty_text_stages, http,
+                       live_server, wait_until)
 
 GENERATION_ENDPOINTS = ("/generate", "/api/generate", "/api/chat", "/v1/completions", "/v1/chat/completions")
 ENDPOINTS = GENERATION_ENDPOINTS + ("/v1/responses", "/api/embed", "/v1/embeddings")
@@ -453,29 +454,52 @@ def texts_taken(taken: list) -> list:
     return [t for t in taken if t is not None]
 
 
+def paced_script(folder) -> LoopPacedRunner:
+    """A reply of many pieces whatever the prompt (the tiny random model's greedy text
+    depends on the weights it drew, and can be empty), each step after the event loop
+    has caught up with the last: whether text is queued when a handler follows its
+    stream then depends on the test's plan alone, not on the machine's speed or load."""
+    from transformers import AutoTokenizer
+
+    return LoopPacedRunner(ScriptedRunner(AutoTokenizer.from_pretrained(folder),
+                                          "Every piece of this reply comes in a step of its own, in order.",
+                                          context_length=256))
+
+
 @pytest.mark.parametrize("endpoint", GENERATION_ENDPOINTS)
 def test_streams_whose_sockets_back_up_now_and_then_get_every_piece_in_order(tiny_gpt2_folder, tmp_path,
                                                                              endpoint, monkeypatch):
     import httpserver
 
-    # Every other chunk finds the socket backed up: the text after it queues for the
-    # handler, which waits for the socket, writes it, and follows the stream again.
-    real, calls = httpserver._Connection.write_now, []
+    # Two chunks in every six of a connection back its socket up, each until the model
+    # begins its third step from then (two steps' text queued by then): the text after
+    # the first queues for the handler, which waits for the socket; the second backs up
+    # while text is still queued (following the stream then would put the next step's
+    # text before it); the handler then writes what queued, and follows the stream
+    # again once nothing is.
+    real, calls = httpserver._Connection.write_now, collections.Counter()
+    paced = paced_script(tiny_gpt2_folder)
 
     def write_now(self, data):
-        calls.append(data)
-        return real(self, data) and len(calls) % 2 == 0
+        calls[self] += 1  # the head is 1, the first piece 2
+        if real(self, data) and calls[self] % 6 not in (2, 3):
+            return True
+        self._can_write.clear()
+        paced.after_steps(3, self._can_write.set)
+        asyncio.get_running_loop().call_later(0.2, self._can_write.set)  # should the batch end first
+        return False
     monkeypatch.setattr(httpserver._Connection, "write_now", write_now)
     taken: list = []
 
     async def scenario(live):
+        paced.loop = asyncio.get_running_loop()
         body = body_for(endpoint, live.engine.model_name, "The quick brown fox",
                         {"temperature": 0, "max_tokens": 16, "stream": True})
         replies[:] = await asyncio.gather(*[http(live.port, "POST", endpoint, body) for _ in range(3)])
 
     replies: list = []
     with followed_texts(taken):
-        lines = run_live(tiny_gpt2_folder, tmp_path, scenario, max_batch=2)
+        lines = run_live(tiny_gpt2_folder, tmp_path, scenario, max_batch=2, runner=paced)
     logged = {line["id"]: line["response"] for line in lines}
     assert [r.status for r in replies] == [200] * 3
     assert [streamed_text(r, endpoint) for r in replies] == [logged[int(r.headers["x-request-id"])] for r in replies]
@@ -498,13 +522,16 @@ def test_a_chunk_that_fails_to_encode_in_the_hand_back_ends_its_stream_alone(tin
         return real(self, text)
     monkeypatch.setattr(shapes.Shape, "piece", piece)
 
+    paced = paced_script(tiny_gpt2_folder)
+
     async def scenario(live):
+        paced.loop = asyncio.get_running_loop()
         body = {"prompt": "The quick brown fox", "temperature": 0, "max_tokens": 16}
         replies[:] = await asyncio.gather(*[http(live.port, "POST", "/generate", body) for _ in range(2)])
 
     replies: list = []
     with followed_texts(taken), caplog.at_level(logging.ERROR, logger="minivault"):
-        lines = run_live(tiny_gpt2_folder, tmp_path, scenario, max_batch=2)
+        lines = run_live(tiny_gpt2_folder, tmp_path, scenario, max_batch=2, runner=paced)
     assert failed, "no chunk was encoded in the hand-back"
     by_id = {int(r.headers["x-request-id"]): r for r in replies}
     victim, other = by_id.pop(failed[0]), next(iter(by_id.values()))
