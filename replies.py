@@ -23,11 +23,11 @@ def ndjson_line(obj: dict) -> bytes:
 
 
 class PieceTemplate:
-    """A chunk's bytes encoded once with its varying strings left as slots; each token
-    then encodes only those strings. Beside a GPU the event loop writes one chunk per
-    stream per decode step: building and encoding a whole OpenAI completion chunk took
-    7.2 us here, through the template 1.4. `render(*strings)` must depend on nothing
-    else that changes; the bytes are exactly render's."""
+    """A chunk's bytes encoded once with its varying values (strings, or ints) left as
+    slots; each token then encodes only those values. Beside a GPU the event loop
+    writes one chunk per stream per decode step: building and encoding a whole OpenAI
+    completion chunk took 7.2 us here, through the template 1.4. `render(*values)` must
+    depend on nothing else that changes; the bytes are exactly render's."""
 
     _MARK = "\x00minivault-slot-{}\x00"  # JSON escapes the NULs: no text can look like it
 
@@ -44,15 +44,16 @@ class PieceTemplate:
             parts.append(before)
         self._parts = None if parts is None else parts + [rest]
 
-    def __call__(self, *strings: str) -> bytes:
+    def __call__(self, *values: str | int) -> bytes:
         parts = self._parts
         if parts is None:
-            return self._render(*strings)
-        if len(strings) == 1:
-            return parts[0] + json_bytes(strings[0]) + parts[1]
+            return self._render(*values)
+        if len(values) == 1:
+            return parts[0] + json_bytes(values[0]) + parts[1]
         out = [parts[0]]
-        for value, part in zip(strings, parts[1:]):
-            out += (json_bytes(value), part)
+        for value, part in zip(values, parts[1:]):
+            # an int's JSON is its digits: 0.08 us against json.dumps' 1.8 here
+            out += (b"%d" % value if type(value) is int else json_bytes(value), part)
         return b"".join(out)
 
 
@@ -75,12 +76,12 @@ class Shape:
         self.model = model
         self._template: PieceTemplate | None = None
 
-    def _templated(self, render: Callable[..., bytes], *strings: str) -> bytes:
-        """render(*strings), through a template of it made at the first call (a shape's
+    def _templated(self, render: Callable[..., bytes], *values: str | int) -> bytes:
+        """render(*values), through a template of it made at the first call (a shape's
         one streamed text chunk)."""
         if self._template is None:
-            self._template = PieceTemplate(render, len(strings))
-        return self._template(*strings)
+            self._template = PieceTemplate(render, len(values))
+        return self._template(*values)
 
     def piece(self, text: str) -> bytes:
         return self._templated(lambda t: ndjson_line({"response": t}), text)
@@ -295,9 +296,17 @@ class OpenAIResponse(Shape):
         return f"msg_{self.request_id}"
 
     def _event(self, kind: str, **fields) -> bytes:
-        body = {"type": kind, "sequence_number": self._sequence, **fields}
         self._sequence += 1
+        return self._numbered(kind, self._sequence - 1, **fields)
+
+    @staticmethod
+    def _numbered(kind: str, sequence: int, **fields) -> bytes:
+        body = {"type": kind, "sequence_number": sequence, **fields}
         return b"event: " + kind.encode() + b"\ndata: " + json_bytes(body) + b"\n\n"
+
+    def _delta(self, sequence: int, text: str) -> bytes:
+        return self._numbered("response.output_text.delta", sequence, item_id=self.item_id,
+                              output_index=self._text_index, content_index=0, delta=text)
 
     def _part(self, text: str) -> dict:
         return {"type": "output_text", "text": text, "annotations": []}
@@ -360,8 +369,12 @@ class OpenAIResponse(Shape):
 
     def _text_piece(self, text: str) -> bytes:
         self._text.append(text)
-        return self._open() + self._event("response.output_text.delta", item_id=self.item_id,
-                                          output_index=self._text_index, content_index=0, delta=text)
+        opened = self._open()
+        self._sequence += 1
+        if self.calls is not None:  # a call can move the message item's output_index
+            return opened + self._delta(self._sequence - 1, text)
+        # 4.3 us a delta encoded whole here, 1.4 through the template
+        return opened + self._templated(self._delta, self._sequence - 1, text)
 
     def _call_events(self, call: dict, index: int) -> bytes:
         done = self._call_item(call)

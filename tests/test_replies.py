@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 import replies
 from httpserver import json_bytes
-from replies import OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompletion, PieceTemplate, Shape
+from replies import OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompletion, OpenAIResponse, PieceTemplate, Shape
 
 # Any code point, lone surrogates included (a JSON escape can make one).
 TEXTS = st.lists(st.text(st.characters(exclude_categories=())), min_size=1, max_size=6)
@@ -59,6 +59,27 @@ def test_ollama_chunks_are_the_whole_encoding_with_each_chunks_own_time(texts, m
                     json_bytes({"model": model, "created_at": times[2 * i + 1],
                                 "message": {"role": "assistant", "content": t}, "done": False}) + b"\n")
                    for i, t in enumerate(texts[:3])]
+
+
+@given(TEXTS, MODELS)
+def test_responses_text_deltas_are_the_whole_encoding_numbered_in_sequence(texts, model):
+    shape = OpenAIResponse(model, {})
+    shape.request_id = 7
+    events = b"".join(shape.piece(t) for t in texts).split(b"\n\n")[:-1]
+    opening = [b"response.created", b"response.in_progress", b"response.output_item.added",
+               b"response.content_part.added"]
+    assert [e.split(b"\n")[0] for e in events[:4]] == [b"event: " + kind for kind in opening]
+    assert [e + b"\n\n" for e in events[4:]] == [
+        b"event: response.output_text.delta\ndata: " + json_bytes(
+            {"type": "response.output_text.delta", "sequence_number": 4 + i, "item_id": "msg_7", "output_index": 0,
+             "content_index": 0, "delta": t}) + b"\n\n"
+        for i, t in enumerate(texts)]
+
+
+def test_int_slots_are_their_json():
+    template = PieceTemplate(lambda n, text: json_bytes({"n": n, "text": text}), 2)
+    for n in (0, 7, -3, 10 ** 30):
+        assert template(n, "x") == json_bytes({"n": n, "text": "x"})
 
 
 def test_a_template_whose_fixed_part_holds_its_mark_renders_each_time():
