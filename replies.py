@@ -296,8 +296,11 @@ class OpenAIResponse(Shape):
         return f"msg_{self.request_id}"
 
     def _event(self, kind: str, **fields) -> bytes:
+        return self._numbered(kind, self._next_number(), **fields)
+
+    def _next_number(self) -> int:
         self._sequence += 1
-        return self._numbered(kind, self._sequence - 1, **fields)
+        return self._sequence - 1
 
     @staticmethod
     def _numbered(kind: str, sequence: int, **fields) -> bytes:
@@ -369,12 +372,12 @@ class OpenAIResponse(Shape):
 
     def _text_piece(self, text: str) -> bytes:
         self._text.append(text)
-        opened = self._open()
-        self._sequence += 1
+        opened = self._open()  # (its events are numbered before the delta)
+        number = self._next_number()
         if self.calls is not None:  # a call can move the message item's output_index
-            return opened + self._delta(self._sequence - 1, text)
-        # 4.3 us a delta encoded whole here, 1.4 through the template
-        return opened + self._templated(self._delta, self._sequence - 1, text)
+            return opened + self._delta(number, text)
+        # 4.3 us a delta encoded whole here, 2.2 through the template
+        return opened + self._templated(self._delta, number, text)
 
     def _call_events(self, call: dict, index: int) -> bytes:
         done = self._call_item(call)

@@ -37,9 +37,8 @@ def save_tiny_gpt2(folder) -> None:
 
 @contextlib.contextmanager
 def drawn_from(seed: int):
-    """Random weights drawn from `seed`, whatever the tests before them drew: a tiny
-    model is the same whichever tests run (and what it writes with them), and the
-    global random state is left as it was."""
+    """Random weights drawn from `seed`: a tiny model is the same whichever tests ran
+    before it was built, and the global random state is left as it was."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
