@@ -49,12 +49,16 @@ class PieceTemplate:
         if parts is None:
             return self._render(*values)
         if len(values) == 1:
-            return parts[0] + json_bytes(values[0]) + parts[1]
+            return parts[0] + _slot_bytes(values[0]) + parts[1]
         out = [parts[0]]
         for value, part in zip(values, parts[1:]):
-            # an int's JSON is its digits: 0.08 us against json.dumps' 1.8 here
-            out += (b"%d" % value if type(value) is int else json_bytes(value), part)
+            out += (_slot_bytes(value), part)
         return b"".join(out)
+
+
+def _slot_bytes(value: str | int) -> bytes:
+    # an int's JSON is its digits: 0.08 us against json.dumps' 1.8 here
+    return b"%d" % value if type(value) is int else json_bytes(value)
 
 
 def final_fields(final: Final) -> dict:
