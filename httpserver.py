@@ -602,7 +602,7 @@ class _Connection(asyncio.Protocol):
             self.flush()
         elif not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.server.flush_soon(self)
         return self._can_write.is_set()
 
     def flush(self) -> None:
@@ -775,6 +775,23 @@ class HTTPServer:
         self.connections: set[_Connection] = set()
         self.draining = False
         self._server: asyncio.AbstractServer | None = None
+        self._to_flush: list[_Connection] = []  # written to in this loop iteration
+
+    def flush_soon(self, conn: "_Connection") -> None:
+        """Hand conn's queued bytes to its transport at the end of this loop iteration,
+        with every other connection written to in it: one callback an iteration for all
+        of them, not one a connection (a decode step writes to every stream at once)."""
+        if not self._to_flush:
+            asyncio.get_running_loop().call_soon(self._flush_all)
+        self._to_flush.append(conn)
+
+    def _flush_all(self) -> None:
+        conns, self._to_flush = self._to_flush, []
+        for conn in conns:
+            try:
+                conn.flush()
+            except Exception:  # one connection's failure is its own
+                log.exception("flushing a connection failed")
 
     async def start(self, host: str, port: int) -> None:
         loop = asyncio.get_running_loop()

@@ -459,3 +459,51 @@ def test_everything_under_v1_answers_in_openai_error_shape(api_server):
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
     assert wrong.headers["allow"] == "OPTIONS, POST"
     assert _ask(srv, "GET", "/nope").json() == {"error": "not found: /nope"}
+
+
+# ---------------------------------------------------------------------------
+# Write coalescing, over stand-in transports (what each send carries)
+
+
+class RecordingTransport:
+    def __init__(self, fails: bool = False):
+        self.sent: list[bytes] = []
+        self.fails = fails
+
+    def write(self, data: bytes) -> None:
+        if self.fails:
+            raise RuntimeError("this transport is broken")
+        self.sent.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_a_steps_writes_to_many_connections_go_out_one_send_each_from_one_callback():
+    from httpserver import _Connection
+
+    async def step_and_flush():
+        server = HTTPServer(Router())
+        conns = []
+        for fails in [False, True, False, False]:
+            conn = _Connection(server)
+            conn.transport = RecordingTransport(fails)
+            conns.append(conn)
+        loop = asyncio.get_running_loop()
+        scheduled = []
+        real_call_soon = loop.call_soon
+        loop.call_soon = lambda cb, *args, **kw: scheduled.append(cb) or real_call_soon(cb, *args, **kw)
+        try:
+            for piece in (b"a", b"b"):  # two tokens of one step, to every stream
+                for i, conn in enumerate(conns):
+                    assert conn.write_now(piece + str(i).encode())
+            assert all(conn.transport.sent == [] for conn in conns)  # nothing before the iteration ends
+            await asyncio.sleep(0)
+        finally:
+            loop.call_soon = real_call_soon
+        return conns, scheduled
+
+    conns, scheduled = asyncio.run(step_and_flush())
+    flushes = [cb for cb in scheduled if "flush" in getattr(cb, "__name__", "")]
+    assert len(flushes) == 1  # one flush for all four connections, not one each
+    assert [conn.transport.sent for conn in conns] == [[b"a0b0"], [], [b"a2b2"], [b"a3b3"]]
