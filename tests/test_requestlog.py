@@ -7,9 +7,11 @@ import os
 import re
 import stat
 import threading
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
-from requestlog import RequestLog, utc_timestamp
+from hypothesis import given, strategies as st
+
+from requestlog import RequestLog, rfc3339, utc_timestamp
 
 
 def read_records(path) -> list[dict]:
@@ -92,3 +94,13 @@ def test_utc_timestamp_is_iso8601_utc_with_z():
     assert re.fullmatch(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z", ts)
     parsed = datetime.fromisoformat(ts.replace("Z", "+00:00"))
     assert parsed.utcoffset() == timedelta(0)
+
+
+@given(st.lists(st.integers(min_value=0, max_value=4_102_444_800 * 10 ** 9), min_size=1, max_size=8))
+def test_rfc3339_matches_datetimes_formatting_at_any_instants_in_any_order(instants_ns):
+    # The formatted second is kept between calls: instants out of order, across second
+    # boundaries, must each still get their own.
+    for ns in instants_ns:
+        at = datetime.fromtimestamp(ns // 10 ** 9, timezone.utc).replace(microsecond=ns // 1000 % 10 ** 6)
+        assert rfc3339(ns, "auto") == at.isoformat(timespec="microseconds").replace("+00:00", "Z")
+        assert rfc3339(ns) == at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
