@@ -34,7 +34,6 @@ from transfer import to_device
 
 log = logging.getLogger("minivault.cuda")
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SMALLEST_SPAN = 256  # decode attention spans: 256, 512, ... (a multiple of SPAN_BUCKET)
 KV_MEMORY_SHARE = 0.85  # of the GPU memory free after loading the weights (vLLM takes 0.9 of all)
 MIN_GPU_SLOTS = 8
@@ -50,7 +49,7 @@ FUSED_MARGIN = 0.05  # the fused attention serves a pair only where it is this m
 def batch_bucket(rows: int, slots: int) -> int:
     """The rows a step computes: the next power of two, or all the slots (a --max-batch
     that is no power of two has no slots to pad up to the next one)."""
-    return min(slots, next((b for b in BATCH_BUCKETS if b >= rows), rows))
+    return min(slots, 1 << max(0, rows - 1).bit_length())
 
 
 def span_buckets(capacity: int) -> list[int]:
@@ -69,15 +68,23 @@ class CudaCapture:
         self.pool = torch.cuda.graph_pool_handle()
 
     def __call__(self, step):
+        serving = torch.cuda.current_stream()
         side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
+        side.wait_stream(serving)
         with torch.cuda.stream(side):  # warm-up runs, as torch.cuda.graphs asks
             for _ in range(2):
                 step()
-        torch.cuda.current_stream().wait_stream(side)
+        serving.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            output = step()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                output = step()
+        except Exception:
+            # A capture that fails ends in capture_end raising, before torch.cuda.graph
+            # puts the stream it captured on back: serve on ours again.
+            torch.cuda.set_stream(serving)
+            torch.cuda.synchronize()
+            raise
         return graph.replay, output
 
     @staticmethod
@@ -341,6 +348,7 @@ def slot_plan(model: LlamaModel, max_batch: int, fixed: bool = True) -> tuple[in
         # embedded model's whole 8,192 positions would hold 3 GB.
         return max_batch, min(context, CPU_SLOT_POSITIONS)
     per_position = 2 * model.layers * model.kv_heads * model.head_dim * torch.finfo(model.cache_dtype).bits // 8
+    torch.cuda.empty_cache()  # the float32 copies made while loading count as used until then
     free, _ = torch.cuda.mem_get_info(torch.device(model.device))
     budget = int(free * KV_MEMORY_SHARE)
     slots = max_batch
@@ -377,6 +385,12 @@ def load_folder(folder, dtype: str, device: str, max_batch: int, capture=None,
         # Graphs are captured on, and kernels launched to, the thread's current device:
         # make it this one (the model thread loads and steps; cuda:1 must not run on 0).
         torch.cuda.set_device(torch.device(device))
+    if gpu:
+        # scaled_dot_product_attention goes to cuDNN's kernels for bfloat16 on Hopper with
+        # a recent cuDNN, ahead of the memory-efficient one the tests and the timings
+        # assume; cuDNN's has failed to plan some shapes (pytorch #122695, #138529): a
+        # prefill that raises would end every request.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     cache_dtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
     model = LlamaModel(config, weights, dtype, device=device, cache_dtype=cache_dtype, activations=cache_dtype,
                        fused_decode_attention=attention == "fused")
