@@ -222,6 +222,7 @@ def attention_variants(runner, batches: list[int]) -> None:
     lose over many positions for few rows."""
     import cuda_runner
 
+    print("  " + attention_backends(runner.model), flush=True)
     graphs = runner._graphs
     if graphs is None or not graphs.timings:
         print("  decode attention: the matmuls alone (no timings at load)", flush=True)
@@ -234,6 +235,27 @@ def attention_variants(runner, batches: list[int]) -> None:
                    + (" (fused)" if (bucket, span) in graphs.fused else "")
                    for span in (256, 4096) if (t := graphs.timings.get((bucket, span)))]
         print(f"  {rows:4d} rows: " + "; ".join(figures), flush=True)
+
+
+def attention_backends(model) -> str:
+    """Which of scaled_dot_product_attention's kernels torch picks for a prefill of 256
+    rows of 16 tokens (a boolean mask, grouped key heads) and for the fused decode
+    attention (an additive mask; each key head's query heads as its positions).
+    cuda_runner.load_folder turns cuDNN's off."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    rows, span, dtype, device = 256, 256, model.cache_dtype, model.device
+    keys = torch.zeros(rows, model.kv_heads, span, model.head_dim, dtype=dtype, device=device)
+    prefill = torch.zeros(rows, model.heads, 16, model.head_dim, dtype=dtype, device=device)
+    decode = torch.zeros(rows, model.kv_heads, model.heads // model.kv_heads, model.head_dim, dtype=dtype,
+                         device=device)
+    choose = torch._fused_sdp_choice
+    first = choose(prefill, keys, keys, attn_mask=torch.ones(rows, 1, 16, span, dtype=torch.bool, device=device),
+                   enable_gqa=True)
+    step = choose(decode, keys, keys, attn_mask=torch.zeros(rows, 1, 1, span, dtype=dtype, device=device))
+    return (f"scaled_dot_product_attention in {str(dtype).removeprefix('torch.')}: prefill "
+            f"{SDPBackend(first).name}, fused decode {SDPBackend(step).name}")
 
 
 def kernel_profile(runner, tokens: list[int], device: str) -> str:
