@@ -393,7 +393,7 @@ class Api:
         e = self.engine
         arch = e.facts.architecture
         await writer.send_json(200, {
-            "modelfile": f"FROM {e.source.location}\n",
+            "modelfile": f"FROM {e.model_name}\n",  # the name: the file's path is the server's own
             "parameters": "temperature 0.8\ntop_p 0.9\ntop_k 40\nrepeat_penalty 1.1",
             "template": e.facts.chat_template,
             "details": self._details(),

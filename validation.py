@@ -110,7 +110,7 @@ def _stops(value) -> list[str]:
     raise HTTPError(400, "'stop' must be a string or a list of strings")
 
 
-MAX_TOKENS_ALIASES = ("max_tokens", "num_predict")
+MAX_TOKENS_ALIASES = ("max_tokens", "num_predict", "max_completion_tokens")  # the last given wins
 # Below this a temperature divides the logits into inf and NaN; it means greedy anyway.
 MIN_TEMPERATURE = 1e-4
 MAX_TOP_K = 1_000_000  # beyond any vocabulary: the sampler takes min(top_k, vocabulary)
@@ -136,8 +136,9 @@ def parse_options(fields: dict) -> tuple[Sampling, int | None, list[str]]:
         s.top_p = _number("top_p", given["top_p"], 0, 1, low_open=True)
     if "top_k" in given:
         s.top_k = _integer("top_k", given["top_k"], 0, MAX_TOP_K)
-    if "repeat_penalty" in given:
-        s.repeat_penalty = _number("repeat_penalty", given["repeat_penalty"], 0.01, 10)
+    for name in ("repeat_penalty", "repetition_penalty"):  # the second: transformers' and vLLM's name
+        if name in given:
+            s.repeat_penalty = _number(name, given[name], 0.01, 10)
     for name in ("presence_penalty", "frequency_penalty"):
         if name in given:  # OpenAI's range
             setattr(s, name, _number(name, given[name], -2, 2))
@@ -253,7 +254,7 @@ def _history_call(where: str, call) -> str:
     if isinstance(arguments, str):
         try:
             arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
             raise HTTPError(400, f"'{where}.function.arguments' is not valid JSON") from None
     if arguments is None:
         arguments = {}
@@ -325,6 +326,8 @@ def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice
     Left to choose, the embedded 135M model put 0.1-2% on starting a call and answered
     in text in every try, so tools would never be called."""
     given = body.get("tools")
+    parallel = body.get("parallel_tool_calls")
+    parallel = boolean_field("parallel_tool_calls", parallel) if parallel is not None else False
     try:
         tools = toolcalls.parse_tools(given) if given not in (None, []) else []
         choice = toolcalls.parse_tool_choice(body.get("tool_choice") if choice_field else None, tools)
@@ -338,8 +341,6 @@ def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice
             return False
         # One call per reply unless asked for more: allowed several, the embedded 135M
         # model added a call nobody asked for (Paris, then Bordeaux) in most tries.
-        parallel = body.get("parallel_tool_calls")
-        parallel = boolean_field("parallel_tool_calls", parallel) if parallel is not None else False
         req.constraint = toolcalls.call_constraint(tools, choice, parallel, output.schema, output.json)
     except toolcalls.ToolsInvalid as exc:
         raise HTTPError(400, str(exc)) from None
@@ -363,8 +364,23 @@ OPENAI_UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", 
                       "audio", "modalities", "prediction", "reasoning_effort", "verbosity", "web_search_options")
 
 
+# Sampling fields beyond OpenAI's that its clients send (`extra_body`, as vLLM takes them):
+# honoured, or (FIXED_OPTIONS) refused unless they ask for nothing.
+OPENAI_SAMPLING_EXTRAS = ("top_k", "repeat_penalty", "repetition_penalty", *FIXED_OPTIONS)
 # OpenAI request fields that parse_options reads; others would let Ollama's options in.
-OPENAI_OPTIONS = ("temperature", "top_p", "seed", "max_tokens", "stop", "presence_penalty", "frequency_penalty")
+OPENAI_OPTIONS = ("temperature", "top_p", "seed", "max_tokens", "max_completion_tokens", "stop", "presence_penalty",
+                  "frequency_penalty", *OPENAI_SAMPLING_EXTRAS)
+
+
+def openai_sampling_fields(body: dict, names) -> dict:
+    """The fields of `names` given (not null). Ollama's `options` is refused: OpenAI's
+    endpoints take sampling fields at the top level."""
+    if body.get("options") is not None:
+        raise HTTPError(400, "'options' is not supported here: give sampling fields at the top level")
+    fields = {k: body[k] for k in names if body.get(k) is not None}
+    if "repeat_penalty" in fields and "repetition_penalty" in fields:
+        raise HTTPError(400, "give 'repeat_penalty' or 'repetition_penalty', not both")
+    return fields
 
 
 def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool, bool]:
@@ -381,12 +397,10 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
             raise HTTPError(400, f"'{name}' must be 1: one completion per request")
     if body.get("echo"):
         raise HTTPError(400, "'echo' is not supported")
-    fields = {k: v for k, v in body.items() if v is not None}
-    if "max_completion_tokens" in fields:
-        fields["max_tokens"] = fields.pop("max_completion_tokens")
-    if fields.get("temperature") is not None:
+    fields = openai_sampling_fields(body, OPENAI_OPTIONS)
+    if "temperature" in fields:
         _number("temperature", fields["temperature"], 0, 2)
-    sampling, max_tokens, stop = parse_options({k: fields[k] for k in OPENAI_OPTIONS if k in fields})
+    sampling, max_tokens, stop = parse_options(fields)
     stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
@@ -437,7 +451,8 @@ def parse_openai_embeddings(body: dict) -> tuple[list, str]:
             not all(isinstance(v, str) or (isinstance(v, list) and v and all(_is_token(t) for t in v))
                     for v in value)):
         raise HTTPError(400, "'input' must be a non-empty string, list of strings, token ids or lists of them")
-    encoding = body.get("encoding_format") or "float"
+    encoding = body.get("encoding_format")
+    encoding = "float" if encoding is None else encoding
     if encoding not in ("float", "base64"):
         raise HTTPError(400, "'encoding_format' must be 'float' or 'base64'")
     return value, encoding
@@ -466,6 +481,9 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
         if name != "format" and value is not None:  # verbosity, for one: this model cannot be asked for it
             raise HTTPError(400, f"'text.{name}' is not supported")
     output = parse_response_format(text_format, field="text.format")
+    metadata = body.get("metadata")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise HTTPError(400, "'metadata' must be an object of strings")  # echoed in the reply as given
     value = body.get("input")
     if isinstance(value, str):
         if not value.strip():
@@ -478,9 +496,9 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
     instructions = body.get("instructions")
     if instructions is not None:
         items = [{"role": "system", "content": string_field("instructions", instructions)}] + items
-    fields = {k: body[k] for k in ("temperature", "top_p") if body.get(k) is not None}
-    if body.get("temperature") is not None:
-        _number("temperature", body["temperature"], 0, 2)
+    fields = openai_sampling_fields(body, ("temperature", "top_p", *OPENAI_SAMPLING_EXTRAS))
+    if "temperature" in fields:
+        _number("temperature", fields["temperature"], 0, 2)
     sampling, _, _ = parse_options(fields)
     max_tokens = None
     if body.get("max_output_tokens") is not None:

@@ -374,3 +374,72 @@ def test_allowed_hosts_option(value, loopback, expected):
 ])
 def test_same_origin(origin, host, same):
     assert same_origin(origin, host) is same
+
+
+# ---------------------------------------------------------------------------
+# OpenAI endpoints: sampling fields beyond OpenAI's are honoured or refused, never dropped
+
+
+def test_openai_top_k_and_repeat_penalty_reach_sampling_under_either_name():
+    from validation import parse_responses
+
+    for parse, base in ((parse_openai, ({"prompt": "hi"}, False)),
+                        (parse_openai, ({"messages": [{"role": "user", "content": "hi"}]}, True)),
+                        (parse_responses, ({"input": "hi"},))):
+        body, *rest = base
+        req, *_ = parse({**body, "top_k": 7, "repetition_penalty": 1.3}, *rest)
+        assert (req.sampling.top_k, req.sampling.repeat_penalty) == (7, 1.3)
+        req, *_ = parse({**body, "repeat_penalty": 1.2}, *rest)
+        assert req.sampling.repeat_penalty == 1.2
+
+
+@pytest.mark.parametrize("field, value", [("min_p", 0.05), ("typical_p", 0.5), ("mirostat", 2), ("tfs_z", 0.9),
+                                          ("top_k", "x"), ("repetition_penalty", -1), ("options", {"top_k": 3})])
+def test_openai_sampling_field_it_cannot_honour_is_400_naming_it(field, value):
+    from validation import parse_responses
+
+    assert f"'{field}'" in rejected(parse_openai, {"prompt": "hi", field: value}, False).message
+    assert f"'{field}'" in rejected(parse_openai, {"messages": [{"role": "user", "content": "hi"}], field: value},
+                                    True).message
+    assert f"'{field}'" in rejected(parse_responses, {"input": "hi", field: value}).message
+
+
+def test_max_completion_tokens_is_named_in_its_own_errors_and_wins_over_max_tokens():
+    message = rejected(parse_openai, {"messages": [{"role": "user", "content": "hi"}],
+                                      "max_completion_tokens": "x"}, True).message
+    assert "'max_completion_tokens'" in message
+    req, *_ = parse_openai({"prompt": "hi", "max_tokens": 3, "max_completion_tokens": 5}, False)
+    assert req.max_tokens == 5
+
+
+@pytest.mark.parametrize("value", ["x", 2.5, {}, 1])
+def test_parallel_tool_calls_of_the_wrong_type_is_400_with_or_without_tools(value):
+    from validation import parse_responses
+
+    chat = {"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": value}
+    assert "'parallel_tool_calls'" in rejected(parse_openai, chat, True).message
+    assert "'parallel_tool_calls'" in rejected(parse_responses, {"input": "hi", "parallel_tool_calls": value}).message
+
+
+@pytest.mark.parametrize("value", [[], False, 0, "", "int8"])
+def test_embeddings_encoding_format_of_another_value_or_type_is_400(value):
+    from validation import parse_openai_embeddings
+
+    assert "'encoding_format'" in rejected(parse_openai_embeddings, {"input": "hi", "encoding_format": value}).message
+    assert parse_openai_embeddings({"input": "hi", "encoding_format": None}) == (["hi"], "float")
+
+
+@pytest.mark.parametrize("value", ["x", [], {"a": 1}])
+def test_responses_metadata_that_is_no_object_of_strings_is_400(value):
+    from validation import parse_responses
+
+    assert "'metadata'" in rejected(parse_responses, {"input": "hi", "metadata": value}).message
+    parse_responses({"input": "hi", "metadata": {"a": "b"}})
+
+
+def test_tool_call_arguments_nested_deeper_than_python_parses_is_400_naming_them():
+    deep = "[" * 100_000 + "]" * 100_000
+    body = {"messages": [{"role": "user", "content": "hi"},
+                         {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": deep}}]},
+                         {"role": "tool", "content": "ok"}]}
+    assert "'messages[1].tool_calls[0].function.arguments'" in rejected(parse_openai, body, True).message
