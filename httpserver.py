@@ -76,16 +76,22 @@ class Request:
         values = [v for k, v in self.headers if k == name]
         return ", ".join(values) if values else None
 
-    def _split(self):
-        return urlsplit(self.target)
+    def _split(self) -> tuple[str, str]:
+        """(path, query). An origin-form target ("/x?y") splits at its "?" alone:
+        urlsplit would read "//host/x" as a host and the path "/x"."""
+        if self.target.startswith("/"):
+            path, _, query = self.target.partition("#")[0].partition("?")
+            return path, query
+        parts = urlsplit(self.target)  # absolute-form, "http://host/x?y"
+        return parts.path, parts.query
 
     @property
     def path(self) -> str:
-        return self._split().path or "/"
+        return self._split()[0] or "/"
 
     @property
     def query(self) -> dict[str, list[str]]:
-        return parse_qs(self._split().query)
+        return parse_qs(self._split()[1])
 
     @property
     def keep_alive(self) -> bool:
@@ -491,6 +497,14 @@ def _http_date() -> str:
 CLOSING_STATUSES = frozenset({408, 413, 414, 431, 501})
 
 
+def _refuse_content_coding(request: Request) -> None:
+    """415 for a compressed body (Content-Encoding: gzip...): handlers read bodies as
+    they are, and would call gzip bytes invalid UTF-8."""
+    coding = request.header("content-encoding")
+    if coding is not None and coding.strip().lower() not in ("", "identity"):
+        raise HTTPError(415, f"Content-Encoding {coding} is not supported: send the body uncompressed")
+
+
 def _refusal(err: HTTPError) -> Handler:
     """A handler that refuses with `err` (a well-formed request for no route)."""
     async def refuse(request: Request, writer: "ResponseWriter") -> None:
@@ -702,7 +716,8 @@ class _Connection(asyncio.Protocol):
                     request.client = self.client
                     try:
                         handler, route = self.server.router.match(request.method, request.path)
-                    except HTTPError as err:  # 404 or 405
+                        _refuse_content_coding(request)
+                    except HTTPError as err:  # 404, 405 or 415
                         if request.expects_continue:
                             # It waits for 100 Continue before sending its body, which may
                             # or may not follow our answer: only closing is safe.

@@ -155,7 +155,9 @@ def ollama_calls(calls: list[dict]) -> list[dict]:
 
 def openai_error(message: str, status: int) -> dict:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    code = {404: "model_not_found", 503: "server_busy", 429: "rate_limit_exceeded"}.get(status)
+    code = {503: "server_busy", 429: "rate_limit_exceeded"}.get(status)
+    if status == 404 and message.startswith("model "):  # Api.check_model's; an unknown path has no code
+        code = "model_not_found"
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 

@@ -306,6 +306,18 @@ def test_a_404_or_405_with_a_body_drops_the_body_and_keeps_the_connection(live):
     assert echoed.body == b"kept"
 
 
+def test_a_compressed_body_is_a_415_whose_body_is_dropped_and_the_connection_kept(live):
+    import gzip
+
+    with live.connect() as sock:
+        sock.sendall(encode_request("POST", "/echo", gzip.compress(b"{}"), headers={"Content-Encoding": "gzip"})
+                     + encode_request("POST", "/echo", b"plain", headers={"Content-Encoding": "identity"}))
+        reader = _Reader(sock)
+        refused, echoed = read_response(sock, reader), read_response(sock, reader)
+    assert refused.status == 415 and "Content-Encoding gzip" in refused.json()["error"]
+    assert echoed.body == b"plain"
+
+
 def test_handler_refusal_carries_the_handlers_headers_and_keeps_the_connection(live):
     with live.connect() as sock:
         sock.sendall(encode_request("POST", "/refuse", b"{}") + encode_request("GET", "/echo"))
@@ -458,6 +470,7 @@ def test_everything_under_v1_answers_in_openai_error_shape(api_server):
         assert resp.status == status
         assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
     assert wrong.headers["allow"] == "OPTIONS, POST"
+    assert missing.json()["error"]["code"] is None  # a path, not a model: no model_not_found
     assert _ask(srv, "GET", "/nope").json() == {"error": "not found: /nope"}
 
 

@@ -523,6 +523,9 @@ def test_expects_continue(version, expect, expected):
     ("/a%20b?q=%C3%A9", "/a%20b", {"q": ["é"]}),
     ("http://example.org/p?k=v", "/p", {"k": ["v"]}),
     ("http://example.org", "/", {}),
+    ("//evil/generate", "//evil/generate", {}),  # a path, not a host: origin-form starts with "/"
+    ("//evil/generate?a=b", "//evil/generate", {"a": ["b"]}),
+    ("/p?k=v#frag", "/p", {"k": ["v"]}),
 ])
 def test_path_and_query(target, path, query):
     req = parse_one(get("Host: a", target=target))
