@@ -364,11 +364,10 @@ class Engine:
         if limit and request.text_chars() > limit:
             raise RequestInvalid(f"prompt is {request.text_chars()} characters; the model's context of "
                                  f"{self.facts.context_length} tokens holds at most {limit}")
+        if self._admission.full():  # before the stream takes an id: logged ids have no gaps
+            raise QueueFull(f"{self._admission.maxsize} requests already waiting")
         stream = TokenStream(request, unqueue=self._admission.discard)
-        try:
-            self._admission.put_nowait(stream)
-        except asyncio.QueueFull:
-            raise QueueFull(f"{self._admission.maxsize} requests already waiting") from None
+        self._admission.put_nowait(stream)
         return stream
 
     async def _feed(self) -> None:

@@ -213,8 +213,11 @@ def test_burst_over_the_queue_is_refused_clearly_and_counts_add_up(tmp_path):
         assert all(int(r.headers["retry-after"]) >= 1 and "busy" in r.json()["error"] for r in busy)
         families = metric_families(proc.request("GET", "/metrics").body.decode())
         assert families["minivault_queue_rejections"].samples[0].value == len(busy)
+        assert proc.generate(prompt="After the burst", max_tokens=2).status == 200
         assert proc.stop() == 0
-        assert len(read_log(log_file)) == len(ok)
+        records = read_log(log_file)
+        assert len(records) == len(ok) + 1
+        assert sorted(r["id"] for r in records) == list(range(1, len(ok) + 2))  # refusals take no id
     finally:
         proc.stop()
 
