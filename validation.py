@@ -194,11 +194,12 @@ def _options_fields(body: dict) -> dict:
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 
 
-def parse_messages(value, openai: bool = False) -> list[dict]:
+def parse_messages(value, openai: bool = False, field: str = "messages") -> list[dict]:
     """Chat messages -> [{"role", "content"}] with text content only. Earlier tool calls
-    and tool results become text the way tools.py renders them for the model."""
+    and tool results become text the way tools.py renders them for the model. `field`:
+    what the client called them (the Responses API's items, checked before, are `input`)."""
     if not isinstance(value, list) or not value:
-        raise HTTPError(400, "'messages' must be a non-empty list")
+        raise HTTPError(400, f"'{field}' must be a non-empty list")
     messages = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
@@ -241,7 +242,7 @@ def parse_messages(value, openai: bool = False) -> list[dict]:
     if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
         messages.pop()
     if not any(m["content"].strip() for m in messages if m["role"] == "user"):
-        raise HTTPError(400, "'messages' needs a user message with content")
+        raise HTTPError(400, f"'{field}' needs a user message with content")
     return messages
 
 
@@ -252,13 +253,18 @@ def _history_call(where: str, call) -> str:
         raise HTTPError(400, f"'{where}' must hold a function with a name")
     arguments = function.get("arguments")
     if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
-            raise HTTPError(400, f"'{where}.function.arguments' is not valid JSON") from None
+        arguments = _json_arguments(f"{where}.function.arguments", arguments)
     if arguments is None:
         arguments = {}
     return toolcalls.render_call(function["name"], arguments)
+
+
+def _json_arguments(where: str, text: str):
+    """A tool call's arguments sent as a JSON string (OpenAI's way), parsed; empty is {}."""
+    try:
+        return json.loads(text) if text.strip() else {}
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
+        raise HTTPError(400, f"'{where}' is not valid JSON") from None
 
 
 def json_constraint(field: str, schema: dict | None) -> Constraint:
@@ -466,6 +472,7 @@ def _is_token(value) -> bool:
 RESPONSES_UNSUPPORTED = ("previous_response_id", "reasoning", "background", "top_logprobs",
                          "conversation", "prompt", "include", "max_tool_calls")
 RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
+RESPONSES_ROLES = ("user", "assistant", "system", "developer")
 
 
 def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool]:
@@ -504,14 +511,18 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
     if body.get("max_output_tokens") is not None:
         max_tokens = _integer("max_output_tokens", body["max_output_tokens"], 1)
     stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
-    req = GenerationRequest(messages=parse_messages(items, openai=True), max_tokens=max_tokens, sampling=sampling)
+    req = GenerationRequest(messages=parse_messages(items, openai=True, field="input"), max_tokens=max_tokens,
+                            sampling=sampling)
     # Responses' tools are chat's, flattened: {"type": "function", "name", "parameters"}.
     chat = {"messages": items, "parallel_tool_calls": body.get("parallel_tool_calls")}
     if body.get("tools") not in (None, []):
         chat["tools"] = [_responses_tool(i, t) for i, t in enumerate(list_field("tools", body["tools"]))]
     choice = body.get("tool_choice")
-    if isinstance(choice, dict) and choice.get("type") == "function" and "name" in choice:
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
         choice = {"type": "function", "function": {"name": choice["name"]}}
+    elif choice not in (None, "auto", "none", "required"):  # in Responses' words, not chat's
+        raise HTTPError(400, "'tool_choice' must be 'auto', 'none', 'required' or "
+                             "{\"type\": \"function\", \"name\": ...}")
     chat["tool_choice"] = choice
     reads_calls = apply_tools(chat, req, output, choice_field=True, eager=eager_tools)
     return req, stream, reads_calls
@@ -533,7 +544,8 @@ def _responses_items(value: list) -> list[dict]:
         if kind == "function_call":
             if not isinstance(item.get("name"), str) or not isinstance(item.get("arguments", ""), str):
                 raise HTTPError(400, f"'input[{i}]' must have a 'name' and 'arguments' (a JSON string)")
-            call = {"id": item.get("call_id"), "function": {"name": item["name"], "arguments": item.get("arguments")}}
+            arguments = _json_arguments(f"input[{i}].arguments", item.get("arguments", ""))
+            call = {"id": item.get("call_id"), "function": {"name": item["name"], "arguments": arguments}}
             last = messages[-1] if messages else {}
             if last.get("role") == "assistant" and last.get("tool_calls") and not last.get("content"):
                 last["tool_calls"].append(call)
@@ -554,7 +566,11 @@ def _responses_message(i: int, item) -> dict:
     if not isinstance(item, dict) or item.get("type", "message") != "message":
         raise HTTPError(400, f"'input[{i}]' must be a message, function_call or function_call_output item "
                              f"(other item types are not supported)")
+    if item.get("role") not in RESPONSES_ROLES:
+        raise HTTPError(400, f"'input[{i}].role' must be one of {', '.join(RESPONSES_ROLES)}")
     content = item.get("content")
+    if not isinstance(content, (str, list)):
+        raise HTTPError(400, f"'input[{i}].content' must be a string or a list of text parts")
     if isinstance(content, list):
         texts = []
         for part in content:

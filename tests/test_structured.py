@@ -213,3 +213,20 @@ def test_without_the_grammar_engine_constrained_output_is_a_400_naming_the_field
         parse({"model": "smollm2", **body})
     assert refused.value.status == 400
     assert field in refused.value.message and "llguidance" in refused.value.message
+
+
+@pytest.mark.parametrize("body, says", [
+    ({"input": [{"role": "bot", "content": "x"}]}, "'input[0].role'"),
+    ({"input": [{"role": "user", "content": 5}]}, "'input[0].content'"),
+    ({"input": [{"role": "user", "content": "hi"}, {"type": "function_call", "name": "f", "arguments": "{bad"}]},
+     "'input[1].arguments' is not valid JSON"),
+    ({"input": [{"role": "user", "content": "hi"},
+                {"type": "function_call", "name": "f", "arguments": "[" * 100_000}]}, "'input[1].arguments'"),
+    ({"input": [{"role": "assistant", "content": "hi"}]}, "'input' needs a user message"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
+      "tool_choice": {"type": "function"}}, '{"type": "function", "name": ...}'),
+])
+def test_responses_errors_name_the_responses_fields_not_chats(body, says):
+    with pytest.raises(HTTPError) as refused:
+        parse_responses(body)
+    assert refused.value.status == 400 and says in refused.value.message and "messages" not in refused.value.message
