@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from constraints import Constraint, ConstraintInvalid, Grammars, closed_objects
+from constraints import Constraint, ConstraintInvalid, Grammars
+from schemas import closed_objects
 from sampling import RowSampler
 from engine import Sampling
 import tools as toolcalls
