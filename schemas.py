@@ -1,5 +1,6 @@
 """JSON Schema rewritten before the grammar engine compiles it (pure: dicts in, dicts
-out, no llguidance): objects closed as Ollama closes them."""
+out, no llguidance): objects closed as Ollama closes them, and a schema moved inside
+another with its references still pointing where they did."""
 
 from __future__ import annotations
 
@@ -49,3 +50,24 @@ def _closed(schema):
             k in out for k in ("additionalProperties", "patternProperties", "unevaluatedProperties")):
         out["additionalProperties"] = False
     return out
+
+
+def moved_under(schema, location: str):
+    """`schema` as it must read once placed at `location` (a JSON pointer such as
+    "#/$defs/name") inside another schema: each `$ref` that is a JSON pointer ("#" or
+    "#/...") gets `location` in front, so it still points into `schema` and not into
+    the new root. Anchors and URIs resolve as they did; a subschema with its own `$id`
+    is the base of the pointers inside it, so those are left as they are."""
+    if not isinstance(schema, dict) or _is_resource(schema):
+        return schema
+    out = _mapped(schema, lambda s: moved_under(s, location))
+    ref = out.get("$ref")
+    if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+        out["$ref"] = location + ref[1:]
+    return out
+
+
+def _is_resource(schema: dict) -> bool:
+    """Has its own base URI: a `$id` that is not just a fragment (draft-07's "#name" is an anchor)."""
+    schema_id = schema.get("$id")
+    return isinstance(schema_id, str) and not schema_id.startswith("#")
