@@ -14,6 +14,8 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from schemas import closed_objects
+
 
 class ConstraintUnavailable(RuntimeError):
     """This server's Python has no grammar engine: no request can constrain its output."""
@@ -33,44 +35,6 @@ def _llguidance():
 # fixed separators the grammar allows any whitespace, and a small model can emit
 # newlines forever inside a valid document.
 JSON_LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
-
-
-# Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
-_SUBSCHEMA = ("items", "additionalItems", "additionalProperties", "contains", "not", "if", "then", "else",
-              "propertyNames", "unevaluatedItems", "unevaluatedProperties")
-_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
-_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-
-
-def closed_objects(schema):
-    """The schema with each object that lists `properties` and is silent on other keys
-    closed to them, as Ollama's grammar (llama.cpp's json_schema_to_grammar) makes it.
-    Clients send pydantic's model_json_schema(), which is silent: left open, the small
-    model invented keys until the token limit. Whatever the closed schema allows, the
-    open one does too. A schema using `allOf` is left as given: closing each part would
-    forbid the other parts' keys."""
-    if '"allOf"' in json.dumps(schema):
-        return schema
-    return _closed(schema)
-
-
-def _closed(schema):
-    if not isinstance(schema, dict):
-        return schema
-    out = dict(schema)
-    for key in _SUBSCHEMA:
-        if isinstance(out.get(key), dict):
-            out[key] = _closed(out[key])
-    for key in _SUBSCHEMA_LISTS:
-        if isinstance(out.get(key), list):
-            out[key] = [_closed(s) for s in out[key]]
-    for key in _SUBSCHEMA_MAPS:
-        if isinstance(out.get(key), dict):
-            out[key] = {name: _closed(s) for name, s in out[key].items()}
-    if isinstance(out.get("properties"), dict) and not any(
-            k in out for k in ("additionalProperties", "patternProperties", "unevaluatedProperties")):
-        out["additionalProperties"] = False
-    return out
 
 
 class ConstraintInvalid(ValueError):

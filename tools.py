@@ -17,6 +17,7 @@ import secrets
 from dataclasses import dataclass
 
 from constraints import Constraint, ConstraintInvalid, ConstraintUnavailable, json_rule
+from schemas import moved_under
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -119,9 +120,14 @@ def call_constraint(tools: list[Tool], choice: str, parallel: bool = False,
     chosen = [t for t in tools if choice in ("auto", "required") or t.name == choice]
     if choice not in ("auto", "required"):
         parallel = False  # a named function is called once
-    bodies = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+    # Each tool's parameters go under the body's $defs, their references rewritten to
+    # match: placed inline, "#" and "#/$defs/..." in them would point into the call body.
+    # A name needs no escaping in a JSON pointer (NAME_PATTERN has no '/' or '~').
+    where = {t.name: f"#/$defs/{t.name}" for t in chosen}
+    bodies = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": {"$ref": where[t.name]}},
                "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
+    body["$defs"] = {t.name: moved_under(t.parameters, where[t.name]) for t in chosen}
     calls = 'call ("\\n" call)*' if parallel else "call"
     lines = [f"calls: {calls}",
              f'call: "{CALL_OPEN}\\n" body "\\n{CALL_CLOSE}"',

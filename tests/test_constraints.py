@@ -4,11 +4,15 @@ the reader that turns output back into calls."""
 from __future__ import annotations
 
 import json
+from typing import Optional
 
+import openai
 import pytest
 import torch
+from pydantic import BaseModel
 
-from constraints import Constraint, ConstraintInvalid, Grammars, closed_objects
+from constraints import Constraint, ConstraintInvalid, Grammars
+from schemas import closed_objects, moved_under
 from sampling import RowSampler
 from engine import Sampling
 import tools as toolcalls
@@ -203,3 +207,76 @@ def test_closed_objects_closes_only_what_says_nothing():
     assert closed_objects({"type": "object"}) == {"type": "object"}  # "json": any object
     merged = {"allOf": [{"properties": {"a": {}}, "required": ["a"]}, {"properties": {"b": {}}, "required": ["b"]}]}
     assert closed_objects(merged) == merged  # closing each part would make it unsatisfiable
+
+
+class Loc(BaseModel):
+    city: str
+
+
+class GetWeather(BaseModel):
+    loc: Loc
+
+
+class Node(BaseModel):
+    value: int
+    next: Optional[Node] = None
+
+
+def weather_call(arguments: str, name: str = "get_weather") -> str:
+    return f'<tool_call>\n{{"name": "{name}", "arguments": {arguments}}}\n</tool_call>'
+
+
+@pytest.mark.parametrize("parameters", [GetWeather.model_json_schema(),
+                                        openai.pydantic_function_tool(GetWeather)["function"]["parameters"]],
+                         ids=["model_json_schema", "pydantic_function_tool"])
+def test_tool_parameters_with_defs_constrain_the_call_as_the_model_says(grammars, parameters):
+    """pydantic puts a nested model in $defs and refers to it with "#/$defs/Loc": the
+    pointer is relative to the parameters, not to the call around them."""
+    constraint = toolcalls.call_constraint([toolcalls.Tool("get_weather", "", parameters)], "required")
+    assert accepts(grammars, constraint, weather_call('{"loc": {"city": "Oslo"}}'))
+    assert not accepts(grammars, constraint, weather_call('{"loc": "Oslo"}'))
+    assert not accepts(grammars, constraint, weather_call('{"loc": {"town": "Oslo"}}'))
+
+
+def test_recursive_tool_parameters_recurse_into_themselves_not_into_the_call(grammars):
+    by_root = {"type": "object", "required": ["value", "next"],
+               "properties": {"value": {"type": "integer"}, "next": {"anyOf": [{"$ref": "#"}, {"type": "null"}]}}}
+    for parameters in (by_root, Node.model_json_schema()):
+        constraint = toolcalls.call_constraint([toolcalls.Tool("walk", "", parameters)], "required")
+        assert accepts(grammars, constraint, weather_call('{"value": 1, "next": {"value": 2, "next": null}}', "walk"))
+        inner_call = '{"name": "walk", "arguments": {"value": 2, "next": null}}'
+        assert not accepts(grammars, constraint, weather_call(f'{{"value": 1, "next": {inner_call}}}', "walk"))
+
+
+def test_each_tool_refers_to_its_own_definitions(grammars):
+    """Draft-07 `definitions` (pydantic v1), a pointer into `properties`, and two tools
+    whose definitions share a name."""
+    by_city = toolcalls.Tool("by_city", "", {"type": "object", "required": ["loc"],
+                                             "properties": {"loc": {"$ref": "#/definitions/Loc"}},
+                                             "definitions": {"Loc": {"type": "string"}}})
+    by_point = toolcalls.Tool("by_point", "", {"type": "object", "required": ["loc", "again"],
+                                               "properties": {"loc": {"$ref": "#/$defs/Loc"},
+                                                              "again": {"$ref": "#/properties/loc"}},
+                                               "$defs": {"Loc": {"type": "integer"}}})
+    constraint = toolcalls.call_constraint([by_city, by_point], "required")
+    assert accepts(grammars, constraint, weather_call('{"loc": "Oslo"}', "by_city"))
+    assert accepts(grammars, constraint, weather_call('{"loc": 59, "again": 10}', "by_point"))
+    assert not accepts(grammars, constraint, weather_call('{"loc": 59}', "by_city"))
+    assert not accepts(grammars, constraint, weather_call('{"loc": "Oslo", "again": 10}', "by_point"))
+    assert not accepts(grammars, constraint, weather_call('{"loc": 59, "again": "Oslo"}', "by_point"))
+
+
+def test_a_schema_moved_under_another_keeps_its_pointers_and_nothing_else_changes():
+    schema = {"type": "object", "$defs": {"A": {"type": "string", "$anchor": "a"}},
+              "properties": {"p": {"$ref": "#/$defs/A"}, "root": {"$ref": "#"}, "named": {"$ref": "#a"},
+                             "remote": {"$ref": "https://example.com/s.json"},
+                             "own": {"$id": "urn:own", "$defs": {"B": {}}, "items": {"$ref": "#/$defs/B"}},
+                             "value": {"const": {"$ref": "#/$defs/A"}, "default": {"$ref": "#"}},
+                             "$ref": {"anyOf": [{"$ref": "#/properties/p"}]}}}
+    moved = moved_under(schema, "#/$defs/t")
+    properties = moved["properties"]
+    assert properties["p"] == {"$ref": "#/$defs/t/$defs/A"} and properties["root"] == {"$ref": "#/$defs/t"}
+    assert properties["$ref"] == {"anyOf": [{"$ref": "#/$defs/t/properties/p"}]}  # a property's name, not a keyword
+    for kept in ("named", "remote", "own", "value"):  # an anchor, a URI, its own base, values
+        assert properties[kept] == schema["properties"][kept]
+    assert moved_under(schema, "#/$defs/t") == moved and schema["properties"]["p"] == {"$ref": "#/$defs/A"}

@@ -106,6 +106,36 @@ def test_openai_required_tool_call_streamed_as_deltas_and_whole(server):
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+# What pydantic (and openai.pydantic_function_tool) send for a nested model: a $ref into $defs.
+NESTED_PARAMETERS = {"type": "object", "required": ["loc"], "properties": {"loc": {"$ref": "#/$defs/Loc"}},
+                     "$defs": {"Loc": {"type": "object", "required": ["city"],
+                                       "properties": {"city": {"type": "string", "maxLength": 30}}}}}
+
+
+def test_tool_parameters_with_defs_are_called_on_every_api(server):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    function = {"name": "get_weather", "description": "The current weather", "parameters": NESTED_PARAMETERS}
+    chat = server.request("POST", "/v1/chat/completions", {
+        "model": "smollm2", "messages": ask, "temperature": 0, "max_tokens": 60,
+        "tools": [{"type": "function", "function": function}], "tool_choice": "required"})
+    assert chat.status == 200, chat.body
+    [call] = chat.json()["choices"][0]["message"]["tool_calls"]
+    ollama = server.request("POST", "/api/chat", {
+        "model": "smollm2", "messages": ask, "stream": False, "options": {"temperature": 0, "num_predict": 60},
+        "tools": [{"type": "function", "function": function}]})
+    assert ollama.status == 200, ollama.body
+    [ollama_call] = ollama.json()["message"]["tool_calls"]
+    responses = server.request("POST", "/v1/responses", {
+        "model": "smollm2", "input": ask, "temperature": 0, "max_output_tokens": 60,
+        "tools": [{"type": "function", **function}], "tool_choice": "required"})
+    assert responses.status == 200, responses.body
+    [item] = responses.json()["output"]
+    for arguments in (json.loads(call["function"]["arguments"]), ollama_call["function"]["arguments"],
+                      json.loads(item["arguments"])):
+        assert set(arguments) == {"loc"} and set(arguments["loc"]) == {"city"}
+        assert isinstance(arguments["loc"]["city"], str)
+
+
 def test_ollama_tool_round_trip_over_the_wire(server):
     tools = [WEATHER]
     ask = [{"role": "user", "content": "What is the weather in Paris?"}]
