@@ -701,7 +701,8 @@ class Engine:
             return
         started = time.monotonic_ns()
         try:
-            seq.vectors.append(self._runner.embed(seq.inputs[len(seq.vectors)]))
+            ids = seq.inputs[len(seq.vectors)]
+            seq.vectors.append(self._runner.advance_embedding(self._runner.begin_embedding(ids), len(ids)))
         except Exception as exc:
             self._embedding.pop(0)
             self._fail([seq], exc, "embedding")
