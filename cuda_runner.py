@@ -28,8 +28,8 @@ import time
 
 import torch
 
-from llama_runner import (SPAN_BUCKET, KVRows, LlamaModel, PartialPrefill, all_start_with, give_back_freed_memory,
-                          read_folder)
+from llama_runner import (SPAN_BUCKET, KVRows, LlamaModel, PartialEmbedding, PartialPrefill, all_start_with,
+                          give_back_freed_memory, read_folder)
 from transfer import to_device
 
 log = logging.getLogger("minivault.cuda")
@@ -230,12 +230,15 @@ class StaticRunner:
             raise RuntimeError(f"{first + count} rows for {self.max_batch} slots")
         return KVRows.over(self._cache.kv[:, :, first:first + count], lengths)
 
-    def _fits(self, prompts: list[list[int]]) -> None:
+    def _known(self, *prompts: list[int]) -> None:
         # An id past the embedding table is a device-side assert on a GPU, which leaves
         # the whole CUDA context unusable: refuse it here, for this request alone.
         vocab = self.model.embed.shape[0]
         if any(not 0 <= t < vocab for p in prompts for t in p):
             raise ValueError(f"token ids must be in [0, {vocab})")
+
+    def _fits(self, prompts: list[list[int]]) -> None:
+        self._known(*prompts)
         # A prefill span past the slots' length would make KVRows.ensure reallocate the
         # view, away from the cache: refuse it instead.
         longest = max(len(p) for p in prompts)
@@ -331,9 +334,13 @@ class StaticRunner:
             kv[:, :, to, :, :used] = kv[:, :, source, :, :used]
         self._lengths = [self._lengths[r] for r in rows]
 
+    def begin_embedding(self, ids: list[int]) -> PartialEmbedding:
+        self._known(ids)
+        return self.model.begin_embedding(ids)
+
     @torch.inference_mode()
-    def embed(self, ids: list[int]) -> list[float]:
-        return self.model.embedding(ids)
+    def advance_embedding(self, partial: PartialEmbedding, tokens: int) -> list[float] | None:
+        return self.model.advance_embedding(partial, tokens)
 
 
 def slot_plan(model: LlamaModel, max_batch: int, fixed: bool = True) -> tuple[int, int]:

@@ -232,7 +232,7 @@ class _Sequence:
     detok: object = None  # textstream.Detokenizer
     stopper: object = None  # textstream.StopMatcher
     sampler: object = None  # sampling.RowSampler
-    partial: object = None  # the runner's partial prefill of a long prompt
+    partial: object = None  # the runner's partial prefill of a long prompt, or embedding of an input
     inputs: list = field(default_factory=list)  # an embedding request's token ids, per input
     vectors: list = field(default_factory=list)  # ... and the vectors computed so far
     pending: int = -1  # sampled, not yet fed through the model
@@ -261,9 +261,10 @@ def _log_batch_sampling_failure(rows: int, exc: Exception) -> None:
 
 
 class Engine:
-    # A prompt longer than PREFILL_CHUNK is prefilled a chunk per step, so the
-    # running streams keep getting tokens meanwhile instead of pausing for the
-    # whole prompt (about 5 ms a prompt token on a 2-core CPU).
+    # A prompt longer than PREFILL_CHUNK is prefilled a chunk per step, and an input
+    # to embed is computed so too, so the running streams keep getting tokens
+    # meanwhile instead of pausing for the whole prompt (about 5 ms a prompt token on
+    # a 2-core CPU).
     PREFILL_CHUNK = 256
 
     def __init__(self, model: str | None = None, dtype: str = "auto", max_batch: int = 8,
@@ -305,7 +306,7 @@ class Engine:
         self._live: dict[int, _Sequence] = {}  # every request taken off the inbox, until it ends
         self._batch: list[_Sequence] = []  # row i of the runner's batch is _batch[i]
         self._long: list[_Sequence] = []  # long prompts being prefilled a chunk per step
-        self._embedding: list[_Sequence] = []  # embedding requests, one input computed per step
+        self._embedding: list[_Sequence] = []  # embedding requests, a chunk of one input computed per step
         self._outbox: list = []  # (stream, text or Final)
         self._grammars = None  # constraints.Grammars, made by the first constrained request
         # Written by the model thread, read by /metrics:
@@ -581,7 +582,7 @@ class Engine:
             self._prefill_arrivals([s for s in arrived if not s.inputs])
         if self._embedding:
             with stage("embedding"):
-                self._embed_one()
+                self._embed_chunk()
         if self._long:
             with stage("prefill"):
                 self._prefill_chunk()
@@ -690,9 +691,12 @@ class Engine:
             ids = ids[:context]
         return ids
 
-    def _embed_one(self) -> None:
-        """One input of the oldest embedding request per step, so streams keep flowing;
-        each input alone, so its vector never depends on what else is computed."""
+    def _embed_chunk(self) -> None:
+        """Advance the oldest embedding request by one chunk of its current input, as a
+        long prompt is prefilled, so streams keep flowing and a client that left stops
+        it at the next chunk (in one pass, a 4,000-token input held every other request
+        for 14-20 s); each input alone, so its vector never depends on what else is
+        computed."""
         seq = self._embedding[0]
         if seq.stream.cancelled:
             self._embedding.pop(0)
@@ -700,12 +704,18 @@ class Engine:
             return
         started = time.monotonic_ns()
         try:
-            seq.vectors.append(self._runner.embed(seq.inputs[len(seq.vectors)]))
+            if seq.partial is None:
+                seq.partial = self._runner.begin_embedding(seq.inputs[len(seq.vectors)])
+            vector = self._runner.advance_embedding(seq.partial, self.PREFILL_CHUNK)
         except Exception as exc:
             self._embedding.pop(0)
             self._fail([seq], exc, "embedding")
             return
         seq.prompt_eval_ns += time.monotonic_ns() - started
+        if vector is None:
+            return
+        seq.partial = None
+        seq.vectors.append(vector)
         if len(seq.vectors) == len(seq.inputs):
             self._embedding.pop(0)
             self._end(seq, "stop")

@@ -168,11 +168,24 @@ class LlamaModel:
         self.forward(torch.tensor([ids]), cache, [len(ids) - 1])
         return cache
 
-    def embedding(self, ids: list[int]) -> list[float]:
-        """The final hidden states (after the last norm) of `ids`, alone, averaged over
-        its tokens and L2-normalised."""
-        hidden = self.forward(torch.tensor([ids]), self.new_cache(rows=1), [len(ids) - 1], hidden_states=True)
-        return F.normalize(hidden[0].mean(dim=0).float(), dim=0).tolist()
+    def begin_embedding(self, ids: list[int]) -> "PartialEmbedding":
+        """An embedding of `ids` computed a chunk at a time (advance_embedding), alone,
+        in a one-row cache of its own."""
+        return PartialEmbedding(list(ids), self.new_cache(rows=1))
+
+    def advance_embedding(self, partial: "PartialEmbedding", tokens: int) -> list[float] | None:
+        """Compute up to `tokens` more of an embedding. None while some are left; else
+        the final hidden states (after the last norm) averaged over every token,
+        L2-normalised. The cache carries the context from chunk to chunk, so only the
+        sum is kept: the same vector as one pass, to float rounding."""
+        done = partial.cache.lengths[0]
+        chunk = partial.ids[done:done + tokens]
+        hidden = self.forward(torch.tensor([chunk]), partial.cache, [len(chunk) - 1], hidden_states=True)
+        summed = hidden[0].float().sum(dim=0)
+        partial.total = summed if partial.total is None else partial.total + summed
+        if partial.cache.lengths[0] < len(partial.ids):
+            return None
+        return F.normalize(partial.total / len(partial.ids), dim=0).tolist()
 
     @staticmethod
     def _rope(x, cos, sin):
@@ -295,6 +308,16 @@ class PartialPrefill:
         self.cache = cache
 
 
+class PartialEmbedding:
+    """An input being embedded a chunk at a time: its cache holds the tokens computed so
+    far, `total` the sum of their final hidden states."""
+
+    def __init__(self, ids: list[int], cache: KVRows):
+        self.ids = ids
+        self.cache = cache
+        self.total = None
+
+
 class LlamaRunner:
     """The runner interface (runner.py) over LlamaModel."""
 
@@ -368,9 +391,12 @@ class LlamaRunner:
         if rows != list(range(self.rows)):
             self._cache.keep(rows)
 
+    def begin_embedding(self, ids: list[int]) -> PartialEmbedding:
+        return self.model.begin_embedding(ids)
+
     @torch.inference_mode()
-    def embed(self, ids: list[int]) -> list[float]:
-        return self.model.embedding(ids)
+    def advance_embedding(self, partial: PartialEmbedding, tokens: int) -> list[float] | None:
+        return self.model.advance_embedding(partial, tokens)
 
 
 def from_transformers(model, tokenizer, dtype: str, eos_ids: frozenset[int]) -> LlamaRunner:

@@ -68,9 +68,14 @@ class Runner(Protocol):
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows of the batch, in this order."""
 
-    def embed(self, ids: list[int]) -> list[float]:
-        """The text's embedding, apart from the batch: the final hidden states (after the
-        last norm) averaged over its tokens, L2-normalised."""
+    def begin_embedding(self, ids: list[int]) -> Any:
+        """Start a text's embedding, computed a chunk at a time (`advance_embedding`),
+        apart from the batch."""
+
+    def advance_embedding(self, partial: Any, tokens: int) -> list[float] | None:
+        """Compute up to `tokens` more of an embedding. Returns None while some are left;
+        else the final hidden states (after the last norm) averaged over all its tokens,
+        L2-normalised: the same vector, to float rounding, whatever the chunks."""
 
     def reset(self) -> None:
         """Forget the batch (after a failure left it in doubt)."""

@@ -100,6 +100,13 @@ class PartialPrefill:
         self.done = done
 
 
+class PartialEmbedding(PartialPrefill):
+    """An input being embedded a chunk at a time, apart from the batch; `total`: the sum
+    of its final hidden states so far."""
+
+    total = None
+
+
 class TransformersRunner:
     device = "cpu"
 
@@ -207,10 +214,22 @@ class TransformersRunner:
         self._mask = torch.cat([_left_pad(self._mask, width, dim=1), _left_pad(mask, width, dim=1)])
         self._lengths += lengths
 
+    def begin_embedding(self, ids: list[int]) -> PartialEmbedding:
+        return PartialEmbedding(list(ids), self._new_cache(), 0)
+
     @torch.inference_mode()
-    def embed(self, ids: list[int]) -> list[float]:
-        out = self.model(input_ids=torch.tensor([ids]), output_hidden_states=True, use_cache=False)
-        return torch.nn.functional.normalize(out.hidden_states[-1][0].float().mean(dim=0), dim=0).tolist()
+    def advance_embedding(self, partial: PartialEmbedding, tokens: int) -> list[float] | None:
+        done = partial.done
+        chunk = partial.prompt[done:done + tokens]
+        out = self._forward(input_ids=torch.tensor([chunk]), cache=partial.cache, logits_to_keep=1,
+                            position_ids=torch.arange(done, done + len(chunk)).unsqueeze(0),
+                            output_hidden_states=True)
+        summed = out.hidden_states[-1][0].float().sum(dim=0)  # the last entry is after the final norm
+        partial.total = summed if partial.total is None else partial.total + summed
+        partial.done = done + len(chunk)
+        if partial.done < len(partial.prompt):
+            return None
+        return torch.nn.functional.normalize(partial.total / len(partial.prompt), dim=0).tolist()
 
     @torch.inference_mode()
     def keep(self, rows: list[int]) -> None:

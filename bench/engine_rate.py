@@ -111,8 +111,13 @@ class PacedRunner:
     def reset(self):
         self.lengths = []
 
-    def embed(self, ids):
-        return [0.0]
+    def begin_embedding(self, ids):
+        return [ids, 0]  # the input, and its tokens computed so far
+
+    def advance_embedding(self, partial, tokens):
+        self._wait()
+        partial[1] += tokens
+        return [0.0] if partial[1] >= len(partial[0]) else None
 
 
 def serve(port: int, step_ms: float, max_batch: int, vocab: int, device: str) -> None:

@@ -52,7 +52,8 @@ class FaultyRunner:
     def __init__(self, runner, faults: Faults):
         self._runner = runner
         for name, stage in (("prefill", "prefill"), ("begin", "chunked prefill"), ("advance", "chunked prefill"),
-                            ("decode", "decode"), ("keep", "cut"), ("embed", "embed")):
+                            ("decode", "decode"), ("keep", "cut"), ("begin_embedding", "embed"),
+                            ("advance_embedding", "embed")):
             setattr(self, name, faults.wrap(stage, getattr(runner, name)))
 
     def __getattr__(self, name):
@@ -230,6 +231,29 @@ class LoopPacedRunner:
             callback()
         for _ in range(self.ITERATIONS):
             await asyncio.sleep(0)
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+
+class EmbeddingHookedRunner:
+    """A real runner that, before computing embedding chunk n (counted from 0), waits
+    on the model thread for `hooks[n]()`, a coroutine function, to finish on the event
+    loop: a test acts while an embedding is part way through, at a point of the
+    scheduler's loop it chooses, however fast or loaded the machine."""
+
+    def __init__(self, runner):
+        self._runner = runner
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.hooks: dict[int, Callable] = {}
+        self.chunks = 0  # embedding chunks computed (or begun)
+
+    def advance_embedding(self, partial, tokens):
+        hook = self.hooks.pop(self.chunks, None)
+        if hook is not None:
+            asyncio.run_coroutine_threadsafe(hook(), self.loop).result(30)
+        self.chunks += 1
+        return self._runner.advance_embedding(partial, tokens)
 
     def __getattr__(self, name):
         return getattr(self._runner, name)

@@ -21,8 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine import Final
-from inprocess import (STAGES, Faults, GatedRunner, LoopPacedRunner, ScriptedRunner, faulty_text_stages, http,
-                       live_server, wait_until)
+from inprocess import (STAGES, EmbeddingHookedRunner, Faults, GatedRunner, LoopPacedRunner, ScriptedRunner,
+                       faulty_text_stages, http, live_server, wait_until)
 
 GENERATION_ENDPOINTS = ("/generate", "/api/generate", "/api/chat", "/v1/completions", "/v1/chat/completions")
 ENDPOINTS = GENERATION_ENDPOINTS + ("/v1/responses", "/api/embed", "/v1/embeddings")
@@ -410,6 +410,92 @@ def test_row11_a_prompt_too_long_for_the_context_is_refused_before_the_model_thr
                            {"model": live.engine.model_name, "input": long, "truncate": False})
         assert reply.status == 400
     run_live(tiny_gpt2_folder, tmp_path, scenario, faults=faults)
+
+
+# ---------------------------------------------------------------------------
+# A long embedding is computed a chunk per step, like a long prompt's prefill.
+
+LONG_INPUT = list(range(10, 70))  # token ids: 8 chunks of 8, within both tiny models' context
+
+
+def hooked_runner(folder) -> EmbeddingHookedRunner:
+    from modelsource import resolve_model
+    from runner import load_runner
+
+    return EmbeddingHookedRunner(load_runner(resolve_model(str(folder)), "float32", None))
+
+
+def embed_body(live) -> dict:
+    return {"model": live.engine.model_name, "input": [LONG_INPUT]}
+
+
+@pytest.mark.parametrize("model", ["llama", "gpt2"])
+def test_a_generation_beside_a_long_embedding_gets_its_tokens_before_the_embedding_ends(
+        tiny_llama_folder, tiny_gpt2_folder, tmp_path, model):
+    """The generation arrives while the embedding's second chunk is about to compute:
+    it streams, and ends, while the embedding goes on, and the embedding's vector is
+    the one it has alone."""
+    folder = tiny_llama_folder if model == "llama" else tiny_gpt2_folder
+    hooked = hooked_runner(folder)
+    order = []
+    replies = {}
+
+    async def scenario(live):
+        live.engine.PREFILL_CHUNK = 8
+        hooked.loop = asyncio.get_running_loop()
+
+        async def a_generation_arrives():
+            replies["generation"] = asyncio.ensure_future(generate(live, temperature=0, max_tokens=4))
+            await wait_until(lambda: len(live.streams) == 2 and live.streams[1].in_model)
+            generation = live.streams[1]
+            generation.on_final(lambda s: order.append(("generation ended", len(s.text) > 0)))
+            embedding.on_final(lambda s: order.append(("embedding ended", len(generation.text) > 0)))
+
+        hooked.hooks[1] = a_generation_arrives
+        beside = asyncio.ensure_future(http(live.port, "POST", "/v1/embeddings", embed_body(live)))
+        await wait_until(lambda: live.streams)
+        embedding = live.streams[0]
+        replies["beside"] = await beside
+        if "generation" in replies:
+            replies["generation"] = await replies["generation"]
+        replies["alone"] = await http(live.port, "POST", "/v1/embeddings", embed_body(live))
+
+    lines = run_live(folder, tmp_path, scenario, runner=hooked, max_batch=2)
+    assert replies["beside"].status == replies["alone"].status == 200
+    assert order == [("generation ended", True), ("embedding ended", True)]
+    assert replies["generation"].status == 200 and replies["generation"].lines()[-1]["done"] is True
+    assert replies["beside"].json()["data"] == replies["alone"].json()["data"]
+    assert [line["status"] for line in lines] == ["done"] * 3
+
+
+def test_an_embedding_whose_client_leaves_stops_at_its_next_chunk_and_is_logged_cancelled(
+        tiny_llama_folder, tmp_path):
+    hooked = hooked_runner(tiny_llama_folder)
+
+    async def scenario(live):
+        live.engine.PREFILL_CHUNK = 8
+        hooked.loop = asyncio.get_running_loop()
+        reader, writer = await asyncio.open_connection("127.0.0.1", live.port)
+
+        async def the_client_leaves():
+            writer.close()
+            await wait_until(lambda: live.streams[0].cancelled)
+
+        hooked.hooks[2] = the_client_leaves  # while the third of 8 chunks is about to compute
+        data = json.dumps(embed_body(live)).encode()
+        writer.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        await writer.drain()
+        await wait_until(lambda: live.streams and live.streams[0].final is not None)
+        assert live.streams[0].final.done_reason == "cancelled", live.streams[0].final
+        assert hooked.chunks == 3  # it stopped before the fourth
+        after = await http(live.port, "POST", "/v1/embeddings", embed_body(live))  # the engine goes on
+        assert after.status == 200 and len(after.json()["data"]) == 1
+        assert hooked.chunks == 3 + 8
+
+    lines = run_live(tiny_llama_folder, tmp_path, scenario, runner=hooked)
+    assert [(line["status"], line["done_reason"]) for line in lines] == [("cancelled", "cancelled"),
+                                                                         ("done", "stop")]
 
 
 # ---------------------------------------------------------------------------

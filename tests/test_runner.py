@@ -109,6 +109,31 @@ def test_a_chunked_prefill_equals_a_whole_one_and_joins_the_batch(runner):
     assert torch.allclose(logits[0].cpu(), alone(runner, PROMPTS[2]), atol=1e-4)
 
 
+def embedding_in_chunks(runner, ids, chunk: int) -> list[float]:
+    partial = runner.begin_embedding(ids)
+    for _ in range((len(ids) - 1) // chunk):
+        assert runner.advance_embedding(partial, chunk) is None
+    vector = runner.advance_embedding(partial, chunk)
+    assert vector is not None
+    return vector
+
+
+def test_an_embedding_in_chunks_is_the_one_pass_vector_and_leaves_the_batch_alone(runner):
+    """Computed a chunk at a time, with the cache carrying the context, the mean of the
+    final hidden states is the one-pass mean, and transformers' own."""
+    logits = runner.prefill([PROMPTS[0]])
+    ids = PROMPTS[2]  # 11 tokens
+    whole = torch.tensor(embedding_in_chunks(runner, ids, len(ids)))
+    for chunk in (4, 5, 1):
+        assert torch.allclose(torch.tensor(embedding_in_chunks(runner, ids, chunk)), whole, atol=1e-5), chunk
+    with torch.inference_mode():
+        hidden = runner.reference(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1]
+    assert torch.allclose(whole, torch.nn.functional.normalize(hidden[0].mean(dim=0), dim=0), atol=1e-5)
+    assert runner.rows == 1  # apart from the batch, whose row goes on as before
+    token = int(logits[0].argmax())
+    assert_rows_match(runner, runner.decode([token]), [PROMPTS[0] + [token]])
+
+
 def test_a_remembered_prefix_seeds_prefills_that_start_with_it(runner):
     runner.remember_prefix(PROMPTS[2][:6])
     prompts = [PROMPTS[2][:8], PROMPTS[2], PROMPTS[0]]  # two start with the prefix, one does not
