@@ -14,7 +14,7 @@ import json
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from schemas import closed_objects
+from schemas import closed_objects, unmatchable_ref
 
 
 class ConstraintUnavailable(RuntimeError):
@@ -52,7 +52,7 @@ class Constraint:
     @classmethod
     def json(cls, schema: dict | None = None, name: str = "json") -> Constraint:
         """A JSON object (schema None) or a JSON value valid against `schema`."""
-        body = {"type": "object"} if schema is None else closed_objects(schema)
+        body = _as_compiled(schema)
         return cls.checked(_llguidance().LLMatcher.grammar_from_json_schema(body, defaults=JSON_LAYOUT), name)
 
     @classmethod
@@ -72,8 +72,21 @@ class Constraint:
 
 def json_rule(schema: dict | None) -> str:
     """A lark rule body that embeds a JSON schema (for grammars mixing JSON and text)."""
-    body = {"type": "object"} if schema is None else closed_objects(schema)
+    body = _as_compiled(schema)
     return "%json " + json.dumps({**body, "x-guidance": JSON_LAYOUT})
+
+
+def _as_compiled(schema: dict | None) -> dict:
+    """The schema as llguidance gets it: any object when None, else with its objects
+    closed, once no `$ref` in it is a loop no value can match (llguidance accepts one
+    and fails only when the output reaches it, mid-reply)."""
+    if schema is None:
+        return {"type": "object"}
+    ref = unmatchable_ref(schema)
+    if ref is not None:
+        raise ConstraintInvalid(f"no finite JSON value matches '$ref' {ref!r}: "
+                                "its references loop back to it without ever reaching a value")
+    return closed_objects(schema)
 
 
 class Grammars:

@@ -1,10 +1,13 @@
 """JSON Schema rewritten before the grammar engine compiles it (pure: dicts in, dicts
-out, no llguidance): objects closed as Ollama closes them, and a schema moved inside
-another with its references still pointing where they did."""
+out, no llguidance): objects closed as Ollama closes them, a schema moved inside
+another with its references still pointing where they did, and the references no
+value can ever match."""
 
 from __future__ import annotations
 
 import json
+from collections import deque
+from urllib.parse import unquote
 
 # Keywords whose value is a schema, a list of schemas, or a map of names to schemas.
 # Only these hold schemas: `const`, `enum`, `default` or `examples` hold values, which
@@ -28,6 +31,20 @@ def _mapped(schema: dict, change) -> dict:
         if isinstance(out.get(key), dict):
             out[key] = {name: change(s) for name, s in out[key].items()}
     return out
+
+
+def _applied(schema: dict):
+    """The direct subschemas that apply to a value: all but the definitions, which
+    apply only where a `$ref` names them."""
+    for key in _SUBSCHEMA:
+        if isinstance(schema.get(key), dict):
+            yield schema[key]
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            yield from schema[key]
+    for key in _SUBSCHEMA_MAPS:
+        if key not in ("$defs", "definitions") and isinstance(schema.get(key), dict):
+            yield from schema[key].values()
 
 
 def closed_objects(schema):
@@ -71,3 +88,104 @@ def _is_resource(schema: dict) -> bool:
     """Has its own base URI: a `$id` that is not just a fragment (draft-07's "#name" is an anchor)."""
     schema_id = schema.get("$id")
     return isinstance(schema_id, str) and not schema_id.startswith("#")
+
+
+def unmatchable_ref(schema) -> str | None:
+    """A `$ref` (a JSON pointer) in use whose target no finite JSON value can match,
+    or None. Only a loop of references makes one: `a` defined as `a`, or an
+    object that requires a property of its own type. llguidance compiles references
+    lazily and does not see these: once the output reaches one, no token is allowed
+    (a reply cut by an error) or the output can never end."""
+    targets: dict[int, tuple[str, object, dict]] = {}  # id(target) -> (a $ref to it, target, its base)
+    users: dict[int, set[int]] = {}  # id(target) -> the targets whose own subschemas refer to it
+    pending = [(None, schema, schema)] if isinstance(schema, dict) else []
+    while pending:
+        owner, node, base = pending.pop()
+        for ref, found in _refs_in(node, base):
+            key = id(found[0])
+            if owner is not None:
+                users.setdefault(key, set()).add(owner)
+            if key not in targets:
+                targets[key] = (ref, *found)
+                pending.append((key, *found))
+    # Least fixpoint: a target matches some value once the targets it needs are known to;
+    # each is checked again only once one of those becomes known.
+    matched: set[int] = set()
+    todo, queued = deque(targets), set(targets)
+    while todo:
+        key = todo.popleft()
+        queued.discard(key)
+        if key not in matched and _matchable(*targets[key][1:], matched):
+            matched.add(key)
+            again = users.get(key, set()) - matched - queued
+            todo.extend(again)
+            queued |= again
+    return next((ref for key, (ref, _, _) in targets.items() if key not in matched), None)
+
+
+def _refs_in(schema: dict, base: dict):
+    """(`$ref`, (its target, the target's base)) for each JSON-pointer reference in
+    `schema` and the subschemas that apply with it (definitions only where referred to)."""
+    stack = [(schema, base)]
+    while stack:
+        node, base = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        base = node if _is_resource(node) else base
+        stack.extend((child, base) for child in _applied(node))
+        found = _target(node, base)
+        if found is not None:
+            yield node["$ref"], found
+
+
+def _matchable(schema, base: dict, matched: set[int]) -> bool:
+    """Some finite value matches `schema`, given the targets known to be matchable.
+    Only what a value must hold counts (an optional property may be left out); other
+    unsatisfiable keywords are llguidance's to refuse."""
+    if schema is False:
+        return False
+    if not isinstance(schema, dict):
+        return True
+    base = schema if _is_resource(schema) else base
+    found = _target(schema, base)
+    if found is not None and id(found[0]) not in matched:
+        return False
+
+    def can(s) -> bool:
+        return _matchable(s, base, matched)
+
+    def listed(key) -> list:
+        return schema[key] if isinstance(schema.get(key), list) else []
+
+    if not all(can(s) for s in listed("allOf")):
+        return False
+    if any(listed(key) and not any(can(s) for s in listed(key)) for key in ("anyOf", "oneOf")):
+        return False
+    properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+    if not all(can(properties[name]) for name in listed("required")
+               if isinstance(name, str) and name in properties):
+        return False
+    least = schema.get("minItems") if isinstance(schema.get("minItems"), int) else 0
+    prefix = listed("prefixItems") or listed("items")  # draft-07 spells a tuple as a list of `items`
+    rest = schema.get("additionalItems") if listed("items") else schema.get("items")
+    return all(can(s) for s in prefix[:least]) and (least <= len(prefix) or rest is None or can(rest))
+
+
+def _target(schema: dict, base: dict):
+    """(what the schema's `$ref` points to, the base of the pointers inside that), or
+    None when it is no JSON pointer or points nowhere (llguidance refuses that)."""
+    ref = schema.get("$ref")
+    if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+        return None
+    node = base
+    for token in ref[2:].split("/") if ref != "#" else ():
+        token = unquote(token).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and token in node:
+            node = node[token]
+        elif isinstance(node, list) and token.isdigit() and int(token) < len(node):
+            node = node[int(token)]
+        else:
+            return None
+        if isinstance(node, dict) and _is_resource(node):
+            base = node
+    return (node, base) if isinstance(node, (dict, bool)) else None

@@ -128,6 +128,16 @@ def call_constraint(tools: list[Tool], choice: str, parallel: bool = False,
                "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
     body["$defs"] = {t.name: moved_under(t.parameters, where[t.name]) for t in chosen}
+    try:  # json_rule refuses a schema too, before llguidance sees it
+        return Constraint.lark(_calls_grammar(body, choice, parallel, text_schema, text_json), "tools")
+    except ConstraintInvalid as exc:
+        raise ToolsInvalid(f"'tools': {exc}") from None
+    except ConstraintUnavailable as exc:
+        raise ToolsInvalid(f"'tools' cannot be honoured here: {exc}") from None
+
+
+def _calls_grammar(body: dict, choice: str, parallel: bool, text_schema: dict | None, text_json: bool) -> str:
+    """The reply's grammar in lark, a call's JSON being `body`."""
     calls = 'call ("\\n" call)*' if parallel else "call"
     lines = [f"calls: {calls}",
              f'call: "{CALL_OPEN}\\n" body "\\n{CALL_CLOSE}"',
@@ -140,12 +150,7 @@ def call_constraint(tools: list[Tool], choice: str, parallel: bool = False,
             lines = ["start: calls | TEXT", "TEXT: /[^<][\\s\\S]*/"] + lines
     else:
         lines = ["start: calls"] + lines
-    try:
-        return Constraint.lark("\n".join(lines), "tools")
-    except ConstraintInvalid as exc:
-        raise ToolsInvalid(f"'tools': {exc}") from None
-    except ConstraintUnavailable as exc:
-        raise ToolsInvalid(f"'tools' cannot be honoured here: {exc}") from None
+    return "\n".join(lines)
 
 
 def call_id() -> str:

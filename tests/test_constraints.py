@@ -4,6 +4,7 @@ the reader that turns output back into calls."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Optional
 
 import openai
@@ -20,6 +21,21 @@ import tools as toolcalls
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "color", "size"],
           "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green", "blue"]},
                          "size": {"type": "integer", "minimum": 0, "maximum": 9}}}
+
+
+# pydantic's schemas for a nested model and a recursive one use $ref into $defs.
+
+class Loc(BaseModel):
+    city: str
+
+
+class GetWeather(BaseModel):
+    loc: Loc
+
+
+class Node(BaseModel):
+    value: int
+    next: Optional[Node] = None
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +109,51 @@ def test_compiled_grammars_are_cached_and_each_row_has_its_own_state(grammars):
 def test_a_schema_that_cannot_compile_is_refused_with_the_reason(schema):
     with pytest.raises(ConstraintInvalid):
         Constraint.json(schema)
+
+
+ITSELF = {"x": {"$ref": "#/$defs/x"}}
+# References that loop without reaching a value. llguidance compiles each and fails only
+# when the output reaches the loop: at once, after '{"a": ', or never letting it end.
+LOOPS = {
+    "a ref to itself": ({"$ref": "#/$defs/x", "$defs": ITSELF}, "#/$defs/x"),
+    "a required property": ({"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "required": ["a"],
+                             "$defs": ITSELF}, "#/$defs/x"),
+    "an optional property": ({"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "$defs": ITSELF},
+                             "#/$defs/x"),
+    "through anyOf and oneOf": ({"$ref": "#/$defs/a", "$defs": {"a": {"anyOf": [{"$ref": "#/$defs/b"}]},
+                                                               "b": {"oneOf": [{"$ref": "#/$defs/a"}]}}}, "#/$defs/a"),
+    "an object requiring itself": ({"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}, "#"),
+    "a list of at least one of itself": ({"type": "object", "required": ["a"], "properties": {
+        "a": {"type": "array", "items": {"$ref": "#"}, "minItems": 1}}}, "#"),
+    "an escaped pointer": ({"$ref": "#/$defs/a~1b%20c", "$defs": {"a/b c": {"$ref": "#/$defs/a~1b%20c"}}},
+                           "#/$defs/a~1b%20c"),
+}
+
+
+@pytest.mark.parametrize("schema, ref", LOOPS.values(), ids=LOOPS.keys())
+def test_references_no_value_can_match_are_refused_naming_the_ref(grammars, schema, ref):
+    with pytest.raises(ConstraintInvalid, match="no finite JSON value matches '\\$ref' " + re.escape(repr(ref))):
+        Constraint.json(schema)
+    with pytest.raises(toolcalls.ToolsInvalid, match="'tools': no finite JSON value"):
+        toolcalls.call_constraint([toolcalls.Tool("f", "", schema)], "required")
+
+
+RECURSIVE = {
+    "optional by anyOf": {"anyOf": [{"$ref": "#"}, {"type": "null"}]},
+    "a list of itself": {"type": "object", "required": ["a"],
+                         "properties": {"a": {"type": "array", "items": {"$ref": "#"}}}},
+    "pydantic's recursive model": Node.model_json_schema(),
+    "unused": {"type": "object", "properties": {"n": {"type": "integer"}}, "$defs": ITSELF},
+    "its own $id": {"type": "object", "required": ["s"], "$defs": ITSELF,
+                    "properties": {"s": {"$id": "urn:s", "$ref": "#/$defs/x", "$defs": {"x": {"type": "integer"}}}}},
+}
+
+
+@pytest.mark.parametrize("schema", RECURSIVE.values(), ids=RECURSIVE.keys())
+def test_recursive_schemas_a_value_can_end_are_served(grammars, schema):
+    constraint = Constraint.json(schema)
+    g, backend, eos = grammars
+    g.row(constraint).masked(torch.zeros(backend.get_vocab_size()))  # no error at the first token
 
 
 WEATHER = toolcalls.Tool("get_weather", "Weather in a city", {
@@ -207,19 +268,6 @@ def test_closed_objects_closes_only_what_says_nothing():
     assert closed_objects({"type": "object"}) == {"type": "object"}  # "json": any object
     merged = {"allOf": [{"properties": {"a": {}}, "required": ["a"]}, {"properties": {"b": {}}, "required": ["b"]}]}
     assert closed_objects(merged) == merged  # closing each part would make it unsatisfiable
-
-
-class Loc(BaseModel):
-    city: str
-
-
-class GetWeather(BaseModel):
-    loc: Loc
-
-
-class Node(BaseModel):
-    value: int
-    next: Optional[Node] = None
 
 
 def weather_call(arguments: str, name: str = "get_weather") -> str:

@@ -180,6 +180,11 @@ def test_tool_choice_left_to_the_server_follows_its_policy():
     assert "TEXT" in answered.constraint.grammar
 
 
+LOOP = {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/a"}}}
+LOOP_INSIDE = {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "required": ["a"],
+               "$defs": {"x": {"$ref": "#/$defs/x"}}}
+
+
 @pytest.mark.parametrize("path, body, field", [
     ("/api/chat", {"model": "smollm2", "format": "xml"}, "'format'"),
     ("/api/generate", {"model": "smollm2", "format": {"type": "objekt"}, "prompt": "hi"}, "'format'"),
@@ -194,9 +199,19 @@ def test_tool_choice_left_to_the_server_follows_its_policy():
      "'tool_choice'"),
     ("/v1/completions", {"tools": [WEATHER], "prompt": "hi"}, "'tools'"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "'functions'"),
+    # $refs that loop without reaching a value: llguidance fails only once the output gets there.
+    ("/api/generate", {"prompt": "x", "format": LOOP}, "'format'"),
+    ("/api/chat", {"format": LOOP_INSIDE}, "'format'"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": LOOP}}},
+     "'response_format.json_schema.schema'"),
+    ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": LOOP_INSIDE}}},
+     "'text.format.schema'"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f", "parameters": LOOP_INSIDE}}],
+                              "tool_choice": "required"}, "'tools'"),
+    ("/api/chat", {"tools": [{"type": "function", "function": {"name": "f", "parameters": LOOP}}]}, "'tools'"),
 ])
 def test_what_cannot_be_honoured_is_a_400_naming_the_field(server, path, body, field):
-    if "messages" not in body and "prompt" not in body:
+    if not {"messages", "prompt", "input"} & set(body):
         body = {**body, "messages": [{"role": "user", "content": "hi"}]}
     reply = server.request("POST", path, {"model": "smollm2", **body})
     assert reply.status == 400
