@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated host names requests may be addressed to (the Host header), besides "
                         "localhost, 127.x.x.x and [::1]; '*' for any (default: those only when --host is a "
                         "loopback address, which stops DNS rebinding; any host otherwise)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server messages on stderr")
     return p
 
 

@@ -18,3 +18,9 @@ def test_help_states_each_default_once():
     flat = re.sub(r"\s+", " ", text)
     assert "(default: 64, or --max-batch if larger)" in flat
     assert "(default: 3000)" in flat  # plain defaults are still shown
+
+
+def test_every_flag_has_help_and_shows_its_default():
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.option_strings
