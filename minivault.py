@@ -25,11 +25,21 @@ CPU_MAX_BATCH = 8  # 8 rows cost ~2.3x one step on a 2-core CPU: more rows gain 
 GPU_MAX_BATCH = 256
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where it is None: those defaults are decided at
+    start (from the device, --max-batch, --host), and their help says so in words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="minivault.py",
         description="MiniVault: stream a local language model's answers over HTTP as NDJSON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=3000, help="port to listen on (11434 answers where Ollama clients look)")
     p.add_argument("--model", default=None,
@@ -96,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated host names requests may be addressed to (the Host header), besides "
                         "localhost, 127.x.x.x and [::1]; '*' for any (default: those only when --host is a "
                         "loopback address, which stops DNS rebinding; any host otherwise)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="server messages on stderr")
     return p
 
 
