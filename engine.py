@@ -894,10 +894,15 @@ class Engine:
             if not seq.first_token_ns:
                 seq.first_token_ns = time.monotonic_ns()
             if token in self._runner.eos_ids:
+                text, _ = seq.stopper.feed(seq.detok.flush())
+                self._emit(seq, text)
                 self._end(seq, "stop")
                 return
             seq.completion_tokens += 1
-            text, hit = seq.stopper.feed(seq.detok.step(token))
+            text = seq.detok.step(token)
+            if seq.sampler.complete or seq.completion_tokens >= seq.max_tokens:
+                text += seq.detok.flush()  # the last token: nothing will complete what it holds
+            text, hit = seq.stopper.feed(text)
             self._emit(seq, text)
             if hit or seq.sampler.complete:
                 self._end(seq, "stop")

@@ -52,6 +52,27 @@ class Detokenizer:
 
         self._tokenizer = tokenizer  # a `tokenizers.Tokenizer`
         self._stream = DecodeStream(skip_special_tokens=True)
+        self._ids: list[int] = []  # every token stepped, for flush
+        self._chars = 0  # characters given out so far
+        self._holding = False  # the last step gave nothing: its bytes wait for more
 
     def step(self, token_id: int) -> str:
-        return self._stream.step(self._tokenizer, token_id) or ""
+        self._ids.append(token_id)
+        text = self._stream.step(self._tokenizer, token_id) or ""
+        self._chars += len(text)
+        self._holding = not text
+        return text
+
+    def flush(self) -> str:
+        """What the held tokens still hold once no token follows: their whole
+        characters, not the incomplete ones at the very end (Ollama drops those too).
+        DecodeStream holds a whole token while it ends in part of a character, so
+        without this a last token such as ' \xf0\x9f\x98' (a space and 3 bytes of an
+        emoji) lost its space."""
+        if not self._holding:
+            return ""
+        self._holding = False
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        rest = text[self._chars:].rstrip("\ufffd")
+        self._chars += len(rest)
+        return rest

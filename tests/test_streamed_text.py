@@ -1,0 +1,163 @@
+"""The streamed text and its counts, on every endpoint: what a reply says the model
+wrote, streamed or whole, is the same text, and the counts are the tokens'."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from inprocess import ScriptedRunner, http, live_server
+from textstream import Detokenizer
+
+# A space and the first 3 of the 4 bytes of U+1F600, in byte-level BPE's alphabet: one
+# token, as the embedded model's vocabulary has it (id 40303, 'ĠðŁĺ').
+SPACE_AND_PART_OF_AN_EMOJI = "ĠðŁĺ"
+
+
+def byte_bpe() -> Tokenizer:
+    """Byte-level BPE with one token per byte and the one above (no merges: it is only
+    decoded, or encodes plain ASCII a byte a token)."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab[SPACE_AND_PART_OF_AN_EMOJI] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
+def test_flush_gives_the_whole_characters_of_a_last_token_that_ends_inside_a_character():
+    tok = byte_bpe()
+    ids = tok.encode("Hi").ids + [tok.token_to_id(SPACE_AND_PART_OF_AN_EMOJI)]
+    d = Detokenizer(tok)
+    assert [d.step(i) for i in ids] == ["H", "i", ""]
+    assert d.flush() == " "  # the space; the 3 bytes of the emoji make no character
+    assert d.flush() == ""
+
+
+def test_flush_gives_nothing_when_nothing_is_held():
+    tok = byte_bpe()
+    d = Detokenizer(tok)
+    assert "".join(d.step(i) for i in tok.encode("Hi 😀").ids) == "Hi 😀"
+    assert d.flush() == ""
+
+
+def test_the_emoji_completed_after_a_held_token_is_streamed_whole():
+    tok = byte_bpe()
+    ids = [tok.token_to_id(SPACE_AND_PART_OF_AN_EMOJI), tok.token_to_id("Ģ")]  # + the 4th byte, 0x80
+    d = Detokenizer(tok)
+    assert [d.step(i) for i in ids] == ["", " 😀"]
+    assert d.flush() == ""
+
+
+# ---------------------------------------------------------------------------
+# Through the server: a scripted model writes "Hi" and the held token, then stops.
+
+ENDPOINTS = ("/generate", "/api/generate", "/api/chat", "/v1/completions", "/v1/chat/completions", "/v1/responses")
+
+
+def body_for(endpoint: str, model: str, max_tokens: int | None, stream: bool, **extra) -> dict:
+    body = {"model": model, "stream": stream, **extra}
+    if endpoint in ("/api/chat", "/v1/chat/completions"):
+        body["messages"] = [{"role": "user", "content": "Say hi"}]
+    elif endpoint == "/v1/responses":
+        body["input"] = "Say hi"
+    else:
+        body["prompt"] = "Say hi"
+    if max_tokens is not None:
+        body["max_output_tokens" if endpoint == "/v1/responses" else "max_tokens"] = max_tokens
+    if stream and endpoint in ("/v1/completions", "/v1/chat/completions"):
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def read_reply(endpoint: str, reply, stream: bool) -> tuple[str, str, int, int]:
+    """(text, done_reason or finish_reason or status, prompt tokens, completion tokens)."""
+    assert reply.status == 200, reply.body
+    if endpoint in ("/generate", "/api/generate", "/api/chat"):
+        objs = reply.lines() if stream else [reply.json()]
+        text = "".join(o["message"]["content"] if endpoint == "/api/chat" else o["response"] for o in objs)
+        last = objs[-1]
+        return text, last["done_reason"], last["prompt_eval_count"], last["eval_count"]
+    if not stream:
+        j = reply.json()
+        if endpoint == "/v1/responses":
+            text = "".join(p["text"] for o in j["output"] if o["type"] == "message" for p in o["content"])
+            return text, j["status"], j["usage"]["input_tokens"], j["usage"]["output_tokens"]
+        choice = j["choices"][0]
+        text = choice["text"] if endpoint == "/v1/completions" else choice["message"]["content"]
+        return text, choice["finish_reason"], j["usage"]["prompt_tokens"], j["usage"]["completion_tokens"]
+    events = [json.loads(line[6:]) for line in reply.body.decode().split("\n")
+              if line.startswith("data: ") and line != "data: [DONE]"]
+    if endpoint == "/v1/responses":
+        text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        done = events[-1]["response"]
+        return text, done["status"], done["usage"]["input_tokens"], done["usage"]["output_tokens"]
+    choices = [e["choices"][0] for e in events if e["choices"]]
+    key = "text" if endpoint == "/v1/completions" else "delta"
+    text = "".join((c[key] if key == "text" else c[key].get("content")) or "" for c in choices)
+    finish = [c["finish_reason"] for c in choices if c["finish_reason"]]
+    usage = [e["usage"] for e in events if e.get("usage")][0]
+    assert len(finish) == 1
+    return text, finish[0], usage["prompt_tokens"], usage["completion_tokens"]
+
+
+def scripted_runner(tokenizer_folder, ids: list[int]) -> ScriptedRunner:
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=byte_bpe(), eos_token="<|endoftext|>")
+    runner = ScriptedRunner(tokenizer, "")
+    runner._script = ids + [tokenizer.eos_token_id]
+    return runner
+
+
+def run_scripted(folder, tmp_path, ids, scenario):
+    async def main():
+        async with live_server(folder, tmp_path / "log.jsonl", runner=scripted_runner(folder, ids)) as live:
+            await scenario(live)
+            await live.settled()
+            return live.log_lines()
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_a_reply_cut_by_its_token_limit_inside_a_character_keeps_the_characters_before_it(
+        tiny_gpt2_folder, tmp_path, endpoint):
+    tok = byte_bpe()
+    ids = tok.encode("Hi").ids + [tok.token_to_id(SPACE_AND_PART_OF_AN_EMOJI), tok.token_to_id("Ģ")]
+
+    async def scenario(live):
+        model = live.engine.model_name
+        for stream in (False, True):
+            reply = await http(live.port, "POST", endpoint, body_for(endpoint, model, 3, stream))
+            text, reason, _, completion = read_reply(endpoint, reply, stream)
+            assert text == "Hi ", (stream, text)
+            assert reason in ("length", "incomplete") and completion == 3
+            reply = await http(live.port, "POST", endpoint, body_for(endpoint, model, 4, stream))
+            text, reason, _, completion = read_reply(endpoint, reply, stream)
+            assert text == "Hi 😀", (stream, text)
+            assert completion == 4
+
+    lines = run_scripted(tiny_gpt2_folder, tmp_path, ids, scenario)
+    assert [line["response"] for line in lines] == ["Hi ", "Hi 😀"] * 2
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_a_reply_the_model_ends_after_a_token_that_ends_inside_a_character_keeps_the_characters_before_it(
+        tiny_gpt2_folder, tmp_path, endpoint):
+    tok = byte_bpe()
+    ids = tok.encode("Hi").ids + [tok.token_to_id(SPACE_AND_PART_OF_AN_EMOJI)]  # then end-of-sequence
+
+    async def scenario(live):
+        model = live.engine.model_name
+        for stream in (False, True):
+            reply = await http(live.port, "POST", endpoint, body_for(endpoint, model, None, stream))
+            text, reason, _, completion = read_reply(endpoint, reply, stream)
+            assert text == "Hi ", (stream, text)
+            assert reason in ("stop", "completed") and completion == 3
+
+    run_scripted(tiny_gpt2_folder, tmp_path, ids, scenario)
