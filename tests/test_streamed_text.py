@@ -161,3 +161,62 @@ def test_a_reply_the_model_ends_after_a_token_that_ends_inside_a_character_keeps
             assert reason in ("stop", "completed") and completion == 3
 
     run_scripted(tiny_gpt2_folder, tmp_path, ids, scenario)
+
+
+# ---------------------------------------------------------------------------
+# Streamed and whole, the same request gives the same text and counts on every endpoint.
+
+
+def run_model(folder, tmp_path, scenario):
+    async def main():
+        async with live_server(folder, tmp_path / "log.jsonl") as live:
+            await scenario(live)
+            await live.settled()
+            return live.log_lines()
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.5, "seed": 11}])
+def test_streamed_and_whole_replies_are_the_same_text_and_counts(tiny_gpt2_folder, tmp_path, endpoint, sampling):
+    async def scenario(live):
+        model = live.engine.model_name
+        got = []
+        for stream in (False, True, False):
+            reply = await http(live.port, "POST", endpoint, body_for(endpoint, model, 12, stream, **sampling))
+            got.append(read_reply(endpoint, reply, stream))
+        assert got[0] == got[1] == got[2]
+        return got[0]
+
+    replies = []
+
+    async def collect(live):
+        replies.append(await scenario(live))
+
+    lines = run_model(tiny_gpt2_folder, tmp_path, collect)
+    text, _, prompt_tokens, completion_tokens = replies[0]
+    assert [(line["response"], line["prompt_tokens"], line["completion_tokens"]) for line in lines] == \
+        [(text, prompt_tokens, completion_tokens)] * 3
+
+
+def test_responses_takes_seed_and_stop_as_chat_does():
+    from validation import parse_responses
+
+    req, *_ = parse_responses({"input": "hi", "seed": 5, "stop": ["x", "y"], "presence_penalty": 1,
+                               "frequency_penalty": 0.5})
+    assert (req.sampling.seed, req.stop) == (5, ["x", "y"])
+    assert (req.sampling.presence_penalty, req.sampling.frequency_penalty) == (1, 0.5)
+
+
+@pytest.mark.parametrize("field, value", [("max_tokens", 5), ("max_completion_tokens", 5), ("n", 2), ("best_of", 3),
+                                          ("logprobs", True), ("response_format", {"type": "json_object"}),
+                                          ("messages", [{"role": "user", "content": "hi"}]), ("echo", True),
+                                          ("logit_bias", {"1": 5}), ("suffix", "x")])
+def test_a_chat_completions_field_sent_to_responses_is_400_naming_it(field, value):
+    from httpserver import HTTPError
+    from validation import parse_responses
+
+    with pytest.raises(HTTPError) as info:
+        parse_responses({"input": "hi", field: value})
+    assert info.value.status == 400 and f"'{field}'" in info.value.message
+    parse_responses({"input": "hi", "n": 1, "logprobs": False})  # what asks for nothing is fine
