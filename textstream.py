@@ -53,13 +53,14 @@ class Detokenizer:
         self._tokenizer = tokenizer  # a `tokenizers.Tokenizer`
         self._stream = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []  # every token stepped, for flush
-        self._chars = 0  # characters given out so far
+        self._given: list[str] = []  # the text given out so far
         self._holding = False  # the last step gave nothing: its bytes wait for more
 
     def step(self, token_id: int) -> str:
         self._ids.append(token_id)
         text = self._stream.step(self._tokenizer, token_id) or ""
-        self._chars += len(text)
+        if text:
+            self._given.append(text)
         self._holding = not text
         return text
 
@@ -73,6 +74,10 @@ class Detokenizer:
             return ""
         self._holding = False
         text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        rest = text[self._chars:].rstrip("\ufffd")
-        self._chars += len(rest)
+        given = "".join(self._given)
+        if not text.startswith(given):  # byte fallback decodes invalid bytes apart from the stream
+            return ""
+        rest = text[len(given):].rstrip("\ufffd")
+        if rest:
+            self._given.append(rest)
         return rest
