@@ -220,3 +220,68 @@ def test_a_chat_completions_field_sent_to_responses_is_400_naming_it(field, valu
         parse_responses({"input": "hi", field: value})
     assert info.value.status == 400 and f"'{field}'" in info.value.message
     parse_responses({"input": "hi", "n": 1, "logprobs": False})  # what asks for nothing is fine
+
+
+# ---------------------------------------------------------------------------
+# SentencePiece-style tokenizers (Llama 2, Mistral): '▁' for a space, byte fallback
+# tokens <0x..> for characters outside the vocabulary, the first space stripped.
+
+
+def sentencepiece_bpe() -> Tokenizer:
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    for word in ("▁Hello", "▁world", "a", "b"):
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens(["<s>", "</s>"])
+    return tok
+
+
+def test_a_continuation_keeps_the_space_its_first_token_begins_with():
+    tok = sentencepiece_bpe()
+    hello, world = tok.token_to_id("▁Hello"), tok.token_to_id("▁world")
+    assert Detokenizer(tok, [1, hello]).step(world) == " world"
+    assert Detokenizer(tok).step(world) == "world"  # a reply on its own, as decode gives it
+
+
+def test_bytes_that_make_no_character_after_one_that_does_do_not_fail_the_stream():
+    tok = sentencepiece_bpe()
+    byte = lambda b: tok.token_to_id(f"<0x{b:02X}>")  # noqa: E731
+    ids = [tok.token_to_id("a"), byte(0xC3), byte(0xA9), byte(0xF0), tok.token_to_id("a"), tok.token_to_id("b")]
+    d = Detokenizer(tok)
+    text = "".join(d.step(i) for i in ids) + d.flush()  # DecodeStream alone raised 'Invalid prefix'
+    assert text == "aé\ufffdab"
+
+
+def sentencepiece_runner(ids: list[int]) -> ScriptedRunner:
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=sentencepiece_bpe(), eos_token="</s>", bos_token="<s>")
+    runner = ScriptedRunner(tokenizer, "")
+    runner._script = ids + [tokenizer.eos_token_id]
+    return runner
+
+
+def test_a_completion_continues_the_prompts_text_and_a_bad_byte_does_not_end_it(tiny_gpt2_folder, tmp_path):
+    tok = sentencepiece_bpe()
+    byte = lambda b: tok.token_to_id(f"<0x{b:02X}>")  # noqa: E731
+    ids = [tok.token_to_id("▁world"), byte(0xC3), byte(0xA9), byte(0xF0), tok.token_to_id("a")]
+
+    async def scenario(live):
+        for endpoint in ("/v1/completions", "/generate"):
+            for stream in (False, True):
+                body = body_for(endpoint, live.engine.model_name, None, stream, raw=True)
+                text, reason, _, completion = read_reply(endpoint, await http(live.port, "POST", endpoint, body),
+                                                         stream)
+                assert (text, reason, completion) == (" worldé\ufffda", "stop", 5), (endpoint, stream)
+
+    async def main():
+        async with live_server(tiny_gpt2_folder, tmp_path / "log.jsonl", runner=sentencepiece_runner(ids)) as live:
+            await scenario(live)
+            await live.settled()
+            return live.log_lines()
+    lines = asyncio.run(main())
+    assert [line["status"] for line in lines] == ["done"] * 4
