@@ -396,6 +396,10 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
         if body.get(name) not in (None, False, "none", [], {}):
             raise HTTPError(400, f"'{name}' is not supported")
     if not chat:
+        # /v1/completions' logprobs is a count, and 0 still asks for the chosen tokens'
+        # log probabilities (the check above lets it through as equal to False).
+        if body.get("logprobs") is not None and body["logprobs"] is not False:
+            raise HTTPError(400, "'logprobs' is not supported")
         refuse_unsupported(body, ("tools", "tool_choice"))
     output = parse_response_format(body.get("response_format"))
     for name in ("n", "best_of"):

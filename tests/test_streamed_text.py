@@ -285,3 +285,14 @@ def test_a_completion_continues_the_prompts_text_and_a_bad_byte_does_not_end_it(
             return live.log_lines()
     lines = asyncio.run(main())
     assert [line["status"] for line in lines] == ["done"] * 4
+
+
+def test_completions_logprobs_0_still_asks_for_log_probabilities_and_is_400():
+    from httpserver import HTTPError
+    from validation import parse_openai
+
+    with pytest.raises(HTTPError) as info:
+        parse_openai({"prompt": "hi", "logprobs": 0}, False)
+    assert info.value.status == 400 and "'logprobs'" in info.value.message
+    parse_openai({"prompt": "hi", "logprobs": None}, False)
+    parse_openai({"messages": [{"role": "user", "content": "hi"}], "logprobs": False, "top_logprobs": 0}, True)
