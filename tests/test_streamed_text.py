@@ -296,3 +296,43 @@ def test_completions_logprobs_0_still_asks_for_log_probabilities_and_is_400():
     assert info.value.status == 400 and "'logprobs'" in info.value.message
     parse_openai({"prompt": "hi", "logprobs": None}, False)
     parse_openai({"messages": [{"role": "user", "content": "hi"}], "logprobs": False, "top_logprobs": 0}, True)
+
+
+# ---------------------------------------------------------------------------
+# Characters str.splitlines() breaks lines at (httpx's iter_lines, which the ollama
+# client reads NDJSON with) inside the text.
+
+LINE_BREAKING_TEXT = "a\u2028b\u2029c\x85d"
+
+
+def test_a_streamed_piece_holding_line_breaking_characters_is_one_line_of_json():
+    from engine import Final, Stats
+    from replies import OllamaChat, OllamaGenerate, OpenAIChat, Shape
+
+    for shape in (Shape("m"), OllamaGenerate("m"), OllamaChat("m")):
+        for data in (shape.piece(LINE_BREAKING_TEXT), shape.piece(LINE_BREAKING_TEXT),
+                     shape.end(Final("stop", Stats()))):
+            lines = data.decode().splitlines()
+            assert len(lines) == 1 and json.loads(lines[0])
+    data = OpenAIChat("m").piece(LINE_BREAKING_TEXT).decode()
+    assert json.loads(data.splitlines()[0].removeprefix("data: "))["choices"][0]["delta"]["content"] \
+        == LINE_BREAKING_TEXT
+
+
+def test_the_ollama_client_reads_a_reply_holding_line_breaking_characters(tiny_gpt2_folder, tmp_path):
+    import ollama
+
+    tok = byte_bpe()
+    ids = tok.encode(LINE_BREAKING_TEXT).ids
+
+    async def scenario(live):
+        client = ollama.AsyncClient(host=f"http://127.0.0.1:{live.port}")
+        model = live.engine.model_name
+        parts = [p async for p in await client.generate(model=model, prompt="Say hi", stream=True)]
+        assert "".join(p.response for p in parts) == LINE_BREAKING_TEXT
+        parts = [p async for p in await client.chat(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                    stream=True)]
+        assert "".join(p.message.content for p in parts) == LINE_BREAKING_TEXT
+        assert (await client.generate(model=model, prompt="Say hi")).response == LINE_BREAKING_TEXT
+
+    run_scripted(tiny_gpt2_folder, tmp_path, ids, scenario)
