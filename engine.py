@@ -659,7 +659,8 @@ class Engine:
         seq.max_tokens = min(want, context - len(ids))
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
         seq.sampler = sampling.RowSampler(req.sampling, seed, ids, self._row_grammar(req.constraint))
-        seq.detok = Detokenizer(self._runner.codec.backend)
+        continues = req.messages is None and (req.raw or not self._prompts.has_template)
+        seq.detok = Detokenizer(self._runner.codec.backend, ids if continues else ())
         seq.stopper = StopMatcher(req.stop)
         loaded_ns = self._started_ns + int(self._facts.load_seconds * 1e9)
         seq.load_ns = max(0, loaded_ns - seq.stream.submitted_ns)
@@ -894,10 +895,15 @@ class Engine:
             if not seq.first_token_ns:
                 seq.first_token_ns = time.monotonic_ns()
             if token in self._runner.eos_ids:
+                text, _ = seq.stopper.feed(seq.detok.flush())
+                self._emit(seq, text)
                 self._end(seq, "stop")
                 return
             seq.completion_tokens += 1
-            text, hit = seq.stopper.feed(seq.detok.step(token))
+            text = seq.detok.step(token)
+            if seq.sampler.complete or seq.completion_tokens >= seq.max_tokens:
+                text += seq.detok.flush()  # the last token: nothing will complete what it holds
+            text, hit = seq.stopper.feed(text)
             self._emit(seq, text)
             if hit or seq.sampler.complete:
                 self._end(seq, "stop")

@@ -351,10 +351,20 @@ def encode_chunk(data: bytes) -> bytes:
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+# Characters Python's str.splitlines() (so httpx's iter_lines, which the official
+# `ollama` client reads NDJSON with) takes for line ends, which JSON leaves raw: a
+# reply holding one was cut into two halves that are no JSON. Escaped, they decode
+# the same.
+_LINE_BREAKING = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def json_bytes(obj) -> bytes:
     # Error messages echo what clients sent: a lone surrogate (from a JSON escape) has no
     # UTF-8 form, and backslashreplace writes it as the JSON escape it came from.
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    if "\x85" in text or "\u2028" in text or "\u2029" in text:
+        text = text.translate(_LINE_BREAKING)
+    return text.encode("utf-8", "backslashreplace")
 
 
 # ---------------------------------------------------------------------------

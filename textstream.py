@@ -44,14 +44,92 @@ class Detokenizer:
     """Incremental detokeniser: never a split UTF-8 character, chunks add up to the whole.
 
     Wraps `tokenizers.decoders.DecodeStream`, which buffers byte-level tokens until
-    they form whole characters.
+    they form whole characters. `context`: the prompt's tokens when the reply
+    continues its text (no chat template): decoded after them, a SentencePiece
+    model's first token keeps its space (' world' after 'Hello', not 'world').
     """
 
-    def __init__(self, tokenizer):
+    CONTEXT_TOKENS = 4  # the prompt's last tokens a continuation is decoded after
+
+    def __init__(self, tokenizer, context: list[int] | tuple = ()):
+        self._tokenizer = tokenizer  # a `tokenizers.Tokenizer`
+        self._context = self._context_of(list(context))
+        self._base = self._decode(self._context) if self._context else ""
+        self._stream = self._new_stream(self._context)
+        self._ids: list[int] = []  # every token stepped, for flush
+        self._given: list[str] = []  # the text given out so far
+        self._upto = 0  # tokens whose text has been given out
+        self._holding = False  # the last step gave nothing: its bytes wait for more
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    @staticmethod
+    def _new_stream(context: list[int]):
         from tokenizers.decoders import DecodeStream
 
-        self._tokenizer = tokenizer  # a `tokenizers.Tokenizer`
-        self._stream = DecodeStream(skip_special_tokens=True)
+        return DecodeStream(ids=context, skip_special_tokens=True) if context else \
+            DecodeStream(skip_special_tokens=True)
+
+    def _context_of(self, ids: list[int]) -> list[int]:
+        """The prompt's last few tokens, starting at a whole character (none when they
+        end inside one: DecodeStream would then give their text out as the reply's)."""
+        for n in range(self.CONTEXT_TOKENS, 4 * self.CONTEXT_TOKENS + 1):
+            window = ids[-n:]
+            text = self._decode(window)
+            if text.endswith("\ufffd"):
+                return []
+            if not text.startswith("\ufffd") or n >= len(ids):
+                return window
+        return []
 
     def step(self, token_id: int) -> str:
-        return self._stream.step(self._tokenizer, token_id) or ""
+        self._ids.append(token_id)
+        try:
+            text = self._stream.step(self._tokenizer, token_id) or ""
+            if text:
+                self._upto = len(self._ids)
+        except Exception:
+            # DecodeStream's 'Invalid prefix': with byte fallback, a character's bytes
+            # followed by bytes that make no character decode, together, as U+FFFDs
+            # for all of them, which is not the text already given. One bad sample
+            # failed the whole request; now its tokens start a new stream.
+            text = self._restart()
+        if text:
+            self._given.append(text)
+        self._holding = self._upto < len(self._ids)
+        return text
+
+    def _restart(self) -> str:
+        pending = self._ids[self._upto:]
+        self._stream = self._new_stream([])
+        out = []
+        try:
+            for i, token in enumerate(pending):
+                piece = self._stream.step(self._tokenizer, token) or ""
+                if piece:
+                    out.append(piece)
+                    self._upto = len(self._ids) - len(pending) + i + 1
+        except Exception:
+            self._stream = self._new_stream([])
+            self._upto = len(self._ids)
+            return self._decode(pending)
+        return "".join(out)
+
+    def flush(self) -> str:
+        """What the held tokens still hold once no token follows: their whole
+        characters, not the incomplete ones at the very end (Ollama drops those too).
+        DecodeStream holds a whole token while it ends in part of a character, so
+        without this a last token such as ' \xf0\x9f\x98' (a space and 3 bytes of an
+        emoji) lost its space."""
+        if not self._holding:
+            return ""
+        self._holding = False
+        text = self._decode(self._context + self._ids)
+        given = self._base + "".join(self._given)
+        if not text.startswith(given):  # byte fallback decodes invalid bytes apart from the stream
+            return ""
+        rest = text[len(given):].rstrip("\ufffd")
+        if rest:
+            self._given.append(rest)
+        return rest

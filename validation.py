@@ -396,6 +396,10 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
         if body.get(name) not in (None, False, "none", [], {}):
             raise HTTPError(400, f"'{name}' is not supported")
     if not chat:
+        # /v1/completions' logprobs is a count, and 0 still asks for the chosen tokens'
+        # log probabilities (the check above lets it through as equal to False).
+        if body.get("logprobs") is not None and body["logprobs"] is not False:
+            raise HTTPError(400, "'logprobs' is not supported")
         refuse_unsupported(body, ("tools", "tool_choice"))
     output = parse_response_format(body.get("response_format"))
     for name in ("n", "best_of"):
@@ -471,6 +475,16 @@ def _is_token(value) -> bool:
 # Responses API fields we cannot honour (with a value that asks for something).
 RESPONSES_UNSUPPORTED = ("previous_response_id", "reasoning", "background", "top_logprobs",
                          "conversation", "prompt", "include", "max_tool_calls")
+# Chat Completions fields a Responses request may carry by mistake: each is refused, naming
+# the field, rather than dropped (a dropped max_tokens let the reply run to the default
+# length; a dropped response_format gave free text where JSON was asked for).
+RESPONSES_CHAT_FIELDS = {"max_tokens": "use 'max_output_tokens'", "max_completion_tokens": "use 'max_output_tokens'",
+                         "response_format": "use 'text.format'", "messages": "use 'input'",
+                         "logprobs": "token probabilities are not available", "echo": None, "suffix": None,
+                         "logit_bias": None, "functions": "use 'tools'", "function_call": "use 'tool_choice'"}
+# Sampling fields beyond the Responses API's that the engine honours, as on chat.
+RESPONSES_OPTIONS = ("temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty",
+                     *OPENAI_SAMPLING_EXTRAS)
 RESPONSES_TEXT_PARTS = ("input_text", "output_text", "text")
 RESPONSES_ROLES = ("user", "assistant", "system", "developer")
 
@@ -478,6 +492,12 @@ RESPONSES_ROLES = ("user", "assistant", "system", "developer")
 def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool]:
     """OpenAI's /v1/responses body -> (request, stream?, read tool calls?)."""
     refuse_unsupported(body, RESPONSES_UNSUPPORTED)
+    for name in ("n", "best_of"):
+        if body.get(name) is not None and _integer(name, body[name], 1) != 1:
+            raise HTTPError(400, f"'{name}' must be 1: one response per request")
+    for name, hint in RESPONSES_CHAT_FIELDS.items():
+        if body.get(name) not in (None, False, "", [], {}):
+            raise HTTPError(400, f"'{name}' is not supported by /v1/responses" + (f": {hint}" if hint else ""))
     if body.get("truncation") not in (None, "disabled"):  # "auto" would drop earlier items to fit
         raise HTTPError(400, "'truncation' must be 'disabled': an input longer than the context is refused, "
                              "not cut")
@@ -503,16 +523,16 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
     instructions = body.get("instructions")
     if instructions is not None:
         items = [{"role": "system", "content": string_field("instructions", instructions)}] + items
-    fields = openai_sampling_fields(body, ("temperature", "top_p", *OPENAI_SAMPLING_EXTRAS))
+    fields = openai_sampling_fields(body, RESPONSES_OPTIONS)
     if "temperature" in fields:
         _number("temperature", fields["temperature"], 0, 2)
-    sampling, _, _ = parse_options(fields)
+    sampling, _, stop = parse_options(fields)
     max_tokens = None
     if body.get("max_output_tokens") is not None:
         max_tokens = _integer("max_output_tokens", body["max_output_tokens"], 1)
     stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
     req = GenerationRequest(messages=parse_messages(items, openai=True, field="input"), max_tokens=max_tokens,
-                            sampling=sampling)
+                            stop=stop, sampling=sampling)
     # Responses' tools are chat's, flattened: {"type": "function", "name", "parameters"}.
     chat = {"messages": items, "parallel_tool_calls": body.get("parallel_tool_calls")}
     if body.get("tools") not in (None, []):
