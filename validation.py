@@ -423,8 +423,11 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
+        elif isinstance(prompt, list) and len(prompt) > 1:
+            # OpenAI's batch of prompts (one choice each): we give one choice per request
+            raise HTTPError(400, "'prompt' as a list of several prompts is not supported: send one per request")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise HTTPError(400, "'prompt' must be a non-empty string")
+            raise HTTPError(400, "'prompt' must be a non-empty string (or a list of one)")
         req = GenerationRequest(prompt=prompt, raw=True)  # completions continue the text as given
     req.max_tokens, req.stop, req.sampling = max_tokens, stop, sampling
     if chat:

@@ -235,6 +235,17 @@ def test_ollama_chat_content_of_the_wrong_type_is_400_naming_it(content):
     assert "'messages[0].content'" in rejected(parse_chat, {"messages": [{"role": "user", "content": content}]}).message
 
 
+@pytest.mark.parametrize("prompt, says", [
+    (["a", "b"], "several prompts"), ([], "list of one"), ([5], "list of one"), ("  ", "non-empty"), (None, "non-empty")])
+def test_completions_prompt_errors_say_what_is_taken(prompt, says):
+    assert says in rejected(parse_openai, {"prompt": prompt}, False).message
+
+
+def test_completions_prompt_as_a_list_of_one_is_that_prompt():
+    req, *_ = parse_openai({"prompt": ["Hello"]}, chat=False)
+    assert req.prompt == "Hello"
+
+
 def test_include_usage_of_the_wrong_type_is_400():
     body = {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": "yes"}}
     assert "include_usage" in rejected(parse_openai, body, True).message
