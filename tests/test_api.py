@@ -246,6 +246,18 @@ def test_completions_prompt_as_a_list_of_one_is_that_prompt():
     assert req.prompt == "Hello"
 
 
+def test_stop_lists_are_capped_on_every_parser():
+    from validation import MAX_STOPS
+    many = [f"s{i}" for i in range(MAX_STOPS + 1)]
+    assert "'stop'" in rejected(parse_generate, {"prompt": "hi", "stop": many}).message
+    assert "'stop'" in rejected(parse_generate, {"prompt": "hi", "options": {"stop": many}}).message
+    assert "'stop'" in rejected(parse_openai, {"prompt": "hi", "stop": many}, False).message
+    chat = {"messages": [{"role": "user", "content": "hi"}], "stop": many}
+    assert "'stop'" in rejected(parse_openai, chat, True).message
+    req, *_ = parse_openai({"prompt": "hi", "stop": many[:MAX_STOPS]}, chat=False)
+    assert req.stop == many[:MAX_STOPS]
+
+
 def test_include_usage_of_the_wrong_type_is_400():
     body = {"messages": [{"role": "user", "content": "hi"}], "stream_options": {"include_usage": "yes"}}
     assert "include_usage" in rejected(parse_openai, body, True).message
