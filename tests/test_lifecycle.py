@@ -626,3 +626,58 @@ def test_a_chunk_that_fails_to_encode_in_the_hand_back_ends_its_stream_alone(tin
     assert other.lines()[-1]["done"] is True
     assert streamed_text(other, "/generate") == next(line["response"] for line in lines if line["id"] != failed[0])
     assert "injected failure encoding a chunk" in caplog.text
+
+
+def test_stopping_while_the_model_loads_ends_and_logs_every_request_it_was_handed(tiny_gpt2_folder, tmp_path,
+                                                                                  caplog):
+    """The feeder hands requests to the model thread while it loads; a load cannot be
+    stopped, so on shutdown those requests end (cancelled, logged) from the event loop.
+    They used to get no final event and no log line, and the slots stayed taken."""
+    import threading
+
+    from api import Api
+    from engine import Engine
+    from httpserver import HTTPServer, Limits, Router
+    from metrics import Metrics
+    from requestlog import RequestLog
+
+    loading = threading.Event()
+    release = threading.Event()
+
+    def load(source, dtype, cache_dir):
+        loading.set()
+        release.wait(30)
+        raise RuntimeError("load given up by the test")
+
+    async def main():
+        engine = Engine(model=str(tiny_gpt2_folder), cache_dir=None, load_runner=load, max_batch=2, queue_size=4)
+        router = Router()
+        server = HTTPServer(router, Limits())
+        request_log = RequestLog(str(tmp_path / "log.jsonl"))
+        api = Api(engine, request_log, metrics=Metrics(), is_draining=lambda: server.draining)
+        api.routes(router)
+        await server.start("127.0.0.1", 0)
+        engine.start()
+        streams = []
+        real_submit = engine.submit
+        engine.submit = lambda request: streams.append(real_submit(request)) or streams[-1]
+        clients = [asyncio.ensure_future(http(server.port, "POST", "/generate", {"prompt": "The quick brown fox"}))
+                   for _ in range(3)]
+        await wait_until(lambda: len(streams) == 3 and sum(s.in_model for s in streams) == 2)
+        assert loading.is_set() and not engine.ready
+        await server.shutdown(0)
+        await engine.close()
+        assert all(s.final is not None and s.final.done_reason == "cancelled" for s in streams)
+        assert engine.active_count == 0 and engine.queued == 0
+        await asyncio.gather(*clients, return_exceptions=True)
+        release.set()  # the load ends (failed) and the thread hands back its own finals: ignored
+        await asyncio.get_running_loop().run_in_executor(None, engine._thread.join, 30)
+        await asyncio.sleep(0)
+        request_log.close()
+        return streams, [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+
+    with caplog.at_level(logging.ERROR, logger="minivault.engine"):
+        streams, lines = asyncio.run(main())
+    assert sorted(line["id"] for line in lines) == [s.id for s in streams]
+    assert {line["status"] for line in lines} == {"cancelled"}
+    assert "second final event" not in caplog.text
