@@ -671,6 +671,12 @@ class _Connection(asyncio.Protocol):
         while True:
             body = self.parser.body()
             if body is not None:
+                if self._paused and len(self.parser.buffer) <= self._READ_HIGH_WATER:
+                    # A body over the high-water mark left reading paused: resume, or a
+                    # client that leaves while its handler runs goes unnoticed (its
+                    # generation ran to the end).
+                    self._paused = False
+                    self.transport.resume_reading()
                 return body
             if self.closed:
                 raise ClientGone()

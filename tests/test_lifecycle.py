@@ -681,3 +681,23 @@ def test_stopping_while_the_model_loads_ends_and_logs_every_request_it_was_hande
     assert sorted(line["id"] for line in lines) == [s.id for s in streams]
     assert {line["status"] for line in lines} == {"cancelled"}
     assert "second final event" not in caplog.text
+
+
+def test_a_client_that_leaves_after_a_large_body_still_stops_its_generation(tiny_gpt2_folder, tmp_path):
+    """A body over the connection's read high-water mark (256 KiB) paused reading, and
+    nothing resumed it once the body was read: the client's leaving went unseen while
+    its handler ran, and a non-streamed generation ran to its end, logged done."""
+    from modelsource import resolve_model
+    from runner import load_runner
+
+    gated = GatedRunner(load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None))
+    body = json.dumps({"prompt": "The quick brown fox", "max_tokens": -1, "stream": False}).encode()
+    body += b" " * 400_000  # whitespace after the JSON value: still one valid body
+
+    async def scenario(live):
+        await http(live.port, "POST", "/generate", body, leave="at once")
+        await wait_until(lambda: live.streams and live.streams[0].cancelled)
+        gated.gate.set()
+
+    lines = run_live(tiny_gpt2_folder, tmp_path, scenario, runner=gated)
+    assert [(line["status"], line["done_reason"]) for line in lines] == [("cancelled", "cancelled")]
