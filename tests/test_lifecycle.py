@@ -701,3 +701,38 @@ def test_a_client_that_leaves_after_a_large_body_still_stops_its_generation(tiny
 
     lines = run_live(tiny_gpt2_folder, tmp_path, scenario, runner=gated)
     assert [(line["status"], line["done_reason"]) for line in lines] == [("cancelled", "cancelled")]
+
+
+def test_a_queued_generation_when_the_drain_time_ends_gets_503_and_one_log_line(tiny_gpt2_folder, tmp_path):
+    """Shutdown: the stream under way is cut, the request still queued behind it is
+    answered 503 (it used to see its connection reset), and each is logged once."""
+    from modelsource import resolve_model
+    from runner import load_runner
+
+    gated = GatedRunner(load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None))
+
+    async def main():
+        async with live_server(tiny_gpt2_folder, tmp_path / "log.jsonl", runner=gated, max_batch=1) as live:
+            live.server.observer = live.api.observe_response  # as minivault.py wires it
+            running = asyncio.ensure_future(generate(live, max_tokens=-1))
+            await wait_until(lambda: gated.waiting.is_set())
+            queued = asyncio.ensure_future(http(live.port, "POST", "/v1/chat/completions", {
+                "model": live.engine.model_name, "messages": [{"role": "user", "content": "Hi"}]}))
+            await wait_until(lambda: live.engine.queued == 1)
+            await live.server.shutdown(0.0)
+            gated.gate.set()
+            await live.engine.close()
+            reply = await queued
+            assert reply.status == 503 and reply.headers["retry-after"]
+            assert reply.json()["error"]["message"] == "server is shutting down"  # OpenAI's shape under /v1/
+            assert isinstance(await asyncio.gather(running, return_exceptions=True), list)
+            await live.settled()
+            assert live.books() == {"free_slots": 1, "queued": 0, "active": 0, "live": 0}
+            text = live.api.metrics.render()
+            assert 'minivault_http_responses_total{code="503",route="/v1/chat/completions"} 1' in text
+            assert 'code="200",route="/v1/chat/completions"' not in text
+            return live.log_lines()
+
+    lines = asyncio.run(main())
+    assert sorted((line["endpoint"], line["status"]) for line in lines) == [
+        ("/generate", "cancelled"), ("/v1/chat/completions", "cancelled")]
