@@ -921,8 +921,15 @@ class Engine:
             self._fail([seq], exc, "sampling")
 
     def _cut_ended(self) -> list[int] | None:
-        """Cancelled requests end here; rows that ended leave the runner's batch.
+        """Cancelled requests end here (prefilling or embedding too); rows that ended leave the runner's batch.
         Returns the rows kept, in their new order (None: all stay where they are)."""
+        for waiting in (self._long, self._embedding):
+            # Not only the one at the front, which its next chunk checks: one behind it
+            # would keep its slot (and its partial cache) until every prompt before it
+            # was prefilled, and end only then.
+            for seq in [s for s in waiting if s.stream.cancelled]:
+                waiting.remove(seq)
+                self._end(seq, "cancelled")
         if self._launched is not None and any(s.stream.cancelled or s.ended for s in self._batch):
             self._drain()  # the launched tokens are these rows': take them first
         for seq in self._batch:

@@ -736,3 +736,56 @@ def test_a_queued_generation_when_the_drain_time_ends_gets_503_and_one_log_line(
     lines = asyncio.run(main())
     assert sorted((line["endpoint"], line["status"]) for line in lines) == [
         ("/generate", "cancelled"), ("/v1/chat/completions", "cancelled")]
+
+
+class AdvancePermitRunner:
+    """A real runner whose chunked prefill computes one chunk per permit the test gives."""
+
+    def __init__(self, runner):
+        import threading
+
+        self._runner = runner
+        self.permits = threading.Semaphore(0)
+        self.waiting = threading.Event()  # a chunk is waiting for its permit
+
+    def advance(self, partial, tokens):
+        self.waiting.set()
+        assert self.permits.acquire(timeout=30), "the test gave no permit"
+        self.waiting.clear()
+        return self._runner.advance(partial, tokens)
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+
+def test_a_long_prompt_cancelled_behind_another_ends_at_the_next_step(tiny_gpt2_folder, tmp_path):
+    """Only the long prompt at the front of the chunked prefills was checked for a
+    client that left: one behind it kept its slot until every prompt before it was
+    prefilled."""
+    from engine import GenerationRequest
+    from modelsource import resolve_model
+    from runner import load_runner
+
+    runner = AdvancePermitRunner(load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None))
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 3  # several chunks of 8 tokens
+
+    async def main():
+        async with live_server(tiny_gpt2_folder, tmp_path / "log.jsonl", runner=runner, max_batch=3) as live:
+            live.engine.PREFILL_CHUNK = 8
+            front = live.engine.submit(GenerationRequest(prompt=long_prompt, raw=True, max_tokens=2))
+            await wait_until(lambda: runner.waiting.is_set())  # its first chunk waits for a permit
+            behind = live.engine.submit(GenerationRequest(prompt=long_prompt, raw=True, max_tokens=2))
+            await wait_until(lambda: behind.in_model)
+            runner.permits.release()  # the front's first chunk; meanwhile the one behind arrives
+            await wait_until(lambda: runner.waiting.is_set() and len(live.engine._long) == 2)
+            behind.cancel()
+            runner.permits.release()  # one more chunk of the front's, and a step after it
+            await wait_until(lambda: behind.final is not None)
+            assert front.final is None  # the front is still being prefilled
+            assert live.engine.free_slots == 2
+            for _ in range(64):
+                runner.permits.release()
+            await live.settled()
+            assert front.final.done_reason in ("stop", "length") and behind.final.done_reason == "cancelled"
+
+    asyncio.run(main())
