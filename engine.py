@@ -287,7 +287,9 @@ class Engine:
         self._load_runner = load_runner  # (source, dtype, cache_dir) -> a runner; tests inject their own
         self._loop: asyncio.AbstractEventLoop | None = None
         self._admission: AdmissionQueue | None = None
-        self._in_model = 0  # loop side: streams handed to the model thread (a batch slot each), not yet ended
+        # Loop side: streams handed to the model thread (a batch slot each) whose final
+        # event has not come back, by id.
+        self._held: dict[int, TokenStream] = {}
         self._slot_freed = asyncio.Event()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -334,12 +336,12 @@ class Engine:
 
     @property
     def free_slots(self) -> int:
-        return self.max_batch - self._in_model
+        return self.max_batch - len(self._held)
 
     @property
     def active_count(self) -> int:
         """Requests the model thread holds (a batch slot each), until their final event is back."""
-        return self._in_model
+        return len(self._held)
 
     # ---- the event-loop side ----
 
@@ -376,21 +378,21 @@ class Engine:
         # bounded asyncio queue is where requests wait (and where a client that
         # leaves is dropped without ever reaching the model).
         while True:
-            while self._in_model >= self.max_batch:
+            while len(self._held) >= self.max_batch:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
-            stream = await self._admission.get()  # only this task adds to _in_model: still a slot free
+            stream = await self._admission.get()  # only this task adds to _held: still a slot free
             stream.in_model = True
-            self._in_model += 1
+            self._held[stream.id] = stream
             self._inbox.put(stream)
 
     def _deliver(self, batch: list) -> None:  # runs on the event loop
         for stream, item in batch:
             if isinstance(item, Final):
-                if stream.final is not None:
-                    log.error("request %s got a second final event; ignored", stream.id)
+                if self._held.pop(stream.id, None) is None:
+                    if not self._closing:  # closing ends what the model thread still holds itself
+                        log.error("request %s got a second final event; ignored", stream.id)
                     continue
-                self._in_model -= 1
                 self._finished_at.append(time.monotonic())
                 self._slot_freed.set()
             stream._push(item)
@@ -415,7 +417,9 @@ class Engine:
         await self._loaded.wait()
 
     async def close(self) -> None:
-        """Stop: queued requests end cancelled at once, the model thread ends the rest."""
+        """Stop: queued requests end cancelled at once, the model thread ends the rest;
+        what it still holds when it cannot (loading, or stuck in a step for 5 s) ends
+        cancelled here, so every request submitted gets its final event."""
         self._closing = True
         if self._feeder is not None:
             self._feeder.cancel()
@@ -423,9 +427,17 @@ class Engine:
             while not self._admission.empty():
                 self._admission.get_nowait().cancel()
         self._inbox.put(None)
-        if self._thread is not None:
+        if self._thread is not None and self._loaded.is_set():  # a load cannot be stopped: no wait for it
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 5.0)
         await asyncio.sleep(0)  # let the last hand-back run
+        now = time.monotonic_ns()
+        self._deliver([(stream, Final("cancelled", Stats(total_ns=now - stream.submitted_ns)))
+                       for stream in list(self._held.values())])
+
+    @property
+    def thread_alive(self) -> bool:
+        """The model thread still runs (after close: loading, or stuck in a step)."""
+        return self._thread is not None and self._thread.is_alive()
 
     # ---- the model thread: hand-back ----
     # Everything the model thread produces in one step goes back in one
@@ -915,8 +927,15 @@ class Engine:
             self._fail([seq], exc, "sampling")
 
     def _cut_ended(self) -> list[int] | None:
-        """Cancelled requests end here; rows that ended leave the runner's batch.
+        """Cancelled requests end here (prefilling or embedding too); rows that ended leave the runner's batch.
         Returns the rows kept, in their new order (None: all stay where they are)."""
+        for waiting in (self._long, self._embedding):
+            # Not only the one at the front, which its next chunk checks: one behind it
+            # would keep its slot (and its partial cache) until every prompt before it
+            # was prefilled, and end only then.
+            for seq in [s for s in waiting if s.stream.cancelled]:
+                waiting.remove(seq)
+                self._end(seq, "cancelled")
         if self._launched is not None and any(s.stream.cancelled or s.ended for s in self._batch):
             self._drain()  # the launched tokens are these rows': take them first
         for seq in self._batch:

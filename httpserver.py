@@ -515,6 +515,16 @@ def _refuse_content_coding(request: Request) -> None:
         raise HTTPError(415, f"Content-Encoding {coding} is not supported: send the body uncompressed")
 
 
+SHUTTING_DOWN = "server is shutting down"
+
+
+def _shutdown_refusal(body: dict) -> bytes:
+    data = json_bytes(body)
+    return encode_head(503, [("Date", _http_date()), ("Server", "MiniVault"), ("Content-Type", "application/json"),
+                             ("Content-Length", str(len(data))), ("Retry-After", "1"),
+                             ("Connection", "close")]) + data
+
+
 def _refusal(err: HTTPError) -> Handler:
     """A handler that refuses with `err` (a well-formed request for no route)."""
     async def refuse(request: Request, writer: "ResponseWriter") -> None:
@@ -545,6 +555,8 @@ class _Connection(asyncio.Protocol):
         self._task: asyncio.Task | None = None
         self._paused = False
         self.client = ""
+        self._current: tuple[str, Request, ResponseWriter] | None = None  # (route, request, writer) being handled
+        self._answered_for_shutdown = False
 
     # asyncio.Protocol callbacks -------------------------------------------------
 
@@ -646,6 +658,23 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
+    def end_for_shutdown(self) -> None:
+        """The drain time is over: a request whose response has not begun (still queued,
+        or still arriving) is answered 503, as any request refused for shutting down is;
+        a response under way can only be cut."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        route, request, writer = self._current or ("-", None, None)
+        if writer is not None and writer.started:
+            self.abort()
+            return
+        self._observe(route, 503)
+        self._answered_for_shutdown = True  # what its handler sends later is not a response
+        path = request.path if request is not None else ""
+        self._out.clear()
+        self.transport.write(_shutdown_refusal(self.server.router.error_shape(path, SHUTTING_DOWN, 503)))
+        self.transport.close()  # whatever the handler writes later is dropped (flush: closing)
+
     async def _wait_data(self, deadline: float) -> None:
         if self._paused:
             self._paused = False
@@ -681,6 +710,12 @@ class _Connection(asyncio.Protocol):
         while True:
             body = self.parser.body()
             if body is not None:
+                if self._paused and len(self.parser.buffer) <= self._READ_HIGH_WATER:
+                    # A body over the high-water mark left reading paused: resume, or a
+                    # client that leaves while its handler runs goes unnoticed (its
+                    # generation ran to the end).
+                    self._paused = False
+                    self.transport.resume_reading()
                 return body
             if self.closed:
                 raise ClientGone()
@@ -716,6 +751,8 @@ class _Connection(asyncio.Protocol):
             while not self.closed:
                 self.idle = True
                 if self.server.draining:
+                    if self.parser.started:  # a pipelined request that will not be served
+                        await self._send_error(HTTPError(503, SHUTTING_DOWN, [("Retry-After", "1")]))
                     break
                 request, route = None, "-"  # "-": no route matched (yet)
                 try:
@@ -755,6 +792,7 @@ class _Connection(asyncio.Protocol):
             self.server.connections.discard(self)
 
     async def _call(self, handler: Handler, route: str, request: Request, writer: ResponseWriter) -> None:
+        self._current = (route, request, writer)
         try:
             await handler(request, writer)
             if writer.started and not writer.finished:
@@ -769,8 +807,9 @@ class _Connection(asyncio.Protocol):
                 writer.keep_alive = False  # a bug: let the client start afresh
             await self._send_handler_error(err, request, writer)
         finally:
+            self._current = None
             self.disconnect_callbacks.clear()
-            if writer.started:
+            if writer.started and not self._answered_for_shutdown:
                 self._observe(route, writer.status)
 
     async def _send_handler_error(self, err: HTTPError, request: Request, writer: ResponseWriter) -> None:
@@ -843,4 +882,4 @@ class HTTPServer:
                 break
             await asyncio.sleep(0.05)
         for conn in list(self.connections):
-            conn.abort()
+            conn.end_for_shutdown()

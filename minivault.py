@@ -190,7 +190,14 @@ async def serve(args: argparse.Namespace) -> int:
     await engine.close()
     request_log.close()
     log.info("stopped")
-    return 1 if engine.load_error else 0
+    code = 1 if engine.load_error else 0
+    if engine.thread_alive:
+        # Still loading the model (or stuck in a step): letting the interpreter exit
+        # under it aborts the process in torch's C++ code (status 134). Everything is
+        # written out by now.
+        logging.shutdown()
+        os._exit(code)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

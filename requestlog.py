@@ -61,6 +61,7 @@ class RequestLog:
         self.written = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._fd: int | None = None
+        self._identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the file _fd has open
         self._reported = False
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
@@ -82,20 +83,30 @@ class RequestLog:
                 self.written += 1
             except OSError as exc:
                 self.errors += 1
-                self._fd = None
+                self._close_fd()  # reopened for the next line (a full disk must not leak a descriptor a line)
                 if not self._reported:  # say it once, not once per request
                     self._reported = True
                     log.error("cannot write the request log %s: %s", self.path, exc)
+        self._close_fd()
+
+    def _close_fd(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            fd, self._fd = self._fd, None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
     def _append(self, line: bytes) -> None:
+        if self._fd is not None and not self._still_at_path():
+            # Deleted (its folder too) or moved away: lines written to the open file
+            # would be lost without an error. Reopen the path, as WatchedFileHandler does.
+            self._close_fd()
         if self._fd is None:
             folder = os.path.dirname(self.path)
             if folder:
                 os.makedirs(folder, exist_ok=True)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            self._size = os.fstat(self._fd).st_size
+            self._open()
         if self.max_bytes and self._size and self._size + len(line) > self.max_bytes:
             self._rotate()
         written = os.write(self._fd, line)
@@ -104,8 +115,7 @@ class RequestLog:
             raise OSError(f"short write ({written} of {len(line)} bytes)")
 
     def _rotate(self) -> None:
-        os.close(self._fd)
-        self._fd = None
+        self._close_fd()
         if self.backups > 0:
             for n in range(self.backups - 1, 0, -1):
                 if os.path.exists(f"{self.path}.{n}"):
@@ -113,5 +123,19 @@ class RequestLog:
             os.replace(self.path, f"{self.path}.1")
         else:
             os.remove(self.path)
+        self._open()
+
+    def _open(self) -> None:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._size = 0
+        st = os.fstat(self._fd)
+        self._identity = (st.st_dev, st.st_ino)
+        self._size = st.st_size
+
+    def _still_at_path(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError:  # e.g. its folder no longer searchable: the open file still takes lines
+            return True
+        return (st.st_dev, st.st_ino) == self._identity

@@ -288,6 +288,28 @@ def test_a_second_signal_exits_at_once(tmp_path):
         proc.stop()
 
 
+def test_sigterm_while_the_model_loads_exits_0_and_logs_the_request_it_held(tmp_path):
+    """A load cannot be stopped: the server exits without waiting for it, the request
+    handed to the model thread meanwhile logged cancelled. The interpreter's exit under
+    the loading thread used to abort in torch's C++ code (status 134, 'terminate called
+    without an active exception'), that request never logged."""
+    log_file = tmp_path / "log.jsonl"
+    # An empty cache: the GGUF is converted at start, which takes seconds.
+    proc = ServerProcess(["--cache-dir", str(tmp_path / "cache"), "--shutdown-timeout", "0"], log_file=log_file)
+    try:
+        proc.wait_listening()
+        with proc.connect() as sock:
+            send_request(sock, "POST", "/generate", {"prompt": "Hi", "max_tokens": 4})
+            proc.wait_for_stderr("converting", timeout=120)
+            assert proc.request("GET", "/health").json()["status"] == "loading"
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.wait(60) == 0, proc.stderr
+        assert "terminate called" not in proc.stderr
+        assert [(r["id"], r["status"]) for r in read_log(log_file)] == [(1, "cancelled")]
+    finally:
+        proc.stop()
+
+
 def test_device_cuda_without_a_gpu_exits_with_a_clear_error():
     """CI has no GPU (and MiniVault no CUDA runner yet): refused at start, never served on the CPU instead."""
     import subprocess

@@ -17,7 +17,7 @@ from api import Api, Policy
 from httpserver import HTTPError, HTTPServer, Limits, Router
 from metrics import Metrics
 from ratelimit import RateLimiter
-from serverproc import _Reader, encode_request, read_response
+from serverproc import _Reader, encode_request, iter_chunks, read_response
 
 
 class LiveServer:
@@ -80,6 +80,12 @@ class LiveServer:
         self.router.add("GET", "/crash-mid-stream", crash_mid_stream)
         self.router.add("GET", "/firehose", firehose)
         self.router.add("GET", "/slow", slow_stream)
+
+        async def queued(request, writer):  # as a generation waiting for a batch slot
+            await self.stream_release.wait()
+            await writer.send(200, b"served", "text/plain")
+
+        self.router.add("GET", "/queued", queued)
 
     def connect(self) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=30)
@@ -275,6 +281,51 @@ def test_shutdown_lets_a_stream_finish_and_closes_idle_connections(live):
     shutdown.result(10)
     streaming.close()
     idle.close()
+
+
+def test_a_request_not_answered_when_the_drain_time_ends_gets_503_not_a_cut_connection(live):
+    """It used to be aborted: the client saw its connection reset with no response."""
+    waiting = live.connect()
+    waiting.sendall(encode_request("GET", "/queued"))
+    live.call(wait_for_handlers(live.server, 1))
+    live.call(live.server.shutdown(0.0))
+    resp = read_response(waiting)
+    assert resp.status == 503 and resp.headers["retry-after"] and resp.headers["connection"] == "close"
+    assert resp.json() == {"error": "server is shutting down"}
+    assert closed_by_server(waiting)
+    live.loop.call_soon_threadsafe(live.stream_release.set)  # its handler's late answer goes nowhere
+    waiting.close()
+
+
+def test_a_response_under_way_when_the_drain_time_ends_is_cut(live):
+    streaming = live.connect()
+    streaming.sendall(encode_request("GET", "/slow"))
+    reader = _Reader(streaming)
+    assert read_response(streaming, reader, max_chunks=1).status == 200
+    live.call(live.server.shutdown(0.0))
+    with pytest.raises((ConnectionError, OSError)):
+        list(iter_chunks(reader))
+    streaming.close()
+
+
+def test_a_pipelined_request_behind_one_that_finishes_during_the_drain_gets_503(live):
+    conn = live.connect()
+    conn.sendall(encode_request("GET", "/slow") + encode_request("GET", "/echo"))
+    reader = _Reader(conn)
+    assert read_response(conn, reader, max_chunks=1).status == 200
+    shutdown = asyncio.run_coroutine_threadsafe(live.server.shutdown(10.0), live.loop)
+    live.loop.call_soon_threadsafe(live.stream_release.set)
+    assert list(iter_chunks(reader)) == [b'{"response": "last"}\n']
+    second = read_response(conn, reader)
+    assert second.status == 503 and second.json() == {"error": "server is shutting down"}
+    assert closed_by_server(conn)
+    shutdown.result(10)
+    conn.close()
+
+
+async def wait_for_handlers(server, n: int) -> None:
+    while sum(c._current is not None for c in server.connections) < n:
+        await asyncio.sleep(0.001)
 
 
 def _one(srv, method: str, path: str):

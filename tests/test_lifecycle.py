@@ -626,3 +626,166 @@ def test_a_chunk_that_fails_to_encode_in_the_hand_back_ends_its_stream_alone(tin
     assert other.lines()[-1]["done"] is True
     assert streamed_text(other, "/generate") == next(line["response"] for line in lines if line["id"] != failed[0])
     assert "injected failure encoding a chunk" in caplog.text
+
+
+def test_stopping_while_the_model_loads_ends_and_logs_every_request_it_was_handed(tiny_gpt2_folder, tmp_path,
+                                                                                  caplog):
+    """The feeder hands requests to the model thread while it loads; a load cannot be
+    stopped, so on shutdown those requests end (cancelled, logged) from the event loop.
+    They used to get no final event and no log line, and the slots stayed taken."""
+    import threading
+
+    from api import Api
+    from engine import Engine
+    from httpserver import HTTPServer, Limits, Router
+    from metrics import Metrics
+    from requestlog import RequestLog
+
+    loading = threading.Event()
+    release = threading.Event()
+
+    def load(source, dtype, cache_dir):
+        loading.set()
+        release.wait(30)
+        raise RuntimeError("load given up by the test")
+
+    async def main():
+        engine = Engine(model=str(tiny_gpt2_folder), cache_dir=None, load_runner=load, max_batch=2, queue_size=4)
+        router = Router()
+        server = HTTPServer(router, Limits())
+        request_log = RequestLog(str(tmp_path / "log.jsonl"))
+        api = Api(engine, request_log, metrics=Metrics(), is_draining=lambda: server.draining)
+        api.routes(router)
+        await server.start("127.0.0.1", 0)
+        engine.start()
+        streams = []
+        real_submit = engine.submit
+        engine.submit = lambda request: streams.append(real_submit(request)) or streams[-1]
+        clients = [asyncio.ensure_future(http(server.port, "POST", "/generate", {"prompt": "The quick brown fox"}))
+                   for _ in range(3)]
+        await wait_until(lambda: len(streams) == 3 and sum(s.in_model for s in streams) == 2)
+        assert loading.is_set() and not engine.ready
+        await server.shutdown(0)
+        await engine.close()
+        assert all(s.final is not None and s.final.done_reason == "cancelled" for s in streams)
+        assert engine.active_count == 0 and engine.queued == 0
+        await asyncio.gather(*clients, return_exceptions=True)
+        release.set()  # the load ends (failed) and the thread hands back its own finals: ignored
+        await asyncio.get_running_loop().run_in_executor(None, engine._thread.join, 30)
+        await asyncio.sleep(0)
+        request_log.close()
+        return streams, [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+
+    with caplog.at_level(logging.ERROR, logger="minivault.engine"):
+        streams, lines = asyncio.run(main())
+    assert sorted(line["id"] for line in lines) == [s.id for s in streams]
+    assert {line["status"] for line in lines} == {"cancelled"}
+    assert "second final event" not in caplog.text
+
+
+def test_a_client_that_leaves_after_a_large_body_still_stops_its_generation(tiny_gpt2_folder, tmp_path):
+    """A body over the connection's read high-water mark (256 KiB) paused reading, and
+    nothing resumed it once the body was read: the client's leaving went unseen while
+    its handler ran, and a non-streamed generation ran to its end, logged done."""
+    from modelsource import resolve_model
+    from runner import load_runner
+
+    gated = GatedRunner(load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None))
+    body = json.dumps({"prompt": "The quick brown fox", "max_tokens": -1, "stream": False}).encode()
+    body += b" " * 400_000  # whitespace after the JSON value: still one valid body
+
+    async def scenario(live):
+        await http(live.port, "POST", "/generate", body, leave="at once")
+        await wait_until(lambda: live.streams and live.streams[0].cancelled)
+        gated.gate.set()
+
+    lines = run_live(tiny_gpt2_folder, tmp_path, scenario, runner=gated)
+    assert [(line["status"], line["done_reason"]) for line in lines] == [("cancelled", "cancelled")]
+
+
+def test_a_queued_generation_when_the_drain_time_ends_gets_503_and_one_log_line(tiny_gpt2_folder, tmp_path):
+    """Shutdown: the stream under way is cut, the request still queued behind it is
+    answered 503 (it used to see its connection reset), and each is logged once."""
+    from modelsource import resolve_model
+    from runner import load_runner
+
+    gated = GatedRunner(load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None))
+
+    async def main():
+        async with live_server(tiny_gpt2_folder, tmp_path / "log.jsonl", runner=gated, max_batch=1) as live:
+            live.server.observer = live.api.observe_response  # as minivault.py wires it
+            running = asyncio.ensure_future(generate(live, max_tokens=-1))
+            await wait_until(lambda: gated.waiting.is_set())
+            queued = asyncio.ensure_future(http(live.port, "POST", "/v1/chat/completions", {
+                "model": live.engine.model_name, "messages": [{"role": "user", "content": "Hi"}]}))
+            await wait_until(lambda: live.engine.queued == 1)
+            await live.server.shutdown(0.0)
+            gated.gate.set()
+            await live.engine.close()
+            reply = await queued
+            assert reply.status == 503 and reply.headers["retry-after"]
+            assert reply.json()["error"]["message"] == "server is shutting down"  # OpenAI's shape under /v1/
+            assert isinstance(await asyncio.gather(running, return_exceptions=True), list)
+            await live.settled()
+            assert live.books() == {"free_slots": 1, "queued": 0, "active": 0, "live": 0}
+            text = live.api.metrics.render()
+            assert 'minivault_http_responses_total{code="503",route="/v1/chat/completions"} 1' in text
+            assert 'code="200",route="/v1/chat/completions"' not in text
+            return live.log_lines()
+
+    lines = asyncio.run(main())
+    assert sorted((line["endpoint"], line["status"]) for line in lines) == [
+        ("/generate", "cancelled"), ("/v1/chat/completions", "cancelled")]
+
+
+class AdvancePermitRunner:
+    """A real runner whose chunked prefill computes one chunk per permit the test gives."""
+
+    def __init__(self, runner):
+        import threading
+
+        self._runner = runner
+        self.permits = threading.Semaphore(0)
+        self.waiting = threading.Event()  # a chunk is waiting for its permit
+
+    def advance(self, partial, tokens):
+        self.waiting.set()
+        assert self.permits.acquire(timeout=30), "the test gave no permit"
+        self.waiting.clear()
+        return self._runner.advance(partial, tokens)
+
+    def __getattr__(self, name):
+        return getattr(self._runner, name)
+
+
+def test_a_long_prompt_cancelled_behind_another_ends_at_the_next_step(tiny_gpt2_folder, tmp_path):
+    """Only the long prompt at the front of the chunked prefills was checked for a
+    client that left: one behind it kept its slot until every prompt before it was
+    prefilled."""
+    from engine import GenerationRequest
+    from modelsource import resolve_model
+    from runner import load_runner
+
+    runner = AdvancePermitRunner(load_runner(resolve_model(str(tiny_gpt2_folder)), "float32", None))
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 3  # several chunks of 8 tokens
+
+    async def main():
+        async with live_server(tiny_gpt2_folder, tmp_path / "log.jsonl", runner=runner, max_batch=3) as live:
+            live.engine.PREFILL_CHUNK = 8
+            front = live.engine.submit(GenerationRequest(prompt=long_prompt, raw=True, max_tokens=2))
+            await wait_until(lambda: runner.waiting.is_set())  # its first chunk waits for a permit
+            behind = live.engine.submit(GenerationRequest(prompt=long_prompt, raw=True, max_tokens=2))
+            await wait_until(lambda: behind.in_model)
+            runner.permits.release()  # the front's first chunk; meanwhile the one behind arrives
+            await wait_until(lambda: runner.waiting.is_set() and len(live.engine._long) == 2)
+            behind.cancel()
+            runner.permits.release()  # one more chunk of the front's, and a step after it
+            await wait_until(lambda: behind.final is not None)
+            assert front.final is None  # the front is still being prefilled
+            assert live.engine.free_slots == 2
+            for _ in range(64):
+                runner.permits.release()
+            await live.settled()
+            assert front.final.done_reason in ("stop", "length") and behind.final.done_reason == "cancelled"
+
+    asyncio.run(main())

@@ -104,3 +104,60 @@ def test_rfc3339_matches_datetimes_formatting_at_any_instants_in_any_order(insta
         at = datetime.fromtimestamp(ns // 10 ** 9, timezone.utc).replace(microsecond=ns // 1000 % 10 ** 6)
         assert rfc3339(ns, "auto") == at.isoformat(timespec="microseconds").replace("+00:00", "Z")
         assert rfc3339(ns) == at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _written(log: RequestLog, n: int) -> None:
+    """Wait for the log's thread to have handled n lines (written or failed)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while log.written + log.errors < n:
+        assert time.monotonic() < deadline, "the log thread never got to the line"
+        time.sleep(0.001)
+
+
+def test_a_log_whose_folder_is_deleted_is_recreated_not_written_into_the_void(tmp_path):
+    """The file stayed open after `rm -rf logs`: every later line went to the deleted
+    file, lost, with no error counted or said."""
+    import shutil
+
+    path = tmp_path / "logs" / "log.jsonl"
+    log = RequestLog(str(path))
+    log.write({"id": 1})
+    _written(log, 1)
+    shutil.rmtree(tmp_path / "logs")
+    log.write({"id": 2})
+    log.close()
+    assert read_records(path) == [{"id": 2}]
+    assert (log.written, log.errors) == (2, 0)
+
+
+def test_a_log_moved_away_is_reopened_at_its_path(tmp_path):
+    """logrotate's default (move, then a new file): later lines go to the path again."""
+    path = tmp_path / "log.jsonl"
+    log = RequestLog(str(path))
+    log.write({"id": 1})
+    _written(log, 1)
+    os.replace(path, tmp_path / "log.jsonl.old")
+    log.write({"id": 2})
+    log.close()
+    assert read_records(tmp_path / "log.jsonl.old") == [{"id": 1}]
+    assert read_records(path) == [{"id": 2}]
+
+
+def test_a_full_disk_costs_no_file_descriptor_per_line(tmp_path):
+    """Every failed write left its descriptor open and opened another for the next line:
+    on a full disk the server ran out of descriptors (and of connections) request by request."""
+    path = tmp_path / "log.jsonl"
+    path.symlink_to("/dev/full")  # every write fails with ENOSPC
+    log = RequestLog(str(path))
+    log.write({"id": 0})
+    _written(log, 1)
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(1, 51):
+        log.write({"id": i})
+    _written(log, 51)
+    after = len(os.listdir("/proc/self/fd"))
+    log.close()
+    assert (log.written, log.errors) == (0, 51)
+    assert after <= before
