@@ -518,13 +518,6 @@ def _refuse_content_coding(request: Request) -> None:
 SHUTTING_DOWN = "server is shutting down"
 
 
-def _shutdown_refusal(body: dict) -> bytes:
-    data = json_bytes(body)
-    return encode_head(503, [("Date", _http_date()), ("Server", "MiniVault"), ("Content-Type", "application/json"),
-                             ("Content-Length", str(len(data))), ("Retry-After", "1"),
-                             ("Connection", "close")]) + data
-
-
 def _refusal(err: HTTPError) -> Handler:
     """A handler that refuses with `err` (a well-formed request for no route)."""
     async def refuse(request: Request, writer: "ResponseWriter") -> None:
@@ -568,11 +561,8 @@ class _Connection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if len(self.server.connections) >= self.server.max_connections or self.server.draining:
-            body = json_bytes(error_body("", "server busy: too many connections" if not self.server.draining
-                                         else "server is shutting down", 503))
-            transport.write(encode_head(503, [("Content-Type", "application/json"),
-                                              ("Content-Length", str(len(body))),
-                                              ("Retry-After", "1"), ("Connection", "close")]) + body)
+            busy = "server busy: too many connections" if not self.server.draining else SHUTTING_DOWN
+            transport.write(self._error_bytes(HTTPError(503, busy, [("Retry-After", "1")]), ""))
             transport.close()
             self.closed = True
             return
@@ -671,8 +661,8 @@ class _Connection(asyncio.Protocol):
         self._observe(route, 503)
         self._answered_for_shutdown = True  # what its handler sends later is not a response
         path = request.path if request is not None else ""
-        self._out.clear()
-        self.transport.write(_shutdown_refusal(self.server.router.error_shape(path, SHUTTING_DOWN, 503)))
+        self.flush()  # the end of a reply finished this iteration goes out first
+        self.transport.write(self._error_bytes(HTTPError(503, SHUTTING_DOWN, [("Retry-After", "1")]), path))
         self.transport.close()  # whatever the handler writes later is dropped (flush: closing)
 
     async def _wait_data(self, deadline: float) -> None:
@@ -734,15 +724,18 @@ class _Connection(asyncio.Protocol):
     async def _send_error(self, err: HTTPError, route: str = "-", request: Request | None = None) -> None:
         """A protocol error: the framing of what follows is unknown, so the connection closes."""
         self._observe(route, err.status)
-        path = request.path if request is not None else ""
+        try:
+            await self.write(self._error_bytes(err, request.path if request is not None else ""))
+        except ClientGone:
+            pass
+
+    def _error_bytes(self, err: HTTPError, path: str) -> bytes:
+        """A whole error response in the path's error shape, closing the connection."""
         body = json_bytes(self.server.router.error_shape(path, err.message, err.status))
         headers = [("Date", _http_date()), ("Server", "MiniVault"),
                    ("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                    ("Connection", "close")] + err.headers
-        try:
-            await self.write(encode_head(err.status, headers) + body)
-        except ClientGone:
-            pass
+        return encode_head(err.status, headers) + body
 
     # The request loop --------------------------------------------------------------
 
