@@ -150,16 +150,6 @@ async def serve(args: argparse.Namespace) -> int:
               eager_tools=args.tool_calls == "eager")
     api.routes(router)
     server.observer = api.observe_response
-    try:
-        await server.start(args.host, args.port)
-    except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
-        request_log.close()
-        return 2
-    log.info("listening on http://%s:%d (model %s loading; requests are queued meanwhile)",
-             args.host, server.port, engine.model_name)
-    engine.start()
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals_seen = 0
@@ -174,8 +164,20 @@ async def serve(args: argparse.Namespace) -> int:
                  signal.Signals(signum).name, args.shutdown_timeout)
         stop.set()
 
+    # Before the port opens: a supervisor that signals as soon as it sees "listening"
+    # must not meet the default action (killed, nothing logged).
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
+
+    try:
+        await server.start(args.host, args.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+        request_log.close()
+        return 2
+    log.info("listening on http://%s:%d (model %s loading; requests are queued meanwhile)",
+             args.host, server.port, engine.model_name)
+    engine.start()
 
     async def stop_on_load_error() -> None:
         await engine.wait_loaded()
