@@ -61,13 +61,19 @@ def _check_json_value(value) -> None:
 
 def _number(name: str, value, low: float | None = None, high: float | None = None,
             low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise HTTPError(400, f"'{name}' must be a number")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of 309 digits or more (valid JSON) has no float
+        raise HTTPError(400, f"'{name}' is out of range") from None
+    if not math.isfinite(number):
         raise HTTPError(400, f"'{name}' must be a number")
     if low is not None and (value < low or (low_open and value == low)):
         raise HTTPError(400, f"'{name}' must be {'>' if low_open else '>='} {low}")
     if high is not None and value > high:
         raise HTTPError(400, f"'{name}' must be <= {high}")
-    return float(value)
+    return number
 
 
 def _integer(name: str, value, low: int | None = None, high: int | None = None) -> int:

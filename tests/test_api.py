@@ -292,6 +292,13 @@ def test_openai_penalty_outside_its_range_or_type_is_400_naming_it(name, value):
     assert f"'{name}'" in rejected(parse_options, {name: value}).message
 
 
+@pytest.mark.parametrize("name", ["temperature", "top_p", "repeat_penalty", "presence_penalty", "mirostat", "tfs_z"])
+def test_an_integer_too_large_for_a_float_is_400_naming_the_field(name):
+    # 400 digits is valid JSON; float() of it raises OverflowError, which was a 500
+    assert f"'{name}'" in rejected(parse_options, {name: 10 ** 400}).message
+    assert f"'{name}'" in rejected(parse_options, {name: -10 ** 400}).message
+
+
 @pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
 def test_openai_penalties_reach_sampling_from_every_endpoint(name):
     s, _, _ = parse_options({name: -1.5})
