@@ -111,6 +111,16 @@ def test_a_schema_that_cannot_compile_is_refused_with_the_reason(schema):
         Constraint.json(schema)
 
 
+def test_a_schema_number_llguidance_cannot_hold_is_refused_not_raised():
+    # grammar_from_json_schema raised a bare ValueError ("not JSON serializable"): a 500
+    schema = {"type": "integer", "minimum": 10 ** 400}
+    with pytest.raises(ConstraintInvalid):
+        Constraint.json(schema)
+    with pytest.raises(toolcalls.ToolsInvalid):
+        toolcalls.call_constraint([toolcalls.Tool("f", "", {"type": "object", "properties": {"a": schema}})],
+                                  "required")
+
+
 ITSELF = {"x": {"$ref": "#/$defs/x"}}
 # References that loop without reaching a value. llguidance compiles each and fails only
 # when the output reaches the loop: at once, after '{"a": ', or never letting it end.
