@@ -147,7 +147,7 @@ class Api:
         # The playground page: public files, no secrets in them; only the Host is checked.
         router.add("GET", "/", self._host_guard(self.static.index))
         router.add_prefix("GET", self.static.prefix, self._host_guard(self.static.file))
-        router.error_shape = self._error_body  # also for the server's own 404, 405, 413...
+        router.error_shape = self._error_body  # any HTTPError raised, the server's own 404s too
 
     # ---- the guard in front of every route: Host, Origin, API key, rate limit ----
 
@@ -427,25 +427,17 @@ class Api:
         await self._openai(request, writer, chat=True)
 
     async def _openai(self, request: Request, writer: ResponseWriter, chat: bool) -> None:
-        try:
-            body = parse_json_body(request.body)
-            model = self.check_model(body)
-            gen, stream, include_usage, reads_calls = parse_openai(body, chat, self.eager_tools)
-        except HTTPError as err:  # OpenAI clients expect their own error shape
-            await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
-            return
+        body = parse_json_body(request.body)
+        model = self.check_model(body)
+        gen, stream, include_usage, reads_calls = parse_openai(body, chat, self.eager_tools)
         shape = OpenAIChat(model, include_usage, reads_calls) if chat else OpenAICompletion(model, include_usage)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         await self._run(request, writer, gen, stream, endpoint, shape)
 
     async def openai_responses(self, request: Request, writer: ResponseWriter) -> None:
-        try:
-            body = parse_json_body(request.body)
-            model = self.check_model(body)
-            gen, stream, reads_calls = parse_responses(body, self.eager_tools)
-        except HTTPError as err:  # OpenAI clients expect their own error shape
-            await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
-            return
+        body = parse_json_body(request.body)
+        model = self.check_model(body)
+        gen, stream, reads_calls = parse_responses(body, self.eager_tools)
         # Echoed as OpenAI does, with the values actually used (MiniVault's defaults differ).
         echoed = {"instructions": body.get("instructions"), "max_output_tokens": gen.max_tokens,
                   "temperature": gen.sampling.temperature, "top_p": gen.sampling.top_p,
@@ -499,14 +491,10 @@ class Api:
         await writer.send_json(200, {"embedding": final.embeddings[0]})
 
     async def openai_embeddings(self, request: Request, writer: ResponseWriter) -> None:
-        try:
-            body = parse_json_body(request.body)
-            model = self.check_model(body)
-            inputs, encoding = parse_openai_embeddings(body)
-            final = await self._embed(request, writer, inputs, False, "/v1/embeddings")
-        except HTTPError as err:  # OpenAI clients expect their own error shape
-            await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
-            return
+        body = parse_json_body(request.body)
+        model = self.check_model(body)
+        inputs, encoding = parse_openai_embeddings(body)
+        final = await self._embed(request, writer, inputs, False, "/v1/embeddings")
         data = [{"object": "embedding", "index": i,
                  "embedding": base64_floats(v) if encoding == "base64" else v}
                 for i, v in enumerate(final.embeddings)]
@@ -535,11 +523,7 @@ class Api:
                    stream_mode: bool, endpoint: str, shape: Shape) -> None:
         """Submit, then stream (or collect) the text."""
         started = time.monotonic()
-        try:
-            stream = self._submit(request, writer, gen, endpoint, started)
-        except HTTPError as err:
-            await writer.send_json(err.status, shape.error(err.message, err.status), err.headers)
-            return
+        stream = self._submit(request, writer, gen, endpoint, started)  # or an HTTPError (400, 503)
         shape.request_id = stream.id
         id_header = [("X-Request-Id", str(stream.id))]
         try:
