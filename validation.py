@@ -400,7 +400,16 @@ def openai_sampling_fields(body: dict, names) -> dict:
     fields = {k: body[k] for k in names if body.get(k) is not None}
     if "repeat_penalty" in fields and "repetition_penalty" in fields:
         raise HTTPError(400, "give 'repeat_penalty' or 'repetition_penalty', not both")
+    if "temperature" in fields:
+        _number("temperature", fields["temperature"], 0, 2)  # OpenAI's range (Ollama's goes to 100)
     return fields
+
+
+def _one_choice(body: dict, what: str) -> None:
+    """OpenAI's `n` and `best_of` may only ask for the one `what` a request gets."""
+    for name in ("n", "best_of"):
+        if body.get(name) is not None and _integer(name, body[name], 1) != 1:
+            raise HTTPError(400, f"'{name}' must be 1: one {what} per request")
 
 
 def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool, bool]:
@@ -416,14 +425,10 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
             raise HTTPError(400, "'logprobs' is not supported")
         refuse_unsupported(body, ("tools", "tool_choice"))
     output = parse_response_format(body.get("response_format"))
-    for name in ("n", "best_of"):
-        if body.get(name) is not None and _integer(name, body[name], 1) != 1:
-            raise HTTPError(400, f"'{name}' must be 1: one completion per request")
+    _one_choice(body, "completion")
     if body.get("echo"):
         raise HTTPError(400, "'echo' is not supported")
     fields = openai_sampling_fields(body, OPENAI_OPTIONS)
-    if "temperature" in fields:
-        _number("temperature", fields["temperature"], 0, 2)
     sampling, max_tokens, stop = parse_options(fields)
     stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
     stream_options = body.get("stream_options") or {}
@@ -509,9 +514,7 @@ RESPONSES_ROLES = ("user", "assistant", "system", "developer")
 def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool]:
     """OpenAI's /v1/responses body -> (request, stream?, read tool calls?)."""
     refuse_unsupported(body, RESPONSES_UNSUPPORTED)
-    for name in ("n", "best_of"):
-        if body.get(name) is not None and _integer(name, body[name], 1) != 1:
-            raise HTTPError(400, f"'{name}' must be 1: one response per request")
+    _one_choice(body, "response")
     for name, hint in RESPONSES_CHAT_FIELDS.items():
         if body.get(name) not in (None, False, "", [], {}):
             raise HTTPError(400, f"'{name}' is not supported by /v1/responses" + (f": {hint}" if hint else ""))
@@ -541,8 +544,6 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
     if instructions is not None:
         items = [{"role": "system", "content": string_field("instructions", instructions)}] + items
     fields = openai_sampling_fields(body, RESPONSES_OPTIONS)
-    if "temperature" in fields:
-        _number("temperature", fields["temperature"], 0, 2)
     sampling, _, stop = parse_options(fields)
     max_tokens = None
     if body.get("max_output_tokens") is not None:

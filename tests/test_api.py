@@ -327,6 +327,15 @@ def test_seed_that_is_no_integer_is_400(seed):
     assert "'seed'" in rejected(parse_options, {"seed": seed}).message
 
 
+def test_openai_endpoints_take_openai_temperature_range_and_ollama_its_own():
+    from validation import parse_responses
+
+    assert "'temperature'" in rejected(parse_openai, {"prompt": "hi", "temperature": 2.5}, False).message
+    assert "'temperature'" in rejected(parse_responses, {"input": "hi", "temperature": 2.5}).message
+    assert parse_openai({"prompt": "hi", "temperature": 2}, False)[0].sampling.temperature == 2.0
+    assert parse_generate({"prompt": "hi", "temperature": 50})[0].sampling.temperature == 50.0
+
+
 @pytest.mark.parametrize("temperature, expected", [(1e-300, 0.0), (5e-5, 0.0), (1e-4, 1e-4), (0.7, 0.7)])
 def test_temperature_too_small_to_divide_by_is_greedy(temperature, expected):
     s, _, _ = parse_options({"temperature": temperature})
