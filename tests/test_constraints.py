@@ -233,6 +233,14 @@ def test_reader_splits_text_and_calls_across_any_chunking():
     assert cut.feed('<tool_call>\n{"name": "get_') == ("", []) and cut.finish() == '<tool_call>\n{"name": "get_'
 
 
+def test_a_call_nested_deeper_than_python_parses_is_not_read_and_raises_nothing():
+    # An object schema without properties lets a reply nest as deep as its tokens go;
+    # json.loads raised RecursionError out of the reply's encoding (an error line, a 500)
+    deep = '{"name": "f", "arguments": {"a": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    reader = toolcalls.ToolCallReader()
+    assert reader.feed(f"<tool_call>\n{deep}\n</tool_call>") == ("", []) and reader.calls == []
+
+
 def test_tools_are_described_in_the_system_turn():
     messages = toolcalls.with_tools([{"role": "user", "content": "hi"}], [WEATHER])
     assert messages[0]["role"] == "system" and '"name": "get_weather"' in messages[0]["content"]
