@@ -97,6 +97,13 @@ def same_origin(origin: str, host: str | None) -> bool:
     return bool(host) and origin.lower() == f"http://{host.strip().lower()}"
 
 
+def gguf_tag(path: str) -> str | None:
+    """The quantisation a GGUF file's name gives, as Ollama lists it: 'model.Q8_0.gguf' ->
+    'Q8_0'; None when the name has no tag ('model.gguf')."""
+    parts = os.path.basename(path).rsplit(".", 2)
+    return parts[1].upper() if len(parts) == 3 and parts[0] and parts[1] else None
+
+
 @dataclass
 class Policy:
     """Who may call what: API key, rate limit, browser origins, host names, what the log keeps."""
@@ -284,10 +291,7 @@ class Api:
         params = facts.parameters
         size = f"{params / 1e6:.0f}M" if params < 1e9 else f"{params / 1e9:.1f}B"
         fmt = "gguf" if e.source.kind == "gguf" else "safetensors"
-        if fmt == "gguf" and "." in e.source.location:
-            quant = e.source.location.rsplit(".", 2)[-2].upper()  # the file's tag: model.Q8_0.gguf -> Q8_0
-        else:
-            quant = e.dtype.upper()
+        quant = (gguf_tag(e.source.location) if fmt == "gguf" else None) or e.dtype.upper()
         return {"parent_model": "", "format": fmt, "family": facts.architecture,
                 "families": [facts.architecture] if facts.architecture else None,
                 "parameter_size": size if params else "", "quantization_level": quant}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from api import allowed_hosts_option, host_allowed, same_origin
+from api import allowed_hosts_option, gguf_tag, host_allowed, same_origin
 from replies import final_fields, ndjson_line
 from validation import (
     MAX_JSON_DEPTH, _options_fields, parse_chat, parse_generate, parse_json_body, parse_openai, parse_options,
@@ -482,3 +482,14 @@ def test_tool_call_arguments_nested_deeper_than_python_parses_is_400_naming_them
                          {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": deep}}]},
                          {"role": "tool", "content": "ok"}]}
     assert "'messages[1].tool_calls[0].function.arguments'" in rejected(parse_openai, body, True).message
+
+
+@pytest.mark.parametrize("path, tag", [
+    ("/m/smollm2-135m-instruct.Q4_1.gguf", "Q4_1"),
+    ("model.q8_0.gguf", "Q8_0"),
+    ("/models/model.gguf", None),  # was 'MODEL'
+    ("/home/a.b/model.gguf", None),  # was 'B/MODEL': a dot in a folder's name
+    ("/home/a.b/.gguf", None),
+])
+def test_the_quantization_listed_for_a_gguf_file_is_the_tag_in_its_file_name(path, tag):
+    assert gguf_tag(path) == tag
