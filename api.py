@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote
 
-from engine import Engine, Final, GenerationRequest, QueueFull, RequestInvalid, ShuttingDown, TokenStream
+from engine import Engine, Final, GenerationRequest, QueueFull, RequestInvalid, Sampling, ShuttingDown, TokenStream
 from modelsource import EMBEDDED_NAME
 from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router
 from metrics import Metrics
@@ -34,6 +34,8 @@ VERSION = "0.1.0"
 WEB_ROOT = Path(__file__).resolve().parent / "web"
 # Tell proxies (nginx) and caches not to hold streamed tokens back.
 STREAM_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+# The sampling defaults /api/show lists, as Ollama lists a Modelfile's PARAMETERs.
+SHOWN_PARAMETERS = ("temperature", "top_p", "top_k", "repeat_penalty")
 
 
 # ---------------------------------------------------------------------------
@@ -396,9 +398,10 @@ class Api:
         self.check_model(body, required=True)
         e = self.engine
         arch = e.facts.architecture
+        defaults = Sampling()
         await writer.send_json(200, {
             "modelfile": f"FROM {e.model_name}\n",  # the name: the file's path is the server's own
-            "parameters": "temperature 0.8\ntop_p 0.9\ntop_k 40\nrepeat_penalty 1.1",
+            "parameters": "\n".join(f"{name} {getattr(defaults, name)}" for name in SHOWN_PARAMETERS),
             "template": e.facts.chat_template,
             "details": self._details(),
             "model_info": {"general.architecture": arch, "general.parameter_count": e.facts.parameters,
