@@ -24,7 +24,7 @@ from replies import (NDJSON, OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompl
                      base64_floats, ndjson_line, openai_error)
 from requestlog import RequestLog, utc_timestamp
 from staticfiles import StaticFiles
-from validation import (OLLAMA_CHAT_UNSUPPORTED, OLLAMA_GENERATE_UNSUPPORTED, boolean_field, parse_chat,
+from validation import (OLLAMA_CHAT_UNSUPPORTED, OLLAMA_GENERATE_UNSUPPORTED, optional_boolean, parse_chat,
                         parse_generate, parse_json_body, parse_openai, parse_openai_embeddings, parse_responses,
                         refuse_unsupported, string_field)
 
@@ -477,7 +477,7 @@ class Api:
         inputs = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
             raise HTTPError(400, "'input' must be a string or a list of strings")
-        truncate = boolean_field("truncate", body["truncate"]) if body.get("truncate") is not None else True
+        truncate = optional_boolean(body, "truncate", True)
         started = time.monotonic()
         final = await self._embed(request, writer, inputs, truncate, "/api/embed") if inputs else None
         await writer.send_json(200, {

@@ -98,6 +98,13 @@ def boolean_field(name: str, value) -> bool:
     return _of_type(name, value, bool, "true or false")
 
 
+def optional_boolean(fields: dict, name: str, default: bool, where: str | None = None) -> bool:
+    """fields[name], true or false, or `default` when it is absent or null; `where`:
+    what the client calls it, if not `name`."""
+    value = fields.get(name)
+    return default if value is None else boolean_field(where or name, value)
+
+
 def string_field(name: str, value) -> str:
     return _of_type(name, value, str, "a string")
 
@@ -183,8 +190,8 @@ def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
     system = body.get("system")
     if system is not None:
         system = string_field("system", system)
-    raw = boolean_field("raw", body["raw"]) if body.get("raw") is not None else False
-    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else True
+    raw = optional_boolean(body, "raw", False)
+    stream = optional_boolean(body, "stream", True)
     req = GenerationRequest(prompt=prompt, system=system or None, raw=raw, max_tokens=max_tokens,
                             stop=stop, sampling=sampling,
                             constraint=parse_ollama_format(body.get("format")).constraint)
@@ -346,8 +353,7 @@ def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice
     Left to choose, the embedded 135M model put 0.1-2% on starting a call and answered
     in text in every try, so tools would never be called."""
     given = body.get("tools")
-    parallel = body.get("parallel_tool_calls")
-    parallel = boolean_field("parallel_tool_calls", parallel) if parallel is not None else False
+    parallel = optional_boolean(body, "parallel_tool_calls", False)
     try:
         tools = toolcalls.parse_tools(given) if given not in (None, []) else []
         choice = toolcalls.parse_tool_choice(body.get("tool_choice") if choice_field else None, tools)
@@ -373,7 +379,7 @@ def parse_chat(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest
     output = parse_ollama_format(body.get("format"))
     messages = parse_messages(body.get("messages"))
     sampling, max_tokens, stop = parse_options(_options_fields(body))
-    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else True
+    stream = optional_boolean(body, "stream", True)
     req = GenerationRequest(messages=messages, max_tokens=max_tokens, stop=stop, sampling=sampling)
     reads_calls = apply_tools(body, req, output, choice_field=False, eager=eager_tools)
     return req, stream, reads_calls
@@ -430,12 +436,11 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
         raise HTTPError(400, "'echo' is not supported")
     fields = openai_sampling_fields(body, OPENAI_OPTIONS)
     sampling, max_tokens, stop = parse_options(fields)
-    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
+    stream = optional_boolean(body, "stream", False)
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise HTTPError(400, "'stream_options' must be an object")
-    include_usage = stream_options.get("include_usage")
-    include_usage = boolean_field("stream_options.include_usage", include_usage) if include_usage is not None else False
+    include_usage = optional_boolean(stream_options, "include_usage", False, "stream_options.include_usage")
     if chat:
         req = GenerationRequest(messages=parse_messages(body.get("messages"), openai=True))
     else:
@@ -548,7 +553,7 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
     max_tokens = None
     if body.get("max_output_tokens") is not None:
         max_tokens = _integer("max_output_tokens", body["max_output_tokens"], 1)
-    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
+    stream = optional_boolean(body, "stream", False)
     req = GenerationRequest(messages=parse_messages(items, openai=True, field="input"), max_tokens=max_tokens,
                             stop=stop, sampling=sampling)
     # Responses' tools are chat's, flattened: {"type": "function", "name", "parameters"}.

@@ -493,3 +493,22 @@ def test_tool_call_arguments_nested_deeper_than_python_parses_is_400_naming_them
 ])
 def test_the_quantization_listed_for_a_gguf_file_is_the_tag_in_its_file_name(path, tag):
     assert gguf_tag(path) == tag
+
+
+@pytest.mark.parametrize("parse, body, field", [
+    (parse_generate, {"prompt": "hi", "stream": "yes"}, "'stream'"),
+    (parse_generate, {"prompt": "hi", "raw": 1}, "'raw'"),
+    (parse_chat, {"messages": [{"role": "user", "content": "hi"}], "stream": "no"}, "'stream'"),
+    (lambda b: parse_openai(b, True), {"messages": [{"role": "user", "content": "hi"}],
+                                       "stream_options": {"include_usage": "yes"}}, "'stream_options.include_usage'"),
+    (lambda b: parse_openai(b, True), {"messages": [{"role": "user", "content": "hi"}],
+                                       "parallel_tool_calls": "yes"}, "'parallel_tool_calls'"),
+])
+def test_a_flag_that_is_not_true_or_false_is_400_naming_it(parse, body, field):
+    assert field in rejected(parse, body).message
+
+
+def test_a_null_flag_takes_its_default():
+    assert parse_generate({"prompt": "hi", "stream": None, "raw": None})[1] is True
+    assert parse_openai({"prompt": "hi", "stream": None, "stream_options": {"include_usage": None}}, False)[1:3] \
+        == (False, False)
