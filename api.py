@@ -339,8 +339,6 @@ class Api:
     async def ollama_generate(self, request: Request, writer: ResponseWriter) -> None:
         body = parse_json_body(request.body)
         model = self.check_model(body, required=True)
-        if body.get("images"):
-            raise HTTPError(400, "images are not supported")
         refuse_unsupported(body, OLLAMA_GENERATE_UNSUPPORTED)
         if body.get("prompt") in (None, "") and not body.get("system"):
             await self._loaded_reply(writer, body, {"response": ""})

@@ -470,11 +470,12 @@ def refuse_unsupported(body: dict, names) -> None:
 
 # Ollama fields that would change the answer and are not implemented: refused rather
 # than dropped. `think` asks a reasoning model for its thoughts, `template` and
-# `context` replace the prompt's making, the rest are fill-in-the-middle, token
-# probabilities and image generation.
+# `context` replace the prompt's making, `images` is input for a vision model (on
+# /api/chat each message's, refused by parse_messages), the rest are fill-in-the-middle,
+# token probabilities and image generation.
 OLLAMA_CHAT_UNSUPPORTED = ("think", "logprobs", "top_logprobs")
-OLLAMA_GENERATE_UNSUPPORTED = OLLAMA_CHAT_UNSUPPORTED + ("suffix", "template", "context", "width", "height",
-                                                         "steps")
+OLLAMA_GENERATE_UNSUPPORTED = OLLAMA_CHAT_UNSUPPORTED + ("images", "suffix", "template", "context", "width",
+                                                         "height", "steps")
 
 
 def parse_openai_embeddings(body: dict) -> tuple[list, str]:
