@@ -447,6 +447,10 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
+        elif isinstance(prompt, list) and prompt and all(
+                _is_token(t) or (isinstance(t, list) and all(_is_token(i) for i in t)) for t in prompt):
+            # OpenAI's token ids (one prompt) or lists of them: not "several prompts"
+            raise HTTPError(400, "'prompt' as token ids is not supported: send the text (a string, or a list of one)")
         elif isinstance(prompt, list) and len(prompt) > 1:
             # OpenAI's batch of prompts (one choice each): we give one choice per request
             raise HTTPError(400, "'prompt' as a list of several prompts is not supported: send one per request")

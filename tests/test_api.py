@@ -236,7 +236,9 @@ def test_ollama_chat_content_of_the_wrong_type_is_400_naming_it(content):
 
 
 @pytest.mark.parametrize("prompt, says", [
-    (["a", "b"], "several prompts"), ([], "list of one"), ([5], "list of one"), ("  ", "non-empty"), (None, "non-empty")])
+    (["a", "b"], "several prompts"), ([], "list of one"), ([5], "list of one"), ("  ", "non-empty"),
+    (None, "non-empty"), ([5], "token ids"), ([15496, 11], "token ids"), ([[15496], [11]], "token ids"),
+    ([["a"], ["b"]], "several prompts")])
 def test_completions_prompt_errors_say_what_is_taken(prompt, says):
     assert says in rejected(parse_openai, {"prompt": prompt}, False).message
 
