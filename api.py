@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote
 
-from engine import Engine, Final, GenerationRequest, QueueFull, RequestInvalid, ShuttingDown, TokenStream
+from engine import Engine, Final, GenerationRequest, QueueFull, RequestInvalid, Sampling, ShuttingDown, TokenStream
 from modelsource import EMBEDDED_NAME
 from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router
 from metrics import Metrics
@@ -24,7 +24,7 @@ from replies import (NDJSON, OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompl
                      base64_floats, ndjson_line, openai_error)
 from requestlog import RequestLog, utc_timestamp
 from staticfiles import StaticFiles
-from validation import (OLLAMA_CHAT_UNSUPPORTED, OLLAMA_GENERATE_UNSUPPORTED, boolean_field, parse_chat,
+from validation import (OLLAMA_CHAT_UNSUPPORTED, OLLAMA_GENERATE_UNSUPPORTED, optional_boolean, parse_chat,
                         parse_generate, parse_json_body, parse_openai, parse_openai_embeddings, parse_responses,
                         refuse_unsupported, string_field)
 
@@ -34,6 +34,8 @@ VERSION = "0.1.0"
 WEB_ROOT = Path(__file__).resolve().parent / "web"
 # Tell proxies (nginx) and caches not to hold streamed tokens back.
 STREAM_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+# The sampling defaults /api/show lists, as Ollama lists a Modelfile's PARAMETERs.
+SHOWN_PARAMETERS = ("temperature", "top_p", "top_k", "repeat_penalty")
 
 
 # ---------------------------------------------------------------------------
@@ -97,6 +99,13 @@ def same_origin(origin: str, host: str | None) -> bool:
     return bool(host) and origin.lower() == f"http://{host.strip().lower()}"
 
 
+def gguf_tag(path: str) -> str | None:
+    """The quantisation a GGUF file's name gives, as Ollama lists it: 'model.Q8_0.gguf' ->
+    'Q8_0'; None when the name has no tag ('model.gguf')."""
+    parts = os.path.basename(path).rsplit(".", 2)
+    return parts[1].upper() if len(parts) == 3 and parts[0] and parts[1] else None
+
+
 @dataclass
 class Policy:
     """Who may call what: API key, rate limit, browser origins, host names, what the log keeps."""
@@ -147,7 +156,7 @@ class Api:
         # The playground page: public files, no secrets in them; only the Host is checked.
         router.add("GET", "/", self._host_guard(self.static.index))
         router.add_prefix("GET", self.static.prefix, self._host_guard(self.static.file))
-        router.error_shape = self._error_body  # also for the server's own 404, 405, 413...
+        router.error_shape = self._error_body  # any HTTPError raised, the server's own 404s too
 
     # ---- the guard in front of every route: Host, Origin, API key, rate limit ----
 
@@ -284,10 +293,7 @@ class Api:
         params = facts.parameters
         size = f"{params / 1e6:.0f}M" if params < 1e9 else f"{params / 1e9:.1f}B"
         fmt = "gguf" if e.source.kind == "gguf" else "safetensors"
-        if fmt == "gguf" and "." in e.source.location:
-            quant = e.source.location.rsplit(".", 2)[-2].upper()  # the file's tag: model.Q8_0.gguf -> Q8_0
-        else:
-            quant = e.dtype.upper()
+        quant = (gguf_tag(e.source.location) if fmt == "gguf" else None) or e.dtype.upper()
         return {"parent_model": "", "format": fmt, "family": facts.architecture,
                 "families": [facts.architecture] if facts.architecture else None,
                 "parameter_size": size if params else "", "quantization_level": quant}
@@ -333,8 +339,6 @@ class Api:
     async def ollama_generate(self, request: Request, writer: ResponseWriter) -> None:
         body = parse_json_body(request.body)
         model = self.check_model(body, required=True)
-        if body.get("images"):
-            raise HTTPError(400, "images are not supported")
         refuse_unsupported(body, OLLAMA_GENERATE_UNSUPPORTED)
         if body.get("prompt") in (None, "") and not body.get("system"):
             await self._loaded_reply(writer, body, {"response": ""})
@@ -392,9 +396,10 @@ class Api:
         self.check_model(body, required=True)
         e = self.engine
         arch = e.facts.architecture
+        defaults = Sampling()
         await writer.send_json(200, {
             "modelfile": f"FROM {e.model_name}\n",  # the name: the file's path is the server's own
-            "parameters": "temperature 0.8\ntop_p 0.9\ntop_k 40\nrepeat_penalty 1.1",
+            "parameters": "\n".join(f"{name} {getattr(defaults, name)}" for name in SHOWN_PARAMETERS),
             "template": e.facts.chat_template,
             "details": self._details(),
             "model_info": {"general.architecture": arch, "general.parameter_count": e.facts.parameters,
@@ -427,25 +432,17 @@ class Api:
         await self._openai(request, writer, chat=True)
 
     async def _openai(self, request: Request, writer: ResponseWriter, chat: bool) -> None:
-        try:
-            body = parse_json_body(request.body)
-            model = self.check_model(body)
-            gen, stream, include_usage, reads_calls = parse_openai(body, chat, self.eager_tools)
-        except HTTPError as err:  # OpenAI clients expect their own error shape
-            await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
-            return
+        body = parse_json_body(request.body)
+        model = self.check_model(body)
+        gen, stream, include_usage, reads_calls = parse_openai(body, chat, self.eager_tools)
         shape = OpenAIChat(model, include_usage, reads_calls) if chat else OpenAICompletion(model, include_usage)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         await self._run(request, writer, gen, stream, endpoint, shape)
 
     async def openai_responses(self, request: Request, writer: ResponseWriter) -> None:
-        try:
-            body = parse_json_body(request.body)
-            model = self.check_model(body)
-            gen, stream, reads_calls = parse_responses(body, self.eager_tools)
-        except HTTPError as err:  # OpenAI clients expect their own error shape
-            await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
-            return
+        body = parse_json_body(request.body)
+        model = self.check_model(body)
+        gen, stream, reads_calls = parse_responses(body, self.eager_tools)
         # Echoed as OpenAI does, with the values actually used (MiniVault's defaults differ).
         echoed = {"instructions": body.get("instructions"), "max_output_tokens": gen.max_tokens,
                   "temperature": gen.sampling.temperature, "top_p": gen.sampling.top_p,
@@ -478,7 +475,7 @@ class Api:
         inputs = [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
             raise HTTPError(400, "'input' must be a string or a list of strings")
-        truncate = boolean_field("truncate", body["truncate"]) if body.get("truncate") is not None else True
+        truncate = optional_boolean(body, "truncate", True)
         started = time.monotonic()
         final = await self._embed(request, writer, inputs, truncate, "/api/embed") if inputs else None
         await writer.send_json(200, {
@@ -499,14 +496,10 @@ class Api:
         await writer.send_json(200, {"embedding": final.embeddings[0]})
 
     async def openai_embeddings(self, request: Request, writer: ResponseWriter) -> None:
-        try:
-            body = parse_json_body(request.body)
-            model = self.check_model(body)
-            inputs, encoding = parse_openai_embeddings(body)
-            final = await self._embed(request, writer, inputs, False, "/v1/embeddings")
-        except HTTPError as err:  # OpenAI clients expect their own error shape
-            await writer.send_json(err.status, openai_error(err.message, err.status), err.headers)
-            return
+        body = parse_json_body(request.body)
+        model = self.check_model(body)
+        inputs, encoding = parse_openai_embeddings(body)
+        final = await self._embed(request, writer, inputs, False, "/v1/embeddings")
         data = [{"object": "embedding", "index": i,
                  "embedding": base64_floats(v) if encoding == "base64" else v}
                 for i, v in enumerate(final.embeddings)]
@@ -535,11 +528,7 @@ class Api:
                    stream_mode: bool, endpoint: str, shape: Shape) -> None:
         """Submit, then stream (or collect) the text."""
         started = time.monotonic()
-        try:
-            stream = self._submit(request, writer, gen, endpoint, started)
-        except HTTPError as err:
-            await writer.send_json(err.status, shape.error(err.message, err.status), err.headers)
-            return
+        stream = self._submit(request, writer, gen, endpoint, started)  # or an HTTPError (400, 503)
         shape.request_id = stream.id
         id_header = [("X-Request-Id", str(stream.id))]
         try:

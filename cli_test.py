@@ -36,15 +36,19 @@ def fail(message: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    url = urlsplit(args.url)
-    if url.scheme != "http" or not url.hostname:
+    try:
+        url = urlsplit(args.url)
+        port = url.port or 80
+    except ValueError:  # a port that is no number, an unclosed '[' of an IPv6 address
+        url = None
+    if url is None or url.scheme != "http" or not url.hostname:
         return fail(f"--url must look like http://host:port, not {args.url!r}")
     body = {"prompt": args.prompt, "stream": True}
     for key in ("max_tokens", "temperature", "seed", "system"):
         if getattr(args, key) is not None:
             body[key] = getattr(args, key)
 
-    conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=args.timeout)
+    conn = http.client.HTTPConnection(url.hostname, port, timeout=args.timeout)
     started = time.monotonic()
     first_token_at = None
     try:
@@ -62,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         for line in resp:  # http.client undoes the chunked framing; one NDJSON object per line
             if not line.strip():
                 continue
-            obj = json.loads(line)
+            try:
+                obj = json.loads(line)
+            except ValueError:  # not MiniVault (or a proxy's page) at that address
+                print(file=sys.stderr)
+                return fail(f"the server sent a line that is not JSON: {line[:200]!r}")
             if "error" in obj:
                 print(file=sys.stderr)
                 return fail(f"generation failed: {obj['error']}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 from schemas import closed_objects, unmatchable_ref
 
@@ -53,18 +54,23 @@ class Constraint:
     def json(cls, schema: dict | None = None, name: str = "json") -> Constraint:
         """A JSON object (schema None) or a JSON value valid against `schema`."""
         body = _as_compiled(schema)
-        return cls.checked(_llguidance().LLMatcher.grammar_from_json_schema(body, defaults=JSON_LAYOUT), name)
+        return cls._compiled(lambda matcher: matcher.grammar_from_json_schema(body, defaults=JSON_LAYOUT), name)
 
     @classmethod
     def lark(cls, text: str, name: str) -> Constraint:
-        return cls.checked(_llguidance().LLMatcher.grammar_from_lark(text), name)
+        return cls._compiled(lambda matcher: matcher.grammar_from_lark(text), name)
 
     @classmethod
-    def checked(cls, grammar: str, name: str) -> Constraint:
+    def _compiled(cls, make: Callable[[object], str], name: str) -> Constraint:
+        """The grammar `make(LLMatcher)` returns, once llguidance accepts it; else
+        ConstraintInvalid with its reason."""
+        matcher = _llguidance().LLMatcher
         try:
-            error = _llguidance().LLMatcher.validate_grammar(grammar)
+            grammar = make(matcher)
+            error = matcher.validate_grammar(grammar)
         except Exception as exc:  # malformed input can raise instead of returning the error
-            error = str(exc)
+            # (a schema number beyond 64 bits: ValueError from grammar_from_json_schema)
+            error = str(exc) or type(exc).__name__
         if error:
             raise ConstraintInvalid(error.strip().splitlines()[0][:300])
         return cls(grammar, name)

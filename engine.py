@@ -300,6 +300,7 @@ class Engine:
         self._finished_at: collections.deque = collections.deque(maxlen=32)  # loop-side clock
         # Model thread only:
         self._runner = None
+        self._facts: ModelFacts | None = None  # the loaded model's, before `facts` is published
         self._asynchronous = False  # the runner's steps run on a device while the host goes on
         self._pipelined = False  # and its decode takes the last sampled tokens on the device
         # Pipelined: the rows of the last decode step (the batch's first rows) and their
@@ -955,8 +956,9 @@ class Engine:
         return keep
 
     def _check_accounts(self) -> None:
-        """Every live request is in the batch or a long prefill, and the batch is the
-        runner's: anything else is a bug, and ends those requests rather than hang them."""
+        """Every live request is in the batch, a long prefill or an embedding, and the
+        batch is the runner's: anything else is a bug, and ends those requests rather
+        than hang them."""
         placed = {id(s) for s in self._batch + self._long + self._embedding}
         lost = [s for s in self._live.values() if id(s) not in placed]
         if lost:

@@ -1,10 +1,13 @@
-"""Measured fixes that make a decode step cheaper on CPU.
+"""Measured fixes that make the transformers runner's steps cheaper on CPU.
 
 Imported by the model thread only (it imports torch, which takes seconds).
 
 - `new_cache`: a KV cache whose layers keep spare room along the sequence, so a
   decode step writes its keys and values in place. transformers' DynamicLayer
   concatenates, which copies the whole cache every step: ~10% of an 8-row step.
+- `SharedPrefix`: the keys and values of the prompt prefix most requests share (the
+  default system turn and user header), computed once; a prefill seeded with them
+  computes only the rest of each prompt.
 - `speed_up_output_head`: the output head computes W @ x^T instead of x @ W^T when
   2-64 rows come in. MKL packs the right-hand matrix on every call, so the usual
   order re-packs the 49152x576 head each step; swapped, only the few rows are packed.

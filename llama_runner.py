@@ -435,7 +435,10 @@ def read_folder(folder: Path):
     for value in (json.loads(generation.read_text()).get("eos_token_id") if generation.exists() else None,
                   config.get("eos_token_id"), codec.eos_token_id):
         eos.update([value] if isinstance(value, int) else value or [])
-    parameters = sum(t.numel() for name, t in weights.items() if name != "lm_head.weight")
+    # A tied head is the embedding again (a file may still hold a copy of it); an
+    # untied one is parameters of its own, as transformers counts them.
+    tied = config.get("tie_word_embeddings", False)
+    parameters = sum(t.numel() for name, t in weights.items() if not (tied and name == "lm_head.weight"))
     return config, weights, codec, frozenset(eos), parameters
 
 

@@ -28,7 +28,9 @@ def _number(v: float) -> str:
 
 
 class Metrics:
-    """A small registry. Thread-safe: the request-log thread counts its errors too."""
+    """A small registry, behind one lock. Only the event loop writes to it today; what
+    other threads count (the request log's errors, the model thread's stages) is read
+    from them when /metrics is scraped (counter_read)."""
 
     def __init__(self):
         self._lock = threading.Lock()

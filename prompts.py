@@ -62,18 +62,22 @@ class TextCodec:
                                                     tools=None, documents=None, **self.special)
 
 
+class TemplateRefused(ValueError):
+    """The chat template refused the conversation (its `raise_exception`, as Mistral's
+    does for roles out of turn): the request's fault, so a 400 (engine.RequestInvalid)."""
+
+
 _templates: dict[str, object] = {}
 
 
 def _compiled(template: str):
     """The template compiled as transformers compiles it: a sandbox, trimmed blocks."""
     if template not in _templates:
-        from jinja2.exceptions import TemplateError
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
-            raise TemplateError(message)
+            raise TemplateRefused(message)
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.filters["tojson"] = lambda value, indent=None, separators=None, sort_keys=False: json.dumps(

@@ -42,6 +42,16 @@ class Runner(Protocol):
     # True where a step runs on a device while the host goes on (a GPU): the step's
     # results are waited for when sampling reads them. Absent: False.
     asynchronous: bool
+    # The optional ones below, as the scheduler reads them (absent: the default said).
+    # Asynchronous and `decode` takes the last sampled tokens as a device tensor, so the
+    # scheduler launches step N+1 before reading step N's tokens. Absent: False.
+    pipelined: bool
+    # Prompt tokens of padding a grouped prefill may add for free (a GPU's pass costs
+    # its launches, not its size). Absent: 0.
+    free_padding: int
+    # Batch rows the runner holds at most (a GPU's KV slots); the scheduler admits no
+    # more. Absent: as many as the scheduler was asked for.
+    max_batch: int
 
     @property
     def rows(self) -> int:

@@ -196,7 +196,7 @@ class ToolCallReader:
 def _parse_call(text: str) -> dict | None:
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None

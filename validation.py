@@ -61,13 +61,19 @@ def _check_json_value(value) -> None:
 
 def _number(name: str, value, low: float | None = None, high: float | None = None,
             low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise HTTPError(400, f"'{name}' must be a number")
+    try:
+        number = float(value)
+    except OverflowError:  # an integer of 309 digits or more (valid JSON) has no float
+        raise HTTPError(400, f"'{name}' is out of range") from None
+    if not math.isfinite(number):
         raise HTTPError(400, f"'{name}' must be a number")
     if low is not None and (value < low or (low_open and value == low)):
         raise HTTPError(400, f"'{name}' must be {'>' if low_open else '>='} {low}")
     if high is not None and value > high:
         raise HTTPError(400, f"'{name}' must be <= {high}")
-    return float(value)
+    return number
 
 
 def _integer(name: str, value, low: int | None = None, high: int | None = None) -> int:
@@ -90,6 +96,13 @@ def _of_type(name: str, value, kind: type, words: str):
 
 def boolean_field(name: str, value) -> bool:
     return _of_type(name, value, bool, "true or false")
+
+
+def optional_boolean(fields: dict, name: str, default: bool, where: str | None = None) -> bool:
+    """fields[name], true or false, or `default` when it is absent or null; `where`:
+    what the client calls it, if not `name`."""
+    value = fields.get(name)
+    return default if value is None else boolean_field(where or name, value)
 
 
 def string_field(name: str, value) -> str:
@@ -177,8 +190,8 @@ def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
     system = body.get("system")
     if system is not None:
         system = string_field("system", system)
-    raw = boolean_field("raw", body["raw"]) if body.get("raw") is not None else False
-    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else True
+    raw = optional_boolean(body, "raw", False)
+    stream = optional_boolean(body, "stream", True)
     req = GenerationRequest(prompt=prompt, system=system or None, raw=raw, max_tokens=max_tokens,
                             stop=stop, sampling=sampling,
                             constraint=parse_ollama_format(body.get("format")).constraint)
@@ -340,8 +353,7 @@ def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice
     Left to choose, the embedded 135M model put 0.1-2% on starting a call and answered
     in text in every try, so tools would never be called."""
     given = body.get("tools")
-    parallel = body.get("parallel_tool_calls")
-    parallel = boolean_field("parallel_tool_calls", parallel) if parallel is not None else False
+    parallel = optional_boolean(body, "parallel_tool_calls", False)
     try:
         tools = toolcalls.parse_tools(given) if given not in (None, []) else []
         choice = toolcalls.parse_tool_choice(body.get("tool_choice") if choice_field else None, tools)
@@ -367,7 +379,7 @@ def parse_chat(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest
     output = parse_ollama_format(body.get("format"))
     messages = parse_messages(body.get("messages"))
     sampling, max_tokens, stop = parse_options(_options_fields(body))
-    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else True
+    stream = optional_boolean(body, "stream", True)
     req = GenerationRequest(messages=messages, max_tokens=max_tokens, stop=stop, sampling=sampling)
     reads_calls = apply_tools(body, req, output, choice_field=False, eager=eager_tools)
     return req, stream, reads_calls
@@ -394,7 +406,16 @@ def openai_sampling_fields(body: dict, names) -> dict:
     fields = {k: body[k] for k in names if body.get(k) is not None}
     if "repeat_penalty" in fields and "repetition_penalty" in fields:
         raise HTTPError(400, "give 'repeat_penalty' or 'repetition_penalty', not both")
+    if "temperature" in fields:
+        _number("temperature", fields["temperature"], 0, 2)  # OpenAI's range (Ollama's goes to 100)
     return fields
+
+
+def _one_choice(body: dict, what: str) -> None:
+    """OpenAI's `n` and `best_of` may only ask for the one `what` a request gets."""
+    for name in ("n", "best_of"):
+        if body.get(name) is not None and _integer(name, body[name], 1) != 1:
+            raise HTTPError(400, f"'{name}' must be 1: one {what} per request")
 
 
 def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool, bool]:
@@ -410,27 +431,26 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
             raise HTTPError(400, "'logprobs' is not supported")
         refuse_unsupported(body, ("tools", "tool_choice"))
     output = parse_response_format(body.get("response_format"))
-    for name in ("n", "best_of"):
-        if body.get(name) is not None and _integer(name, body[name], 1) != 1:
-            raise HTTPError(400, f"'{name}' must be 1: one completion per request")
+    _one_choice(body, "completion")
     if body.get("echo"):
         raise HTTPError(400, "'echo' is not supported")
     fields = openai_sampling_fields(body, OPENAI_OPTIONS)
-    if "temperature" in fields:
-        _number("temperature", fields["temperature"], 0, 2)
     sampling, max_tokens, stop = parse_options(fields)
-    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
+    stream = optional_boolean(body, "stream", False)
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
         raise HTTPError(400, "'stream_options' must be an object")
-    include_usage = stream_options.get("include_usage")
-    include_usage = boolean_field("stream_options.include_usage", include_usage) if include_usage is not None else False
+    include_usage = optional_boolean(stream_options, "include_usage", False, "stream_options.include_usage")
     if chat:
         req = GenerationRequest(messages=parse_messages(body.get("messages"), openai=True))
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
+        elif isinstance(prompt, list) and prompt and all(
+                _is_token(t) or (isinstance(t, list) and all(_is_token(i) for i in t)) for t in prompt):
+            # OpenAI's token ids (one prompt) or lists of them: not "several prompts"
+            raise HTTPError(400, "'prompt' as token ids is not supported: send the text (a string, or a list of one)")
         elif isinstance(prompt, list) and len(prompt) > 1:
             # OpenAI's batch of prompts (one choice each): we give one choice per request
             raise HTTPError(400, "'prompt' as a list of several prompts is not supported: send one per request")
@@ -454,11 +474,12 @@ def refuse_unsupported(body: dict, names) -> None:
 
 # Ollama fields that would change the answer and are not implemented: refused rather
 # than dropped. `think` asks a reasoning model for its thoughts, `template` and
-# `context` replace the prompt's making, the rest are fill-in-the-middle, token
-# probabilities and image generation.
+# `context` replace the prompt's making, `images` is input for a vision model (on
+# /api/chat each message's, refused by parse_messages), the rest are fill-in-the-middle,
+# token probabilities and image generation.
 OLLAMA_CHAT_UNSUPPORTED = ("think", "logprobs", "top_logprobs")
-OLLAMA_GENERATE_UNSUPPORTED = OLLAMA_CHAT_UNSUPPORTED + ("suffix", "template", "context", "width", "height",
-                                                         "steps")
+OLLAMA_GENERATE_UNSUPPORTED = OLLAMA_CHAT_UNSUPPORTED + ("images", "suffix", "template", "context", "width",
+                                                         "height", "steps")
 
 
 def parse_openai_embeddings(body: dict) -> tuple[list, str]:
@@ -503,9 +524,7 @@ RESPONSES_ROLES = ("user", "assistant", "system", "developer")
 def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool]:
     """OpenAI's /v1/responses body -> (request, stream?, read tool calls?)."""
     refuse_unsupported(body, RESPONSES_UNSUPPORTED)
-    for name in ("n", "best_of"):
-        if body.get(name) is not None and _integer(name, body[name], 1) != 1:
-            raise HTTPError(400, f"'{name}' must be 1: one response per request")
+    _one_choice(body, "response")
     for name, hint in RESPONSES_CHAT_FIELDS.items():
         if body.get(name) not in (None, False, "", [], {}):
             raise HTTPError(400, f"'{name}' is not supported by /v1/responses" + (f": {hint}" if hint else ""))
@@ -535,13 +554,11 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
     if instructions is not None:
         items = [{"role": "system", "content": string_field("instructions", instructions)}] + items
     fields = openai_sampling_fields(body, RESPONSES_OPTIONS)
-    if "temperature" in fields:
-        _number("temperature", fields["temperature"], 0, 2)
     sampling, _, stop = parse_options(fields)
     max_tokens = None
     if body.get("max_output_tokens") is not None:
         max_tokens = _integer("max_output_tokens", body["max_output_tokens"], 1)
-    stream = boolean_field("stream", body["stream"]) if body.get("stream") is not None else False
+    stream = optional_boolean(body, "stream", False)
     req = GenerationRequest(messages=parse_messages(items, openai=True, field="input"), max_tokens=max_tokens,
                             stop=stop, sampling=sampling)
     # Responses' tools are chat's, flattened: {"type": "function", "name", "parameters"}.

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from api import allowed_hosts_option, host_allowed, same_origin
+from api import allowed_hosts_option, gguf_tag, host_allowed, same_origin
 from replies import final_fields, ndjson_line
 from validation import (
     MAX_JSON_DEPTH, _options_fields, parse_chat, parse_generate, parse_json_body, parse_openai, parse_options,
@@ -236,7 +236,9 @@ def test_ollama_chat_content_of_the_wrong_type_is_400_naming_it(content):
 
 
 @pytest.mark.parametrize("prompt, says", [
-    (["a", "b"], "several prompts"), ([], "list of one"), ([5], "list of one"), ("  ", "non-empty"), (None, "non-empty")])
+    (["a", "b"], "several prompts"), ([], "list of one"), ([5], "list of one"), ("  ", "non-empty"),
+    (None, "non-empty"), ([5], "token ids"), ([15496, 11], "token ids"), ([[15496], [11]], "token ids"),
+    ([["a"], ["b"]], "several prompts")])
 def test_completions_prompt_errors_say_what_is_taken(prompt, says):
     assert says in rejected(parse_openai, {"prompt": prompt}, False).message
 
@@ -292,6 +294,13 @@ def test_openai_penalty_outside_its_range_or_type_is_400_naming_it(name, value):
     assert f"'{name}'" in rejected(parse_options, {name: value}).message
 
 
+@pytest.mark.parametrize("name", ["temperature", "top_p", "repeat_penalty", "presence_penalty", "mirostat", "tfs_z"])
+def test_an_integer_too_large_for_a_float_is_400_naming_the_field(name):
+    # 400 digits is valid JSON; float() of it raises OverflowError, which was a 500
+    assert f"'{name}'" in rejected(parse_options, {name: 10 ** 400}).message
+    assert f"'{name}'" in rejected(parse_options, {name: -10 ** 400}).message
+
+
 @pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
 def test_openai_penalties_reach_sampling_from_every_endpoint(name):
     s, _, _ = parse_options({name: -1.5})
@@ -318,6 +327,15 @@ def test_any_integer_seed_is_reduced_to_the_generator_range(seed, expected):
 @pytest.mark.parametrize("seed", [1.5, "7", float("nan"), float("inf")])
 def test_seed_that_is_no_integer_is_400(seed):
     assert "'seed'" in rejected(parse_options, {"seed": seed}).message
+
+
+def test_openai_endpoints_take_openai_temperature_range_and_ollama_its_own():
+    from validation import parse_responses
+
+    assert "'temperature'" in rejected(parse_openai, {"prompt": "hi", "temperature": 2.5}, False).message
+    assert "'temperature'" in rejected(parse_responses, {"input": "hi", "temperature": 2.5}).message
+    assert parse_openai({"prompt": "hi", "temperature": 2}, False)[0].sampling.temperature == 2.0
+    assert parse_generate({"prompt": "hi", "temperature": 50})[0].sampling.temperature == 50.0
 
 
 @pytest.mark.parametrize("temperature, expected", [(1e-300, 0.0), (5e-5, 0.0), (1e-4, 1e-4), (0.7, 0.7)])
@@ -466,3 +484,33 @@ def test_tool_call_arguments_nested_deeper_than_python_parses_is_400_naming_them
                          {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": deep}}]},
                          {"role": "tool", "content": "ok"}]}
     assert "'messages[1].tool_calls[0].function.arguments'" in rejected(parse_openai, body, True).message
+
+
+@pytest.mark.parametrize("path, tag", [
+    ("/m/smollm2-135m-instruct.Q4_1.gguf", "Q4_1"),
+    ("model.q8_0.gguf", "Q8_0"),
+    ("/models/model.gguf", None),  # was 'MODEL'
+    ("/home/a.b/model.gguf", None),  # was 'B/MODEL': a dot in a folder's name
+    ("/home/a.b/.gguf", None),
+])
+def test_the_quantization_listed_for_a_gguf_file_is_the_tag_in_its_file_name(path, tag):
+    assert gguf_tag(path) == tag
+
+
+@pytest.mark.parametrize("parse, body, field", [
+    (parse_generate, {"prompt": "hi", "stream": "yes"}, "'stream'"),
+    (parse_generate, {"prompt": "hi", "raw": 1}, "'raw'"),
+    (parse_chat, {"messages": [{"role": "user", "content": "hi"}], "stream": "no"}, "'stream'"),
+    (lambda b: parse_openai(b, True), {"messages": [{"role": "user", "content": "hi"}],
+                                       "stream_options": {"include_usage": "yes"}}, "'stream_options.include_usage'"),
+    (lambda b: parse_openai(b, True), {"messages": [{"role": "user", "content": "hi"}],
+                                       "parallel_tool_calls": "yes"}, "'parallel_tool_calls'"),
+])
+def test_a_flag_that_is_not_true_or_false_is_400_naming_it(parse, body, field):
+    assert field in rejected(parse, body).message
+
+
+def test_a_null_flag_takes_its_default():
+    assert parse_generate({"prompt": "hi", "stream": None, "raw": None})[1] is True
+    assert parse_openai({"prompt": "hi", "stream": None, "stream_options": {"include_usage": None}}, False)[1:3] \
+        == (False, False)

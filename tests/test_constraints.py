@@ -111,6 +111,16 @@ def test_a_schema_that_cannot_compile_is_refused_with_the_reason(schema):
         Constraint.json(schema)
 
 
+def test_a_schema_number_llguidance_cannot_hold_is_refused_not_raised():
+    # grammar_from_json_schema raised a bare ValueError ("not JSON serializable"): a 500
+    schema = {"type": "integer", "minimum": 10 ** 400}
+    with pytest.raises(ConstraintInvalid):
+        Constraint.json(schema)
+    with pytest.raises(toolcalls.ToolsInvalid):
+        toolcalls.call_constraint([toolcalls.Tool("f", "", {"type": "object", "properties": {"a": schema}})],
+                                  "required")
+
+
 ITSELF = {"x": {"$ref": "#/$defs/x"}}
 # References that loop without reaching a value. llguidance compiles each and fails only
 # when the output reaches the loop: at once, after '{"a": ', or never letting it end.
@@ -221,6 +231,14 @@ def test_reader_splits_text_and_calls_across_any_chunking():
     assert reader.feed("Sunny") == ("Sunny", []) and reader.feed(" <b>") == (" <b>", [])
     cut = toolcalls.ToolCallReader()
     assert cut.feed('<tool_call>\n{"name": "get_') == ("", []) and cut.finish() == '<tool_call>\n{"name": "get_'
+
+
+def test_a_call_nested_deeper_than_python_parses_is_not_read_and_raises_nothing():
+    # An object schema without properties lets a reply nest as deep as its tokens go;
+    # json.loads raised RecursionError out of the reply's encoding (an error line, a 500)
+    deep = '{"name": "f", "arguments": {"a": ' + "[" * 100_000 + "]" * 100_000 + "}}"
+    reader = toolcalls.ToolCallReader()
+    assert reader.feed(f"<tool_call>\n{deep}\n</tool_call>") == ("", []) and reader.calls == []
 
 
 def test_tools_are_described_in_the_system_turn():

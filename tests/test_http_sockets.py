@@ -443,6 +443,33 @@ def _ask(srv, method, path, body=None, headers=None):
 EVIL = "http://evil.example"
 
 
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], "n": 2}'),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": "hot"}'),
+    ("/v1/responses", b'{"input": "hi", "max_tokens": 5}'),
+    ("/v1/embeddings", b'{"input": 5}'),
+    ("/v1/chat/completions", b'{"messages": '),
+])
+def test_a_refused_openai_body_is_a_400_in_openai_shape_before_the_engine(api_server, path, body):
+    srv, engine = api_server(Policy())
+    resp = _ask(srv, "POST", path, body)
+    error = resp.json()["error"]
+    assert resp.status == 400 and error["type"] == "invalid_request_error" and error["message"]
+    assert resp.headers["connection"] == "keep-alive" and engine.submitted == []
+
+
+@pytest.mark.parametrize("path, body, field", [
+    ("/api/generate", b'{"model": "m", "prompt": "hi", "images": ["aGk="]}', "'images'"),
+    ("/api/chat", b'{"model": "m", "messages": [{"role": "user", "content": "hi", "images": ["aGk="]}]}',
+     "'messages[0].images'"),
+    ("/api/generate", b'{"model": "m", "prompt": "hi", "think": true}', "'think'"),
+])
+def test_an_ollama_field_that_cannot_be_honoured_is_a_400_naming_it(api_server, path, body, field):
+    srv, engine = api_server(Policy())
+    resp = _ask(srv, "POST", path, body)
+    assert resp.status == 400 and field in resp.json()["error"] and engine.submitted == []
+
+
 def test_cross_site_simple_post_is_refused_before_the_generation_runs(api_server):
     srv, engine = api_server(Policy())
     text_plain = {"Content-Type": "text/plain", "Origin": EVIL}

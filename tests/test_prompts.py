@@ -83,3 +83,15 @@ def test_a_folder_codec_renders_and_encodes_as_transformers_does(chat, tmp_path)
                                                 {"role": "user", "content": "q2"}])):
         assert from_folder.encode(request) == builder.encode(request)
     assert TextCodec.from_folder(tmp_path / "missing") is None
+
+
+def test_a_conversation_the_chat_template_refuses_is_a_value_error_the_engine_answers_400(chat):
+    # Templates such as Mistral's call raise_exception on roles they do not take; that
+    # was jinja's TemplateError, which the engine counted as its own failure (a 500).
+    builder, _ = chat
+    template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('roles must start with user') }}"
+                "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    refusing = PromptBuilder(TextCodec(builder.backend, template, builder.codec.special, None))
+    assert refusing.encode(GenerationRequest(prompt="hi"))
+    with pytest.raises(ValueError, match="roles must start with user"):
+        refusing.encode(GenerationRequest(system="Be brief.", prompt="hi"))

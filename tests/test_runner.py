@@ -245,6 +245,23 @@ def test_choose_dtype_keeps_explicit_choices_and_picks_by_the_cpu_for_auto():
             choose_dtype(integer, False)
 
 
+def test_a_model_with_its_own_output_head_counts_it_on_every_load_path(tmp_path, tiny_gpt2_folder, monkeypatch):
+    # The folder path left lm_head.weight out of the count, so an untied model listed
+    # fewer parameters (/api/show) than the same model loaded through transformers.
+    import llama_runner
+    from tinymodels import save_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "untied"
+    save_tiny_llama(folder, tiny_gpt2_folder, tied=False)
+    source = resolve_model(str(folder))
+    from_folder = load_runner(source, "float32", None)
+    monkeypatch.setattr(llama_runner, "servable_folder", lambda folder: False)
+    from_model = load_runner(source, "float32", None)
+    expected = AutoModelForCausalLM.from_pretrained(folder).num_parameters()
+    assert from_folder.parameters == from_model.parameters == expected
+
+
 def test_the_llama_runner_built_from_a_loaded_transformers_model_computes_the_same(tiny_llama_folder, monkeypatch):
     # The path of a first start from a GGUF file (converted by transformers) or a hub id.
     import llama_runner

@@ -63,15 +63,16 @@ def tiny_chat_tokenizer(folder):
     return tokenizer
 
 
-def save_tiny_llama(folder, gpt2_folder) -> None:
-    """A tiny random Llama (grouped-query attention, tied head) with the tiny GPT-2's
-    tokenizer, ChatML tokens and template: what our own Llama runner computes."""
+def save_tiny_llama(folder, gpt2_folder, tied: bool = True) -> None:
+    """A tiny random Llama (grouped-query attention, tied head unless `tied` is false)
+    with the tiny GPT-2's tokenizer, ChatML tokens and template: what our own Llama
+    runner computes."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = tiny_chat_tokenizer(gpt2_folder)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
+                         tie_word_embeddings=tied, bos_token_id=tokenizer.eos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     with drawn_from(seed=1):
         LlamaForCausalLM(config).save_pretrained(folder)
