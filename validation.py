@@ -421,14 +421,8 @@ def _one_choice(body: dict, what: str) -> None:
 def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool, bool]:
     """OpenAI's /v1/chat/completions or /v1/completions body -> (request, stream?,
     include usage?, read tool calls?)."""
-    for name in OPENAI_UNSUPPORTED:
-        if body.get(name) not in (None, False, "none", [], {}):
-            raise HTTPError(400, f"'{name}' is not supported")
+    refuse_unsupported(body, OPENAI_UNSUPPORTED, off=("none",))  # function_call, reasoning_effort 'none'
     if not chat:
-        # /v1/completions' logprobs is a count, and 0 still asks for the chosen tokens'
-        # log probabilities (the check above lets it through as equal to False).
-        if body.get("logprobs") is not None and body["logprobs"] is not False:
-            raise HTTPError(400, "'logprobs' is not supported")
         refuse_unsupported(body, ("tools", "tool_choice"))
     output = parse_response_format(body.get("response_format"))
     _one_choice(body, "completion")
@@ -465,11 +459,28 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
     return req, stream, include_usage, reads_calls
 
 
-def refuse_unsupported(body: dict, names) -> None:
-    """A 400 naming the first of these fields that asks for something (not null, false or empty)."""
+# A count of 0 that asks for nothing; elsewhere 0 asks (max_tool_calls 0 forbids calls,
+# /v1/completions' logprobs 0 still wants the chosen tokens' log probabilities).
+ZERO_IS_OFF = frozenset({"top_logprobs", "width", "height", "steps"})
+
+
+def asks_for(name: str, value, off=()) -> bool:
+    """Whether a field's value asks for something: not absent, null, false, empty, or
+    one of `off`. Compared by identity for False, as 0 == False in Python."""
+    if value is None or value is False or value in off:
+        return False
+    if isinstance(value, (str, list, dict)):
+        return bool(value)
+    return not (value == 0 and name in ZERO_IS_OFF)
+
+
+def refuse_unsupported(body: dict, names, off=(), hints: dict | None = None, where: str = "") -> None:
+    """A 400 naming the first of these fields that asks for something (see asks_for),
+    with its hint when there is one."""
     for name in names:
-        if body.get(name) not in (None, False, "", [], {}):
-            raise HTTPError(400, f"'{name}' is not supported")
+        if asks_for(name, body.get(name), off):
+            hint = (hints or {}).get(name)
+            raise HTTPError(400, f"'{name}' is not supported{where}" + (f": {hint}" if hint else ""))
 
 
 # Ollama fields that would change the answer and are not implemented: refused rather
@@ -525,9 +536,7 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
     """OpenAI's /v1/responses body -> (request, stream?, read tool calls?)."""
     refuse_unsupported(body, RESPONSES_UNSUPPORTED)
     _one_choice(body, "response")
-    for name, hint in RESPONSES_CHAT_FIELDS.items():
-        if body.get(name) not in (None, False, "", [], {}):
-            raise HTTPError(400, f"'{name}' is not supported by /v1/responses" + (f": {hint}" if hint else ""))
+    refuse_unsupported(body, RESPONSES_CHAT_FIELDS, hints=RESPONSES_CHAT_FIELDS, where=" by /v1/responses")
     if body.get("truncation") not in (None, "disabled"):  # "auto" would drop earlier items to fit
         raise HTTPError(400, "'truncation' must be 'disabled': an input longer than the context is refused, "
                              "not cut")

@@ -514,3 +514,18 @@ def test_a_null_flag_takes_its_default():
     assert parse_generate({"prompt": "hi", "stream": None, "raw": None})[1] is True
     assert parse_openai({"prompt": "hi", "stream": None, "stream_options": {"include_usage": None}}, False)[1:3] \
         == (False, False)
+
+
+# ---------------------------------------------------------------------------
+# A field the server cannot honour: 0 asks for something, except a count of 0
+
+def test_zero_asks_for_something_unless_it_counts_nothing():
+    from validation import parse_responses
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    assert "'max_tool_calls'" in rejected(parse_responses, {"input": "hi", "max_tool_calls": 0}).message
+    refused = rejected(parse_responses, {"input": "hi", "max_tokens": 0}).message
+    assert "'max_tokens'" in refused and "/v1/responses" in refused and "max_output_tokens" in refused
+    assert "'logprobs'" in rejected(parse_openai, {"prompt": "hi", "logprobs": 0}, False).message
+    parse_responses({"input": "hi", "top_logprobs": 0})
+    parse_openai({**chat, "top_logprobs": 0, "logprobs": False, "function_call": "none"}, True)
+    parse_openai({"prompt": "hi", "suffix": "", "logprobs": None}, False)
