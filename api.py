@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote
@@ -24,9 +24,9 @@ from replies import (NDJSON, OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompl
                      base64_floats, ndjson_line, openai_error)
 from requestlog import RequestLog, utc_timestamp
 from staticfiles import StaticFiles
-from validation import (OLLAMA_CHAT_UNSUPPORTED, OLLAMA_GENERATE_UNSUPPORTED, boolean_field, parse_chat,
-                        parse_generate, parse_json_body, parse_openai, parse_openai_embeddings, parse_responses,
-                        refuse_unsupported, string_field)
+from validation import (OLLAMA_CHAT_UNSUPPORTED, OLLAMA_GENERATE_UNSUPPORTED, boolean_field, completion_prompts,
+                        parse_chat, parse_generate, parse_json_body, parse_openai, parse_openai_embeddings,
+                        parse_responses, refuse_unsupported, string_field)
 
 log = logging.getLogger("minivault.api")
 
@@ -436,6 +436,15 @@ class Api:
             return
         shape = OpenAIChat(model, include_usage, reads_calls) if chat else OpenAICompletion(model, include_usage)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        prompts = [] if chat else completion_prompts(body.get("prompt"))
+        if len(prompts) > 1:
+            limit = self.engine.queue_size
+            if len(prompts) > limit:  # more than may wait at once: a 503 whatever the load
+                message = f"'prompt' holds {len(prompts)} prompts; at most {limit} (--queue-size) in one request"
+                await writer.send_json(400, openai_error(message, 400))
+                return
+            await self._run_several(request, writer, [replace(gen, prompt=p) for p in prompts], endpoint, shape)
+            return
         await self._run(request, writer, gen, stream, endpoint, shape)
 
     async def openai_responses(self, request: Request, writer: ResponseWriter) -> None:
@@ -576,6 +585,35 @@ class Api:
                     await writer.send_json(200, shape.whole("".join(stream.text), final), id_header)
         finally:
             stream.cancel()  # a no-op once it has ended; else the client left or we are stopping
+
+    async def _run_several(self, request: Request, writer: ResponseWriter, gens: list[GenerationRequest],
+                           endpoint: str, shape: OpenAICompletion) -> None:
+        """OpenAI's batch of prompts, not streamed: a request for each, queued together (so
+        they share decode steps), each logged as its own; one reply with a choice each."""
+        started = time.monotonic()
+        streams: list[TokenStream] = []
+        try:
+            try:
+                for gen in gens:
+                    streams.append(self._submit(request, writer, gen, endpoint, started))
+            except HTTPError as err:  # the ones already queued are cancelled below
+                await writer.send_json(err.status, shape.error(err.message, err.status), err.headers)
+                return
+            shape.request_id = streams[0].id
+            id_header = [("X-Request-Id", ", ".join(str(s.id) for s in streams))]
+            finals = []
+            for stream in streams:
+                final = await stream.wait_final()
+                if final.error:
+                    status = 400 if final.client_error else 500
+                    await writer.send_json(status, shape.error(final.error, status), id_header)
+                    return
+                finals.append(final)
+            texts = ["".join(s.text) for s in streams]
+            await writer.send_json(200, shape.whole_of_several(texts, finals), id_header)
+        finally:
+            for stream in streams:
+                stream.cancel()  # a no-op once it has ended
 
     def _submit(self, request: Request, writer: ResponseWriter, gen: GenerationRequest, endpoint: str,
                 started: float) -> TokenStream:

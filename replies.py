@@ -208,6 +208,13 @@ class OpenAICompletion(Shape):
     def whole(self, text: str, final: Final) -> dict:
         return self._chunk(self._choice(text, self._finish(final)), usage=usage(final))
 
+    def whole_of_several(self, texts: list[str], finals: list[Final]) -> dict:
+        """A batch of prompts: one choice each, in prompt order; the usage is their sum."""
+        choices = [{**self._choice(text, self._finish(final)), "index": i}
+                   for i, (text, final) in enumerate(zip(texts, finals))]
+        each = [usage(final) for final in finals]
+        return {**self._chunk({}), "choices": choices, "usage": {k: sum(u[k] for u in each) for k in each[0]}}
+
     def error(self, message: str, status: int) -> dict:
         return openai_error(message, status)
 

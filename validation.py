@@ -428,21 +428,33 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
     if chat:
         req = GenerationRequest(messages=parse_messages(body.get("messages"), openai=True))
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        elif isinstance(prompt, list) and len(prompt) > 1:
-            # OpenAI's batch of prompts (one choice each): we give one choice per request
-            raise HTTPError(400, "'prompt' as a list of several prompts is not supported: send one per request")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise HTTPError(400, "'prompt' must be a non-empty string (or a list of one)")
-        req = GenerationRequest(prompt=prompt, raw=True)  # completions continue the text as given
+        prompts = completion_prompts(body.get("prompt"))
+        if len(prompts) > 1 and stream:
+            raise HTTPError(400, "'prompt' as a list of several prompts cannot be streamed: send one per "
+                                 "request, or 'stream': false")
+        # Completions continue the text as given. Several prompts: this is the first's
+        # request, the others' are copies of it with their own prompt (Api.openai_completions).
+        req = GenerationRequest(prompt=prompts[0], raw=True)
     req.max_tokens, req.stop, req.sampling = max_tokens, stop, sampling
     if chat:
         reads_calls = apply_tools(body, req, output, choice_field=True, eager=eager_tools)
     else:
         req.constraint, reads_calls = output.constraint, False
     return req, stream, include_usage, reads_calls
+
+
+def completion_prompts(prompt) -> list[str]:
+    """/v1/completions' `prompt`: a string, or a list of them (OpenAI's batch of prompts,
+    one choice each, as LangChain's `OpenAI.batch` sends them)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) or isinstance(p, list) for p in prompt):
+        raise HTTPError(400, "'prompt' as token ids is not supported: send the text")
+    several = isinstance(prompt, list) and len(prompt) > 0
+    prompts = prompt if several else [prompt]
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            name = f"'prompt[{i}]'" if several else "'prompt'"
+            raise HTTPError(400, f"{name} must be a non-empty string (or a list of them)")
+    return prompts
 
 
 def refuse_unsupported(body: dict, names) -> None:

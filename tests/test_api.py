@@ -10,6 +10,7 @@ from api import allowed_hosts_option, host_allowed, same_origin
 from replies import final_fields, ndjson_line
 from validation import (
     MAX_JSON_DEPTH, _options_fields, parse_chat, parse_generate, parse_json_body, parse_openai, parse_options,
+    completion_prompts,
 )
 from engine import Final, Stats
 from httpserver import HTTPError
@@ -236,9 +237,17 @@ def test_ollama_chat_content_of_the_wrong_type_is_400_naming_it(content):
 
 
 @pytest.mark.parametrize("prompt, says", [
-    (["a", "b"], "several prompts"), ([], "list of one"), ([5], "list of one"), ("  ", "non-empty"), (None, "non-empty")])
+    ([], "'prompt' must be a non-empty string"), ([5], "token ids"), ([[504, 2960]], "token ids"),
+    (["a", " "], "'prompt[1]' must be a non-empty"), ("  ", "non-empty"), (None, "non-empty")])
 def test_completions_prompt_errors_say_what_is_taken(prompt, says):
     assert says in rejected(parse_openai, {"prompt": prompt}, False).message
+
+
+def test_completions_several_prompts_are_taken_but_not_streamed():
+    assert completion_prompts(["a", "b"]) == ["a", "b"] and completion_prompts("a") == ["a"]
+    req, *_ = parse_openai({"prompt": ["a", "b"]}, chat=False)
+    assert req.prompt == "a"
+    assert "cannot be streamed" in rejected(parse_openai, {"prompt": ["a", "b"], "stream": True}, False).message
 
 
 def test_completions_prompt_as_a_list_of_one_is_that_prompt():

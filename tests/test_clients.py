@@ -149,6 +149,25 @@ def test_openai_completion_streamed_equals_not_streamed(oa):
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 8
 
 
+def test_openai_completion_of_several_prompts_has_a_choice_each_as_langchain_batches_them(oa, server):
+    prompts = ["The capital of France is", "One, two,"]
+    kwargs = dict(model="smollm2", max_tokens=6, temperature=0)
+    both = oa.completions.create(prompt=prompts, **kwargs)
+    alone = [oa.completions.create(prompt=p, **kwargs) for p in prompts]
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.text for c in both.choices] == [a.choices[0].text for a in alone]
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    from langchain_openai import OpenAI as LangChainOpenAI  # .batch sends one request of all its prompts
+
+    llm = LangChainOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", model="smollm2",
+                          max_tokens=6, temperature=0, max_retries=0)
+    assert llm.batch(prompts) == [a.choices[0].text for a in alone]
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.completions.create(prompt=[504, 2960], **kwargs)
+    assert "token ids" in err.value.body["message"]
+
+
 def test_openai_stop_and_max_completion_tokens(oa):
     base = dict(model="smollm2", messages=[{"role": "user", "content": "Count from one to ten in words."}],
                 temperature=0)
