@@ -484,11 +484,15 @@ class Api:
         model = self.check_model(body, required=True)
         refuse_unsupported(body, ("dimensions",))
         inputs = body.get("input")
-        inputs = [inputs] if isinstance(inputs, str) else inputs
+        # No input, or "" (the client's default): Ollama loads the model and answers no
+        # embeddings, as `ollama.embed(model=...)` preloads an embedding model.
+        inputs = [] if inputs in (None, "") else [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
             raise HTTPError(400, "'input' must be a string or a list of strings")
         truncate = boolean_field("truncate", body["truncate"]) if body.get("truncate") is not None else True
         started = time.monotonic()
+        if not inputs:
+            await self.engine.wait_loaded()
         final = await self._embed(request, writer, inputs, truncate, "/api/embed") if inputs else None
         await writer.send_json(200, {
             "model": model, "embeddings": final.embeddings if final else [],

@@ -98,6 +98,15 @@ def test_ollama_embed_is_deterministic_alone_or_batched_and_ranks_a_paraphrase_f
     assert ol.embeddings(model="smollm2", prompt=PAIRS[0][0]).embedding == alone_vector(ol, PAIRS[0][0])
 
 
+def test_ollama_embed_without_input_answers_no_embeddings_as_ollama_does(ol):
+    for kwargs in ({}, {"input": ""}, {"input": []}):  # the client's default input is '': a preload
+        reply = ol.embed(model="smollm2", **kwargs)
+        assert reply.embeddings == [] and reply.model == "smollm2"
+    with pytest.raises(ollama.ResponseError) as err:
+        ol.embed(model="smollm2", input=["a", ""])  # an empty text among others is still refused
+    assert err.value.status_code == 400
+
+
 def alone_vector(ol, text):
     return ol.embed(model="smollm2", input=text).embeddings[0]
 
