@@ -136,6 +136,13 @@ class Api:
         add(router, "GET", "/api/ps", self.ollama_ps)
         add(router, "GET", "/api/version", self.ollama_version)
         add(router, "POST", "/api/pull", self.ollama_pull)
+        # Ollama's model management: a clear refusal rather than a 404 that reads as
+        # "model not found" (ollama.delete, copy, create, push, create_blob).
+        for method, path, verb in (("POST", "/api/create", "create"), ("POST", "/api/copy", "copy"),
+                                   ("DELETE", "/api/delete", "delete"), ("POST", "/api/push", "push")):
+            add(router, method, path, self._cannot(verb))
+        for method in ("POST", "HEAD"):
+            add(router, method, "/api/blobs/", self._cannot("upload blobs for"), prefix=True)
         add(router, "POST", "/api/embed", self.ollama_embed, generation=True)
         add(router, "POST", "/api/embeddings", self.ollama_embeddings, generation=True)
         add(router, "POST", "/v1/embeddings", self.openai_embeddings, generation=True)
@@ -414,6 +421,12 @@ class Api:
                            "size_vram": entry["size"] if on_gpu else 0,
                            "context_length": self.engine.context_length})
         await writer.send_json(200, {"models": models})
+
+    def _cannot(self, verb: str):
+        async def refuse(request: Request, writer: ResponseWriter) -> None:
+            raise HTTPError(501, f"MiniVault serves one model, {self.engine.model_name}, chosen at start "
+                                 f"(--model); it cannot {verb} models")
+        return refuse
 
     async def ollama_version(self, request: Request, writer: ResponseWriter) -> None:
         await writer.send_json(200, {"version": VERSION})

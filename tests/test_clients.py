@@ -70,6 +70,18 @@ def test_ollama_keep_alive_zero_answers_unload_and_pull_knows_the_served_model(o
     assert err.value.status_code == 404
 
 
+def test_ollama_model_management_is_refused_clearly_not_as_a_missing_model(ol, tmp_path):
+    blob = tmp_path / "adapter.bin"
+    blob.write_bytes(b"weights")
+    calls = {"delete": lambda: ol.delete("smollm2"), "copy": lambda: ol.copy("smollm2", "mine"),
+             "create": lambda: ol.create(model="mine", from_="smollm2"),
+             "push": lambda: list(ol.push("smollm2", stream=True)), "upload blobs": lambda: ol.create_blob(blob)}
+    for verb, call in calls.items():
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        assert err.value.status_code == 501 and f"cannot {verb}" in err.value.error
+
+
 def test_ollama_fields_that_cannot_be_honoured_are_refused(ol):
     with pytest.raises(ollama.ResponseError) as err:
         ol.generate(model="smollm2", prompt="def f(", suffix="    return 1")
