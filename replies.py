@@ -322,10 +322,10 @@ class OpenAIResponse(Shape):
 
     def _delta(self, sequence: int, text: str) -> bytes:
         return self._numbered("response.output_text.delta", sequence, item_id=self.item_id,
-                              output_index=self._text_index, content_index=0, delta=text)
+                              output_index=self._text_index, content_index=0, delta=text, logprobs=[])
 
     def _part(self, text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": []}
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
     def _item(self, status: str, parts: list) -> dict:
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": parts}
@@ -360,7 +360,7 @@ class OpenAIResponse(Shape):
         if final is not None:
             body["output"] = self._output("incomplete" if incomplete else "completed")
             s = final.stats
-            body["usage"] = {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            body["usage"] = {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                              "output_tokens": s.completion_tokens,
                              "output_tokens_details": {"reasoning_tokens": 0},
                              "total_tokens": s.prompt_tokens + s.completion_tokens}
@@ -419,7 +419,7 @@ class OpenAIResponse(Shape):
         if self._text or not self._made_calls:
             text = "".join(self._text)
             where = {"item_id": self.item_id, "output_index": self._text_index, "content_index": 0}
-            out += (self._open() + self._event("response.output_text.done", **where, text=text)
+            out += (self._open() + self._event("response.output_text.done", **where, text=text, logprobs=[])
                     + self._event("response.content_part.done", **where, part=self._part(text))
                     + self._event("response.output_item.done", output_index=self._text_index,
                                   item=done["output"][-1]))

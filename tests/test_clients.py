@@ -232,6 +232,50 @@ def test_openai_responses_streamed_equals_not_streamed(oa):
     assert oa.responses.create(model="smollm2", input="Say hi.", max_output_tokens=8).output_text
 
 
+def raw_sse(server, path: str, body: dict) -> list[dict]:
+    import httpx  # the openai client's own transport
+
+    with httpx.stream("POST", f"http://127.0.0.1:{server.port}{path}", json=body, timeout=120) as reply:
+        return [json.loads(line[6:]) for line in reply.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_openai_replies_validate_against_the_clients_own_types(oa, server):
+    """The client builds its objects without validating them: a field its types require
+    but the reply lacks only fails when read (`event.logprobs`). Validate strictly here."""
+    import typing
+
+    from openai.types import CreateEmbeddingResponse, Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response, ResponseStreamEvent
+
+    events = typing.get_args(typing.get_args(ResponseStreamEvent)[0])
+    event_types = {typing.get_args(e.model_fields["type"].annotation)[0]: e for e in events}
+    tool = {"type": "function", "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    for body in ({"input": "Hi", "max_output_tokens": 4},
+                 {"input": "Weather in Paris?", "tools": [tool], "tool_choice": "required", "max_output_tokens": 40}):
+        Response.model_validate(raw_response(server, "/v1/responses", {"model": "smollm2", **body}))
+        streamed = raw_sse(server, "/v1/responses", {"model": "smollm2", "stream": True, **body})
+        for event in streamed:
+            event_types[event["type"]].model_validate(event)
+        assert streamed[-1]["type"] in ("response.completed", "response.incomplete")
+    ChatCompletion.model_validate(raw_response(server, "/v1/chat/completions", chat))
+    for chunk in raw_sse(server, "/v1/chat/completions",
+                         {**chat, "stream": True, "stream_options": {"include_usage": True}}):
+        ChatCompletionChunk.model_validate(chunk)
+    CreateEmbeddingResponse.model_validate(raw_response(server, "/v1/embeddings", {"model": "smollm2",
+                                                                                   "input": ["a", "b"]}))
+    Model.model_validate(server.request("GET", "/v1/models/smollm2").json())
+
+
+def raw_response(server, path: str, body: dict) -> dict:
+    reply = server.request("POST", path, body)
+    assert reply.status == 200, reply.body
+    return reply.json()
+
+
 def test_openai_responses_refuses_what_it_cannot_honour(oa):
     with pytest.raises(openai.BadRequestError) as err:
         oa.responses.create(model="smollm2", input="hi", previous_response_id="resp_1")

@@ -72,7 +72,7 @@ def test_responses_text_deltas_are_the_whole_encoding_numbered_in_sequence(texts
     assert [e + b"\n\n" for e in events[4:]] == [
         b"event: response.output_text.delta\ndata: " + json_bytes(
             {"type": "response.output_text.delta", "sequence_number": 4 + i, "item_id": "msg_7", "output_index": 0,
-             "content_index": 0, "delta": t}) + b"\n\n"
+             "content_index": 0, "delta": t, "logprobs": []}) + b"\n\n"
         for i, t in enumerate(texts)]
 
 
