@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 import time
 from typing import Callable
@@ -153,12 +154,21 @@ def ollama_calls(calls: list[dict]) -> list[dict]:
     return [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
 
 
+# A refusal names its field first, quoted: "'temperature' must be <= 2".
+_FIELD_FIRST = re.compile(r"'([A-Za-z_][\w.\[\]]*)'")
+
+
 def openai_error(message: str, status: int) -> dict:
+    """OpenAI's error object. `param` is the field at fault, as OpenAI's clients read it
+    (`BadRequestError.param`); `code` as OpenAI names the case, where it has a name."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    code = {503: "server_busy", 429: "rate_limit_exceeded"}.get(status)
+    code = {401: "invalid_api_key", 503: "server_busy", 429: "rate_limit_exceeded"}.get(status)
+    param = None
     if status == 404 and message.startswith("model "):  # Api.check_model's; an unknown path has no code
-        code = "model_not_found"
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        code, param = "model_not_found", "model"
+    elif status == 400 and (field := _FIELD_FIRST.match(message)):
+        param = field.group(1)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class OpenAICompletion(Shape):

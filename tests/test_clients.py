@@ -310,7 +310,10 @@ def test_openai_models(oa):
 def test_openai_errors_have_openai_shape(oa):
     with pytest.raises(openai.NotFoundError) as nf:
         oa.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-    assert nf.value.body["code"] == "model_not_found"
+    assert nf.value.body["code"] == "model_not_found" and nf.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as hot:
+        oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], temperature=3)
+    assert hot.value.param == "temperature" and "'temperature'" in hot.value.message  # the field, as OpenAI names it
     with pytest.raises(openai.BadRequestError) as n2:
         oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], n=2)
     assert n2.value.body["type"] == "invalid_request_error" and "'n'" in n2.value.body["message"]
