@@ -401,8 +401,9 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
     """OpenAI's /v1/chat/completions or /v1/completions body -> (request, stream?,
     include usage?, read tool calls?)."""
     for name in OPENAI_UNSUPPORTED:
-        if body.get(name) not in (None, False, "none", [], {}):
-            raise HTTPError(400, f"'{name}' is not supported")
+        value = body.get(name)
+        if value not in (None, False, "none", [], {}) and not (name == "modalities" and value == ["text"]):
+            raise HTTPError(400, f"'{name}' is not supported")  # modalities ["text"]: what is given anyway
     if not chat:
         # /v1/completions' logprobs is a count, and 0 still asks for the chosen tokens'
         # log probabilities (the check above lets it through as equal to False).

@@ -243,6 +243,12 @@ def test_completions_prompt_errors_say_what_is_taken(prompt, says):
     assert says in rejected(parse_openai, {"prompt": prompt}, False).message
 
 
+def test_openai_modalities_text_asks_for_nothing_and_audio_is_refused():
+    hi = {"messages": [{"role": "user", "content": "hi"}]}
+    parse_openai({**hi, "modalities": ["text"]}, chat=True)
+    assert "'modalities'" in rejected(parse_openai, {**hi, "modalities": ["text", "audio"]}, True).message
+
+
 def test_completions_several_prompts_are_taken_but_not_streamed():
     assert completion_prompts(["a", "b"]) == ["a", "b"] and completion_prompts("a") == ["a"]
     req, *_ = parse_openai({"prompt": ["a", "b"]}, chat=False)
