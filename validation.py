@@ -160,7 +160,9 @@ def parse_options(fields: dict) -> tuple[Sampling, int | None, list[str]]:
     max_tokens = None
     for name in MAX_TOKENS_ALIASES:
         if name in given:
-            max_tokens = _integer(name, given[name], -1)
+            max_tokens = _integer(name, given[name], -2 if name == "num_predict" else -1)
+            if max_tokens == -2:  # Ollama's "fill the context": what -1 does here
+                max_tokens = -1
             if max_tokens == 0:
                 raise HTTPError(400, f"'{name}' must be a positive integer (or -1: until the context is full)")
     return s, max_tokens, _stops(given.get("stop"))

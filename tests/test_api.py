@@ -243,6 +243,13 @@ def test_completions_prompt_errors_say_what_is_taken(prompt, says):
     assert says in rejected(parse_openai, {"prompt": prompt}, False).message
 
 
+def test_ollama_num_predict_minus_two_fills_the_context_as_minus_one_does():
+    req, _ = parse_generate({"prompt": "hi", "options": {"num_predict": -2}})
+    assert req.max_tokens == -1
+    assert "'max_tokens'" in rejected(parse_generate, {"prompt": "hi", "max_tokens": -2}).message  # Ollama's alone
+    assert "'num_predict'" in rejected(parse_generate, {"prompt": "hi", "options": {"num_predict": -3}}).message
+
+
 def test_openai_modalities_text_asks_for_nothing_and_audio_is_refused():
     hi = {"messages": [{"role": "user", "content": "hi"}]}
     parse_openai({**hi, "modalities": ["text"]}, chat=True)
