@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import secrets
 import struct
 import time
 from typing import Callable
@@ -17,6 +18,11 @@ import tools as toolcalls
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
+# In the ids replies carry (chatcmpl-, cmpl-, resp_, msg_), before the log's request id:
+# request ids start at 1 again in every process, and clients key on these ids (LangChain
+# makes a Responses id the AIMessage's id, and LangGraph replaces a message whose id it has
+# seen), so two replicas, or one restarted, must never hand out the same id.
+PROCESS_TAG = secrets.token_hex(6)
 
 
 def ndjson_line(obj: dict) -> bytes:
@@ -185,7 +191,7 @@ class OpenAICompletion(Shape):
 
     @property
     def id(self) -> str:
-        return f"{self.id_prefix}{self.request_id}"
+        return f"{self.id_prefix}{PROCESS_TAG}-{self.request_id}"
 
     def _event(self, obj) -> bytes:
         return b"data: " + json_bytes(obj) + b"\n\n"
@@ -312,11 +318,11 @@ class OpenAIResponse(Shape):
 
     @property
     def id(self) -> str:
-        return f"resp_{self.request_id}"
+        return f"resp_{PROCESS_TAG}-{self.request_id}"
 
     @property
     def item_id(self) -> str:
-        return f"msg_{self.request_id}"
+        return f"msg_{PROCESS_TAG}-{self.request_id}"
 
     def _event(self, kind: str, **fields) -> bytes:
         return self._numbered(kind, self._next_number(), **fields)
