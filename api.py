@@ -3,6 +3,7 @@ through the engine, encode the reply (replies.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -614,20 +615,22 @@ class Api:
                 for gen in gens:
                     streams.append(self._submit(request, writer, gen, endpoint, started))
             except HTTPError as err:  # the ones already queued are cancelled below
-                await writer.send_json(err.status, shape.error(err.message, err.status), err.headers)
+                message = f"'prompt[{len(streams)}]': {err.message}"
+                await writer.send_json(err.status, shape.error(message, err.status), err.headers)
                 return
             shape.request_id = streams[0].id
             id_header = [("X-Request-Id", ", ".join(str(s.id) for s in streams))]
-            finals = []
-            for stream in streams:
-                final = await stream.wait_final()
-                if final.error:
+
+            async def final_of(i: int) -> tuple[int, Final]:
+                return i, await streams[i].wait_final()
+            for ended in asyncio.as_completed([final_of(i) for i in range(len(streams))]):
+                i, final = await ended
+                if final.error:  # the first to fail answers, and the others stop (below)
                     status = 400 if final.client_error else 500
-                    await writer.send_json(status, shape.error(final.error, status), id_header)
+                    await writer.send_json(status, shape.error(f"'prompt[{i}]': {final.error}", status), id_header)
                     return
-                finals.append(final)
             texts = ["".join(s.text) for s in streams]
-            await writer.send_json(200, shape.whole_of_several(texts, finals), id_header)
+            await writer.send_json(200, shape.whole_of_several(texts, [s.final for s in streams]), id_header)
         finally:
             for stream in streams:
                 stream.cancel()  # a no-op once it has ended

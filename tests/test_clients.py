@@ -189,6 +189,15 @@ def test_openai_completion_of_several_prompts_has_a_choice_each_as_langchain_bat
     assert "token ids" in err.value.body["message"]
 
 
+def test_openai_completion_of_several_prompts_answers_the_first_failure_and_stops_the_others(oa, server):
+    first = "Write a very long essay about every river of Europe."
+    with pytest.raises(openai.BadRequestError) as err:  # the second is past the context, found at tokenising
+        oa.completions.create(model="smollm2", prompt=[first, "word " * 9000], max_tokens=2000)
+    assert err.value.body["message"].startswith("'prompt[1]': prompt is")
+    record = wait_for_log(server.log_file, lambda r: r["endpoint"] == "/v1/completions" and r["prompt"] == first)
+    assert record["status"] == "cancelled"  # not left to generate its 2000 tokens for nobody
+
+
 def test_openai_stop_and_max_completion_tokens(oa):
     base = dict(model="smollm2", messages=[{"role": "user", "content": "Count from one to ten in words."}],
                 temperature=0)
