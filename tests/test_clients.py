@@ -332,6 +332,38 @@ def test_openai_errors_have_openai_shape(oa):
     assert "'tools'" in bad.value.body["message"]
 
 
+def test_async_clients_stream_many_requests_at_once_and_leave_nothing_running(server):
+    import asyncio
+
+    import ollama as ollama_module
+
+    async def run() -> tuple[list, list]:
+        oa = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
+        ol = ollama_module.AsyncClient(host=f"http://127.0.0.1:{server.port}")
+
+        async def chat(i: int):
+            stream = await oa.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=6,
+                stream=True, stream_options={"include_usage": True})
+            events = [e async for e in stream]
+            return "".join(e.choices[0].delta.content or "" for e in events if e.choices), events[-1].usage
+
+        async def generate(i: int):
+            return [p async for p in await ol.generate(model="smollm2", prompt=f"Name {i} fruits.", stream=True,
+                                                       options={"num_predict": 6})][-1]
+        try:
+            return await asyncio.gather(*(chat(i) for i in range(12))), \
+                await asyncio.gather(*(generate(i) for i in range(6)))
+        finally:
+            await oa.close()
+
+    chats, generates = asyncio.run(run())
+    assert all(text and usage.completion_tokens >= 1 for text, usage in chats)
+    assert all(last.done and last.eval_count >= 1 for last in generates)
+    health = server.request("GET", "/health").json()
+    assert health["active"] == 0 and health["queued"] == 0
+
+
 # ---- curl -N on every streaming endpoint ----
 
 CURL_CASES = [
