@@ -35,6 +35,8 @@ VERSION = "0.1.0"
 WEB_ROOT = Path(__file__).resolve().parent / "web"
 # Tell proxies (nginx) and caches not to hold streamed tokens back.
 STREAM_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
+# OpenAI's paths without their /v1 (a client's base_url missing it): answered in its shape.
+OPENAI_PATHS = ("/chat/completions", "/completions", "/embeddings", "/models", "/responses")
 
 
 # ---------------------------------------------------------------------------
@@ -185,6 +187,10 @@ class Api:
                               f"to allow it")
 
     def _error_body(self, path: str, message: str, status: int) -> dict:
+        if status == 404 and path.startswith(OPENAI_PATHS):  # an openai client's base_url without /v1
+            return openai_error(f"{message}; the OpenAI API is under /v1: base_url='http://HOST:PORT/v1'", 404)
+        if status == 404 and path.startswith("/v1/api/"):  # an ollama client's host with /v1: its shape
+            return {"error": f"{message}; the Ollama API is at the root: host='http://HOST:PORT'"}
         return openai_error(message, status) if path.startswith("/v1/") else {"error": message}
 
     def _check(self, request: Request, writer: ResponseWriter, generation: bool, public: bool) -> HTTPError | None:

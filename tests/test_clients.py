@@ -364,6 +364,17 @@ def test_async_clients_stream_many_requests_at_once_and_leave_nothing_running(se
     assert health["active"] == 0 and health["queued"] == 0
 
 
+def test_a_client_pointed_at_the_wrong_root_is_told_where_the_api_is(server):
+    no_v1 = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:  # its message was empty: the body was Ollama-shaped
+        no_v1.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}])
+    assert "/v1" in err.value.message and "base_url" in err.value.message
+    with_v1 = ollama.Client(host=f"http://127.0.0.1:{server.port}/v1")
+    with pytest.raises(ollama.ResponseError) as err:
+        with_v1.list()
+    assert err.value.status_code == 404 and "host=" in err.value.error
+
+
 # ---- curl -N on every streaming endpoint ----
 
 CURL_CASES = [
