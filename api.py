@@ -353,7 +353,7 @@ class Api:
         if body.get("prompt") in (None, "") and not body.get("system"):
             await self._loaded_reply(writer, body, {"response": ""})
             return
-        gen, stream = parse_generate(body)
+        gen, stream = parse_generate(body, system_alone=True)
         await self._run(request, writer, gen, stream, "/api/generate", OllamaGenerate(model))
 
     async def ollama_chat(self, request: Request, writer: ResponseWriter) -> None:

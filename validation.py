@@ -168,12 +168,15 @@ def parse_options(fields: dict) -> tuple[Sampling, int | None, list[str]]:
     return s, max_tokens, _stops(given.get("stop"))
 
 
-def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
-    """MiniVault's /generate body (Ollama's /api/generate fields) -> (request, stream?)."""
-    if "prompt" not in body or body["prompt"] is None:
+def parse_generate(body: dict, system_alone: bool = False) -> tuple[GenerationRequest, bool]:
+    """MiniVault's /generate body (Ollama's /api/generate fields) -> (request, stream?).
+    `system_alone`: a `system` with no prompt is answered as Ollama does, the user's turn
+    left empty (Ollama's /api/generate; not for `raw`, which has no turns)."""
+    alone = system_alone and body.get("system") and not body.get("raw") and body.get("prompt") in (None, "")
+    if ("prompt" not in body or body["prompt"] is None) and not alone:
         raise HTTPError(400, "'prompt' is required")
-    prompt = string_field("prompt", body["prompt"])
-    if not prompt.strip():
+    prompt = string_field("prompt", body.get("prompt") or "")
+    if not prompt.strip() and not alone:
         raise HTTPError(400, "'prompt' must not be empty")
     sampling, max_tokens, stop = parse_options(_options_fields(body))
     system = body.get("system")

@@ -243,6 +243,14 @@ def test_completions_prompt_errors_say_what_is_taken(prompt, says):
     assert says in rejected(parse_openai, {"prompt": prompt}, False).message
 
 
+def test_ollama_generate_with_a_system_prompt_alone_answers_it_as_ollama_does():
+    req, _ = parse_generate({"system": "You are a pirate."}, system_alone=True)
+    assert req.prompt == "" and req.system == "You are a pirate."
+    for body in ({"system": "You are a pirate.", "raw": True}, {"system": "", "prompt": ""}):
+        rejected(parse_generate, body, True)  # raw has no turns; nothing at all is no request
+    assert "'prompt'" in rejected(parse_generate, {"system": "You are a pirate."}).message  # /generate's own
+
+
 def test_ollama_num_predict_minus_two_fills_the_context_as_minus_one_does():
     req, _ = parse_generate({"prompt": "hi", "options": {"num_predict": -2}})
     assert req.max_tokens == -1

@@ -61,6 +61,11 @@ def test_ollama_empty_prompt_loads_the_model_as_ollama_does(ol):
     assert chat.done and chat.done_reason == "load"
 
 
+def test_ollama_generate_answers_a_system_prompt_alone(ol):
+    reply = ol.generate(model="smollm2", system="You are a pirate. Greet the user.", options={"num_predict": 4})
+    assert reply.done and reply.eval_count >= 1 and reply.response  # a 400 'prompt is required' before
+
+
 def test_ollama_keep_alive_zero_answers_unload_and_pull_knows_the_served_model(ol):
     assert ol.generate(model="smollm2", prompt="", keep_alive=0).done_reason == "unload"
     assert ol.pull("smollm2").status == "success"
