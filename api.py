@@ -3,6 +3,7 @@ through the engine, encode the reply (replies.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import ipaddress
@@ -10,7 +11,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote
@@ -24,9 +25,9 @@ from replies import (NDJSON, OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompl
                      base64_floats, ndjson_line, openai_error)
 from requestlog import RequestLog, utc_timestamp
 from staticfiles import StaticFiles
-from validation import (OLLAMA_CHAT_UNSUPPORTED, OLLAMA_GENERATE_UNSUPPORTED, optional_boolean, parse_chat,
-                        parse_generate, parse_json_body, parse_openai, parse_openai_embeddings, parse_responses,
-                        refuse_unsupported, string_field)
+from validation import (OLLAMA_CHAT_UNSUPPORTED, OLLAMA_GENERATE_UNSUPPORTED, completion_prompts, optional_boolean,
+                        parse_chat, parse_generate, parse_json_body, parse_openai, parse_openai_embeddings,
+                        parse_responses, refuse_unsupported, string_field)
 
 log = logging.getLogger("minivault.api")
 
@@ -36,6 +37,8 @@ WEB_ROOT = Path(__file__).resolve().parent / "web"
 STREAM_HEADERS = [("Cache-Control", "no-cache"), ("X-Accel-Buffering", "no")]
 # The sampling defaults /api/show lists, as Ollama lists a Modelfile's PARAMETERs.
 SHOWN_PARAMETERS = ("temperature", "top_p", "top_k", "repeat_penalty")
+# OpenAI's paths without their /v1 (a client's base_url missing it): answered in its shape.
+OPENAI_PATHS = ("/chat/completions", "/completions", "/embeddings", "/models", "/responses")
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +148,13 @@ class Api:
         add(router, "GET", "/api/ps", self.ollama_ps)
         add(router, "GET", "/api/version", self.ollama_version)
         add(router, "POST", "/api/pull", self.ollama_pull)
+        # Ollama's model management: a clear refusal rather than a 404 that reads as
+        # "model not found" (ollama.delete, copy, create, push, create_blob).
+        for method, path, verb in (("POST", "/api/create", "create"), ("POST", "/api/copy", "copy"),
+                                   ("DELETE", "/api/delete", "delete"), ("POST", "/api/push", "push")):
+            add(router, method, path, self._cannot(verb))
+        for method in ("POST", "HEAD"):
+            add(router, method, "/api/blobs/", self._cannot("upload blobs for"), prefix=True)
         add(router, "POST", "/api/embed", self.ollama_embed, generation=True)
         add(router, "POST", "/api/embeddings", self.ollama_embeddings, generation=True)
         add(router, "POST", "/v1/embeddings", self.openai_embeddings, generation=True)
@@ -186,6 +196,10 @@ class Api:
                               f"to allow it")
 
     def _error_body(self, path: str, message: str, status: int) -> dict:
+        if status == 404 and path.startswith(OPENAI_PATHS):  # an openai client's base_url without /v1
+            return openai_error(f"{message}; the OpenAI API is under /v1: base_url='http://HOST:PORT/v1'", 404)
+        if status == 404 and path.startswith("/v1/api/"):  # an ollama client's host with /v1: its shape
+            return {"error": f"{message}; the Ollama API is at the root: host='http://HOST:PORT'"}
         return openai_error(message, status) if path.startswith("/v1/") else {"error": message}
 
     def _check(self, request: Request, writer: ResponseWriter, generation: bool, public: bool) -> HTTPError | None:
@@ -343,7 +357,7 @@ class Api:
         if body.get("prompt") in (None, "") and not body.get("system"):
             await self._loaded_reply(writer, body, {"response": ""})
             return
-        gen, stream = parse_generate(body)
+        gen, stream = parse_generate(body, system_alone=True)
         await self._run(request, writer, gen, stream, "/api/generate", OllamaGenerate(model))
 
     async def ollama_chat(self, request: Request, writer: ResponseWriter) -> None:
@@ -420,6 +434,12 @@ class Api:
                            "context_length": self.engine.context_length})
         await writer.send_json(200, {"models": models})
 
+    def _cannot(self, verb: str):
+        async def refuse(request: Request, writer: ResponseWriter) -> None:
+            raise HTTPError(501, f"MiniVault serves one model, {self.engine.model_name}, chosen at start "
+                                 f"(--model); it cannot {verb} models")
+        return refuse
+
     async def ollama_version(self, request: Request, writer: ResponseWriter) -> None:
         await writer.send_json(200, {"version": VERSION})
 
@@ -437,6 +457,14 @@ class Api:
         gen, stream, include_usage, reads_calls = parse_openai(body, chat, self.eager_tools)
         shape = OpenAIChat(model, include_usage, reads_calls) if chat else OpenAICompletion(model, include_usage)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+        prompts = [] if chat else completion_prompts(body.get("prompt"))
+        if len(prompts) > 1:
+            limit = self.engine.queue_size
+            if len(prompts) > limit:  # more than may wait at once: a 503 whatever the load
+                message = f"'prompt' holds {len(prompts)} prompts; at most {limit} (--queue-size) in one request"
+                raise HTTPError(400, message)
+            await self._run_several(request, writer, [replace(gen, prompt=p) for p in prompts], endpoint, shape)
+            return
         await self._run(request, writer, gen, stream, endpoint, shape)
 
     async def openai_responses(self, request: Request, writer: ResponseWriter) -> None:
@@ -472,11 +500,15 @@ class Api:
         model = self.check_model(body, required=True)
         refuse_unsupported(body, ("dimensions",))
         inputs = body.get("input")
-        inputs = [inputs] if isinstance(inputs, str) else inputs
+        # No input, or "" (the client's default): Ollama loads the model and answers no
+        # embeddings, as `ollama.embed(model=...)` preloads an embedding model.
+        inputs = [] if inputs in (None, "") else [inputs] if isinstance(inputs, str) else inputs
         if not isinstance(inputs, list) or not all(isinstance(i, str) for i in inputs):
             raise HTTPError(400, "'input' must be a string or a list of strings")
         truncate = optional_boolean(body, "truncate", True)
         started = time.monotonic()
+        if not inputs:
+            await self.engine.wait_loaded()
         final = await self._embed(request, writer, inputs, truncate, "/api/embed") if inputs else None
         await writer.send_json(200, {
             "model": model, "embeddings": final.embeddings if final else [],
@@ -565,6 +597,37 @@ class Api:
                     await writer.send_json(200, shape.whole("".join(stream.text), final), id_header)
         finally:
             stream.cancel()  # a no-op once it has ended; else the client left or we are stopping
+
+    async def _run_several(self, request: Request, writer: ResponseWriter, gens: list[GenerationRequest],
+                           endpoint: str, shape: OpenAICompletion) -> None:
+        """OpenAI's batch of prompts, not streamed: a request for each, queued together (so
+        they share decode steps), each logged as its own; one reply with a choice each."""
+        started = time.monotonic()
+        streams: list[TokenStream] = []
+        try:
+            try:
+                for gen in gens:
+                    streams.append(self._submit(request, writer, gen, endpoint, started))
+            except HTTPError as err:  # the ones already queued are cancelled below
+                message = f"'prompt[{len(streams)}]': {err.message}"
+                await writer.send_json(err.status, shape.error(message, err.status), err.headers)
+                return
+            shape.request_id = streams[0].id
+            id_header = [("X-Request-Id", ", ".join(str(s.id) for s in streams))]
+
+            async def final_of(i: int) -> tuple[int, Final]:
+                return i, await streams[i].wait_final()
+            for ended in asyncio.as_completed([final_of(i) for i in range(len(streams))]):
+                i, final = await ended
+                if final.error:  # the first to fail answers, and the others stop (below)
+                    status = 400 if final.client_error else 500
+                    await writer.send_json(status, shape.error(f"'prompt[{i}]': {final.error}", status), id_header)
+                    return
+            texts = ["".join(s.text) for s in streams]
+            await writer.send_json(200, shape.whole_of_several(texts, [s.final for s in streams]), id_header)
+        finally:
+            for stream in streams:
+                stream.cancel()  # a no-op once it has ended
 
     def _submit(self, request: Request, writer: ResponseWriter, gen: GenerationRequest, endpoint: str,
                 started: float) -> TokenStream:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import re
+import secrets
 import struct
 import time
 from typing import Callable
@@ -16,6 +18,11 @@ import tools as toolcalls
 
 NDJSON = "application/x-ndjson"
 SSE = "text/event-stream"
+# In the ids replies carry (chatcmpl-, cmpl-, resp_, msg_), before the log's request id:
+# request ids start at 1 again in every process, and clients key on these ids (LangChain
+# makes a Responses id the AIMessage's id, and LangGraph replaces a message whose id it has
+# seen), so two replicas, or one restarted, must never hand out the same id.
+PROCESS_TAG = secrets.token_hex(6)
 
 
 def ndjson_line(obj: dict) -> bytes:
@@ -153,12 +160,21 @@ def ollama_calls(calls: list[dict]) -> list[dict]:
     return [{"function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
 
 
+# A refusal names its field first, quoted: "'temperature' must be <= 2".
+_FIELD_FIRST = re.compile(r"'([A-Za-z_][\w.\[\]]*)'")
+
+
 def openai_error(message: str, status: int) -> dict:
+    """OpenAI's error object. `param` is the field at fault, as OpenAI's clients read it
+    (`BadRequestError.param`); `code` as OpenAI names the case, where it has a name."""
     kind = "invalid_request_error" if status < 500 else "server_error"
-    code = {503: "server_busy", 429: "rate_limit_exceeded"}.get(status)
+    code = {401: "invalid_api_key", 503: "server_busy", 429: "rate_limit_exceeded"}.get(status)
+    param = None
     if status == 404 and message.startswith("model "):  # Api.check_model's; an unknown path has no code
-        code = "model_not_found"
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+        code, param = "model_not_found", "model"
+    elif status == 400 and (field := _FIELD_FIRST.match(message)):
+        param = field.group(1)
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 class OpenAICompletion(Shape):
@@ -175,7 +191,7 @@ class OpenAICompletion(Shape):
 
     @property
     def id(self) -> str:
-        return f"{self.id_prefix}{self.request_id}"
+        return f"{self.id_prefix}{PROCESS_TAG}-{self.request_id}"
 
     def _event(self, obj) -> bytes:
         return b"data: " + json_bytes(obj) + b"\n\n"
@@ -207,6 +223,13 @@ class OpenAICompletion(Shape):
 
     def whole(self, text: str, final: Final) -> dict:
         return self._chunk(self._choice(text, self._finish(final)), usage=usage(final))
+
+    def whole_of_several(self, texts: list[str], finals: list[Final]) -> dict:
+        """A batch of prompts: one choice each, in prompt order; the usage is their sum."""
+        choices = [{**self._choice(text, self._finish(final)), "index": i}
+                   for i, (text, final) in enumerate(zip(texts, finals))]
+        each = [usage(final) for final in finals]
+        return {**self._chunk({}), "choices": choices, "usage": {k: sum(u[k] for u in each) for k in each[0]}}
 
     def error(self, message: str, status: int) -> dict:
         return openai_error(message, status)
@@ -295,11 +318,11 @@ class OpenAIResponse(Shape):
 
     @property
     def id(self) -> str:
-        return f"resp_{self.request_id}"
+        return f"resp_{PROCESS_TAG}-{self.request_id}"
 
     @property
     def item_id(self) -> str:
-        return f"msg_{self.request_id}"
+        return f"msg_{PROCESS_TAG}-{self.request_id}"
 
     def _event(self, kind: str, **fields) -> bytes:
         return self._numbered(kind, self._next_number(), **fields)
@@ -315,10 +338,10 @@ class OpenAIResponse(Shape):
 
     def _delta(self, sequence: int, text: str) -> bytes:
         return self._numbered("response.output_text.delta", sequence, item_id=self.item_id,
-                              output_index=self._text_index, content_index=0, delta=text)
+                              output_index=self._text_index, content_index=0, delta=text, logprobs=[])
 
     def _part(self, text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": []}
+        return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
     def _item(self, status: str, parts: list) -> dict:
         return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": parts}
@@ -353,7 +376,7 @@ class OpenAIResponse(Shape):
         if final is not None:
             body["output"] = self._output("incomplete" if incomplete else "completed")
             s = final.stats
-            body["usage"] = {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            body["usage"] = {"input_tokens": s.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                              "output_tokens": s.completion_tokens,
                              "output_tokens_details": {"reasoning_tokens": 0},
                              "total_tokens": s.prompt_tokens + s.completion_tokens}
@@ -412,7 +435,7 @@ class OpenAIResponse(Shape):
         if self._text or not self._made_calls:
             text = "".join(self._text)
             where = {"item_id": self.item_id, "output_index": self._text_index, "content_index": 0}
-            out += (self._open() + self._event("response.output_text.done", **where, text=text)
+            out += (self._open() + self._event("response.output_text.done", **where, text=text, logprobs=[])
                     + self._event("response.content_part.done", **where, part=self._part(text))
                     + self._event("response.output_item.done", output_index=self._text_index,
                                   item=done["output"][-1]))

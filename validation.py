@@ -173,18 +173,23 @@ def parse_options(fields: dict) -> tuple[Sampling, int | None, list[str]]:
     max_tokens = None
     for name in MAX_TOKENS_ALIASES:
         if name in given:
-            max_tokens = _integer(name, given[name], -1)
+            max_tokens = _integer(name, given[name], -2 if name == "num_predict" else -1)
+            if max_tokens == -2:  # Ollama's "fill the context": what -1 does here
+                max_tokens = -1
             if max_tokens == 0:
                 raise HTTPError(400, f"'{name}' must be a positive integer (or -1: until the context is full)")
     return s, max_tokens, _stops(given.get("stop"))
 
 
-def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
-    """MiniVault's /generate body (Ollama's /api/generate fields) -> (request, stream?)."""
-    if "prompt" not in body or body["prompt"] is None:
+def parse_generate(body: dict, system_alone: bool = False) -> tuple[GenerationRequest, bool]:
+    """MiniVault's /generate body (Ollama's /api/generate fields) -> (request, stream?).
+    `system_alone`: a `system` with no prompt is answered as Ollama does, the user's turn
+    left empty (Ollama's /api/generate; not for `raw`, which has no turns)."""
+    alone = system_alone and body.get("system") and not body.get("raw") and body.get("prompt") in (None, "")
+    if ("prompt" not in body or body["prompt"] is None) and not alone:
         raise HTTPError(400, "'prompt' is required")
-    prompt = string_field("prompt", body["prompt"])
-    if not prompt.strip():
+    prompt = string_field("prompt", body.get("prompt") or "")
+    if not prompt.strip() and not alone:
         raise HTTPError(400, "'prompt' must not be empty")
     sampling, max_tokens, stop = parse_options(_options_fields(body))
     system = body.get("system")
@@ -386,8 +391,9 @@ def parse_chat(body: dict, eager_tools: bool = False) -> tuple[GenerationRequest
 
 
 # OpenAI request fields we cannot honour: refused rather than silently ignored.
+# (and modalities other than ["text"], checked on its own)
 OPENAI_UNSUPPORTED = ("functions", "function_call", "logprobs", "top_logprobs", "logit_bias", "suffix",
-                      "audio", "modalities", "prediction", "reasoning_effort", "verbosity", "web_search_options")
+                      "audio", "prediction", "reasoning_effort", "verbosity", "web_search_options")
 
 
 # Sampling fields beyond OpenAI's that its clients send (`extra_body`, as vLLM takes them):
@@ -421,6 +427,8 @@ def _one_choice(body: dict, what: str) -> None:
 def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[GenerationRequest, bool, bool, bool]:
     """OpenAI's /v1/chat/completions or /v1/completions body -> (request, stream?,
     include usage?, read tool calls?)."""
+    if body.get("modalities") != ["text"]:  # ["text"]: what is given anyway
+        refuse_unsupported(body, ("modalities",))
     refuse_unsupported(body, OPENAI_UNSUPPORTED, off=("none",))  # function_call, reasoning_effort 'none'
     if not chat:
         refuse_unsupported(body, ("tools", "tool_choice"))
@@ -438,19 +446,13 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
     if chat:
         req = GenerationRequest(messages=parse_messages(body.get("messages"), openai=True))
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        elif isinstance(prompt, list) and prompt and all(
-                _is_token(t) or (isinstance(t, list) and all(_is_token(i) for i in t)) for t in prompt):
-            # OpenAI's token ids (one prompt) or lists of them: not "several prompts"
-            raise HTTPError(400, "'prompt' as token ids is not supported: send the text (a string, or a list of one)")
-        elif isinstance(prompt, list) and len(prompt) > 1:
-            # OpenAI's batch of prompts (one choice each): we give one choice per request
-            raise HTTPError(400, "'prompt' as a list of several prompts is not supported: send one per request")
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise HTTPError(400, "'prompt' must be a non-empty string (or a list of one)")
-        req = GenerationRequest(prompt=prompt, raw=True)  # completions continue the text as given
+        prompts = completion_prompts(body.get("prompt"))
+        if len(prompts) > 1 and stream:
+            raise HTTPError(400, "'prompt' as a list of several prompts cannot be streamed: send one per "
+                                 "request, or 'stream': false")
+        # Completions continue the text as given. Several prompts: this is the first's
+        # request, the others' are copies of it with their own prompt (Api.openai_completions).
+        req = GenerationRequest(prompt=prompts[0], raw=True)
     req.max_tokens, req.stop, req.sampling = max_tokens, stop, sampling
     if chat:
         reads_calls = apply_tools(body, req, output, choice_field=True, eager=eager_tools)
@@ -472,6 +474,20 @@ def asks_for(name: str, value, off=()) -> bool:
     if isinstance(value, (str, list, dict)):
         return bool(value)
     return not (value == 0 and name in ZERO_IS_OFF)
+
+
+def completion_prompts(prompt) -> list[str]:
+    """/v1/completions' `prompt`: a string, or a list of them (OpenAI's batch of prompts,
+    one choice each, as LangChain's `OpenAI.batch` sends them)."""
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) or isinstance(p, list) for p in prompt):
+        raise HTTPError(400, "'prompt' as token ids is not supported: send the text")
+    several = isinstance(prompt, list) and len(prompt) > 0
+    prompts = prompt if several else [prompt]
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str) or not p.strip():
+            name = f"'prompt[{i}]'" if several else "'prompt'"
+            raise HTTPError(400, f"{name} must be a non-empty string (or a list of them)")
+    return prompts
 
 
 def refuse_unsupported(body: dict, names, off=(), hints: dict | None = None, where: str = "") -> None:

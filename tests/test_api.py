@@ -10,6 +10,7 @@ from api import allowed_hosts_option, gguf_tag, host_allowed, same_origin
 from replies import final_fields, ndjson_line
 from validation import (
     MAX_JSON_DEPTH, _options_fields, parse_chat, parse_generate, parse_json_body, parse_openai, parse_options,
+    completion_prompts,
 )
 from engine import Final, Stats
 from httpserver import HTTPError
@@ -236,11 +237,38 @@ def test_ollama_chat_content_of_the_wrong_type_is_400_naming_it(content):
 
 
 @pytest.mark.parametrize("prompt, says", [
-    (["a", "b"], "several prompts"), ([], "list of one"), ([5], "list of one"), ("  ", "non-empty"),
-    (None, "non-empty"), ([5], "token ids"), ([15496, 11], "token ids"), ([[15496], [11]], "token ids"),
-    ([["a"], ["b"]], "several prompts")])
+    ([], "'prompt' must be a non-empty string"), ([5], "token ids"), ([[504, 2960]], "token ids"),
+    (["a", " "], "'prompt[1]' must be a non-empty"), ("  ", "non-empty"), (None, "non-empty")])
 def test_completions_prompt_errors_say_what_is_taken(prompt, says):
     assert says in rejected(parse_openai, {"prompt": prompt}, False).message
+
+
+def test_ollama_generate_with_a_system_prompt_alone_answers_it_as_ollama_does():
+    req, _ = parse_generate({"system": "You are a pirate."}, system_alone=True)
+    assert req.prompt == "" and req.system == "You are a pirate."
+    for body in ({"system": "You are a pirate.", "raw": True}, {"system": "", "prompt": ""}):
+        rejected(parse_generate, body, True)  # raw has no turns; nothing at all is no request
+    assert "'prompt'" in rejected(parse_generate, {"system": "You are a pirate."}).message  # /generate's own
+
+
+def test_ollama_num_predict_minus_two_fills_the_context_as_minus_one_does():
+    req, _ = parse_generate({"prompt": "hi", "options": {"num_predict": -2}})
+    assert req.max_tokens == -1
+    assert "'max_tokens'" in rejected(parse_generate, {"prompt": "hi", "max_tokens": -2}).message  # Ollama's alone
+    assert "'num_predict'" in rejected(parse_generate, {"prompt": "hi", "options": {"num_predict": -3}}).message
+
+
+def test_openai_modalities_text_asks_for_nothing_and_audio_is_refused():
+    hi = {"messages": [{"role": "user", "content": "hi"}]}
+    parse_openai({**hi, "modalities": ["text"]}, chat=True)
+    assert "'modalities'" in rejected(parse_openai, {**hi, "modalities": ["text", "audio"]}, True).message
+
+
+def test_completions_several_prompts_are_taken_but_not_streamed():
+    assert completion_prompts(["a", "b"]) == ["a", "b"] and completion_prompts("a") == ["a"]
+    req, *_ = parse_openai({"prompt": ["a", "b"]}, chat=False)
+    assert req.prompt == "a"
+    assert "cannot be streamed" in rejected(parse_openai, {"prompt": ["a", "b"], "stream": True}, False).message
 
 
 def test_completions_prompt_as_a_list_of_one_is_that_prompt():

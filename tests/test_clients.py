@@ -61,6 +61,11 @@ def test_ollama_empty_prompt_loads_the_model_as_ollama_does(ol):
     assert chat.done and chat.done_reason == "load"
 
 
+def test_ollama_generate_answers_a_system_prompt_alone(ol):
+    reply = ol.generate(model="smollm2", system="You are a pirate. Greet the user.", options={"num_predict": 4})
+    assert reply.done and reply.eval_count >= 1 and reply.response  # a 400 'prompt is required' before
+
+
 def test_ollama_keep_alive_zero_answers_unload_and_pull_knows_the_served_model(ol):
     assert ol.generate(model="smollm2", prompt="", keep_alive=0).done_reason == "unload"
     assert ol.pull("smollm2").status == "success"
@@ -68,6 +73,18 @@ def test_ollama_keep_alive_zero_answers_unload_and_pull_knows_the_served_model(o
     with pytest.raises(ollama.ResponseError) as err:
         ol.pull("llama3:8b")
     assert err.value.status_code == 404
+
+
+def test_ollama_model_management_is_refused_clearly_not_as_a_missing_model(ol, tmp_path):
+    blob = tmp_path / "adapter.bin"
+    blob.write_bytes(b"weights")
+    calls = {"delete": lambda: ol.delete("smollm2"), "copy": lambda: ol.copy("smollm2", "mine"),
+             "create": lambda: ol.create(model="mine", from_="smollm2"),
+             "push": lambda: list(ol.push("smollm2", stream=True)), "upload blobs": lambda: ol.create_blob(blob)}
+    for verb, call in calls.items():
+        with pytest.raises(ollama.ResponseError) as err:
+            call()
+        assert err.value.status_code == 501 and f"cannot {verb}" in err.value.error
 
 
 def test_ollama_fields_that_cannot_be_honoured_are_refused(ol):
@@ -96,6 +113,15 @@ def test_ollama_embed_is_deterministic_alone_or_batched_and_ranks_a_paraphrase_f
         assert abs(cosine(batch[0], batch[0]) - 1) < 1e-5
         assert cosine(batch[0], batch[1]) > cosine(batch[0], batch[2])
     assert ol.embeddings(model="smollm2", prompt=PAIRS[0][0]).embedding == alone_vector(ol, PAIRS[0][0])
+
+
+def test_ollama_embed_without_input_answers_no_embeddings_as_ollama_does(ol):
+    for kwargs in ({}, {"input": ""}, {"input": []}):  # the client's default input is '': a preload
+        reply = ol.embed(model="smollm2", **kwargs)
+        assert reply.embeddings == [] and reply.model == "smollm2"
+    with pytest.raises(ollama.ResponseError) as err:
+        ol.embed(model="smollm2", input=["a", ""])  # an empty text among others is still refused
+    assert err.value.status_code == 400
 
 
 def alone_vector(ol, text):
@@ -149,6 +175,34 @@ def test_openai_completion_streamed_equals_not_streamed(oa):
     assert whole.choices[0].finish_reason == "length" and whole.usage.completion_tokens == 8
 
 
+def test_openai_completion_of_several_prompts_has_a_choice_each_as_langchain_batches_them(oa, server):
+    prompts = ["The capital of France is", "One, two,"]
+    kwargs = dict(model="smollm2", max_tokens=6, temperature=0)
+    both = oa.completions.create(prompt=prompts, **kwargs)
+    alone = [oa.completions.create(prompt=p, **kwargs) for p in prompts]
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.text for c in both.choices] == [a.choices[0].text for a in alone]
+    assert both.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    assert both.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    from langchain_openai import OpenAI as LangChainOpenAI  # .batch sends one request of all its prompts
+
+    llm = LangChainOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", model="smollm2",
+                          max_tokens=6, temperature=0, max_retries=0)
+    assert llm.batch(prompts) == [a.choices[0].text for a in alone]
+    with pytest.raises(openai.BadRequestError) as err:
+        oa.completions.create(prompt=[504, 2960], **kwargs)
+    assert "token ids" in err.value.body["message"]
+
+
+def test_openai_completion_of_several_prompts_answers_the_first_failure_and_stops_the_others(oa, server):
+    first = "Write a very long essay about every river of Europe."
+    with pytest.raises(openai.BadRequestError) as err:  # the second is past the context, found at tokenising
+        oa.completions.create(model="smollm2", prompt=[first, "word " * 9000], max_tokens=2000)
+    assert err.value.body["message"].startswith("'prompt[1]': prompt is")
+    record = wait_for_log(server.log_file, lambda r: r["endpoint"] == "/v1/completions" and r["prompt"] == first)
+    assert record["status"] == "cancelled"  # not left to generate its 2000 tokens for nobody
+
+
 def test_openai_stop_and_max_completion_tokens(oa):
     base = dict(model="smollm2", messages=[{"role": "user", "content": "Count from one to ten in words."}],
                 temperature=0)
@@ -192,6 +246,50 @@ def test_openai_responses_streamed_equals_not_streamed(oa):
     assert oa.responses.create(model="smollm2", input="Say hi.", max_output_tokens=8).output_text
 
 
+def raw_sse(server, path: str, body: dict) -> list[dict]:
+    import httpx  # the openai client's own transport
+
+    with httpx.stream("POST", f"http://127.0.0.1:{server.port}{path}", json=body, timeout=120) as reply:
+        return [json.loads(line[6:]) for line in reply.iter_lines()
+                if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def test_openai_replies_validate_against_the_clients_own_types(oa, server):
+    """The client builds its objects without validating them: a field its types require
+    but the reply lacks only fails when read (`event.logprobs`). Validate strictly here."""
+    import typing
+
+    from openai.types import CreateEmbeddingResponse, Model
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+    from openai.types.responses import Response, ResponseStreamEvent
+
+    events = typing.get_args(typing.get_args(ResponseStreamEvent)[0])
+    event_types = {typing.get_args(e.model_fields["type"].annotation)[0]: e for e in events}
+    tool = {"type": "function", "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    chat = {"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    for body in ({"input": "Hi", "max_output_tokens": 4},
+                 {"input": "Weather in Paris?", "tools": [tool], "tool_choice": "required", "max_output_tokens": 40}):
+        Response.model_validate(raw_response(server, "/v1/responses", {"model": "smollm2", **body}))
+        streamed = raw_sse(server, "/v1/responses", {"model": "smollm2", "stream": True, **body})
+        for event in streamed:
+            event_types[event["type"]].model_validate(event)
+        assert streamed[-1]["type"] in ("response.completed", "response.incomplete")
+    ChatCompletion.model_validate(raw_response(server, "/v1/chat/completions", chat))
+    for chunk in raw_sse(server, "/v1/chat/completions",
+                         {**chat, "stream": True, "stream_options": {"include_usage": True}}):
+        ChatCompletionChunk.model_validate(chunk)
+    CreateEmbeddingResponse.model_validate(raw_response(server, "/v1/embeddings", {"model": "smollm2",
+                                                                                   "input": ["a", "b"]}))
+    Model.model_validate(server.request("GET", "/v1/models/smollm2").json())
+
+
+def raw_response(server, path: str, body: dict) -> dict:
+    reply = server.request("POST", path, body)
+    assert reply.status == 200, reply.body
+    return reply.json()
+
+
 def test_openai_responses_refuses_what_it_cannot_honour(oa):
     with pytest.raises(openai.BadRequestError) as err:
         oa.responses.create(model="smollm2", input="hi", previous_response_id="resp_1")
@@ -226,7 +324,10 @@ def test_openai_models(oa):
 def test_openai_errors_have_openai_shape(oa):
     with pytest.raises(openai.NotFoundError) as nf:
         oa.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-    assert nf.value.body["code"] == "model_not_found"
+    assert nf.value.body["code"] == "model_not_found" and nf.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as hot:
+        oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], temperature=3)
+    assert hot.value.param == "temperature" and "'temperature'" in hot.value.message  # the field, as OpenAI names it
     with pytest.raises(openai.BadRequestError) as n2:
         oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], n=2)
     assert n2.value.body["type"] == "invalid_request_error" and "'n'" in n2.value.body["message"]
@@ -234,6 +335,49 @@ def test_openai_errors_have_openai_shape(oa):
     with pytest.raises(openai.BadRequestError) as bad:  # a schema that cannot compile
         oa.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}], tools=[tool])
     assert "'tools'" in bad.value.body["message"]
+
+
+def test_async_clients_stream_many_requests_at_once_and_leave_nothing_running(server):
+    import asyncio
+
+    import ollama as ollama_module
+
+    async def run() -> tuple[list, list]:
+        oa = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="unused", max_retries=0)
+        ol = ollama_module.AsyncClient(host=f"http://127.0.0.1:{server.port}")
+
+        async def chat(i: int):
+            stream = await oa.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=6,
+                stream=True, stream_options={"include_usage": True})
+            events = [e async for e in stream]
+            return "".join(e.choices[0].delta.content or "" for e in events if e.choices), events[-1].usage
+
+        async def generate(i: int):
+            return [p async for p in await ol.generate(model="smollm2", prompt=f"Name {i} fruits.", stream=True,
+                                                       options={"num_predict": 6})][-1]
+        try:
+            return await asyncio.gather(*(chat(i) for i in range(12))), \
+                await asyncio.gather(*(generate(i) for i in range(6)))
+        finally:
+            await oa.close()
+
+    chats, generates = asyncio.run(run())
+    assert all(text and usage.completion_tokens >= 1 for text, usage in chats)
+    assert all(last.done and last.eval_count >= 1 for last in generates)
+    health = server.request("GET", "/health").json()
+    assert health["active"] == 0 and health["queued"] == 0
+
+
+def test_a_client_pointed_at_the_wrong_root_is_told_where_the_api_is(server):
+    no_v1 = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:  # its message was empty: the body was Ollama-shaped
+        no_v1.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "hi"}])
+    assert "/v1" in err.value.message and "base_url" in err.value.message
+    with_v1 = ollama.Client(host=f"http://127.0.0.1:{server.port}/v1")
+    with pytest.raises(ollama.ResponseError) as err:
+        with_v1.list()
+    assert err.value.status_code == 404 and "host=" in err.value.error
 
 
 # ---- curl -N on every streaming endpoint ----

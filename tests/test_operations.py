@@ -179,6 +179,12 @@ def test_api_key_is_required_except_for_health(guarded):
     wrong = guarded.request("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]},
                             headers={"Authorization": "Bearer nope"})
     assert wrong.status == 401 and wrong.json()["error"]["type"] == "invalid_request_error"
+    import openai  # a 401 does not spend the rate limit the next test counts
+
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{guarded.port}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "x"}])
+    assert err.value.code == "invalid_api_key" and "API key" in err.value.message  # as OpenAI answers
     assert guarded.request("GET", "/api/tags", headers={"Authorization": "Bearer s3cret"}).status == 200
 
 

@@ -71,8 +71,8 @@ def test_responses_text_deltas_are_the_whole_encoding_numbered_in_sequence(texts
     assert [e.split(b"\n")[0] for e in events[:4]] == [b"event: " + kind for kind in opening]
     assert [e + b"\n\n" for e in events[4:]] == [
         b"event: response.output_text.delta\ndata: " + json_bytes(
-            {"type": "response.output_text.delta", "sequence_number": 4 + i, "item_id": "msg_7", "output_index": 0,
-             "content_index": 0, "delta": t}) + b"\n\n"
+            {"type": "response.output_text.delta", "sequence_number": 4 + i, "item_id": shape.item_id,
+             "output_index": 0, "content_index": 0, "delta": t, "logprobs": []}) + b"\n\n"
         for i, t in enumerate(texts)]
 
 
@@ -92,3 +92,20 @@ def test_a_template_whose_fixed_part_holds_its_mark_renders_each_time():
     template = PieceTemplate(render)
     assert template('say "hi"') == json_bytes({"fixed": "\x00minivault-slot-0\x00", "text": 'say "hi"'})
     assert calls[-1] == 'say "hi"'
+
+
+def test_reply_ids_differ_between_processes_though_request_ids_restart_at_one():
+    """Clients key on these ids (LangGraph replaces a message whose id it has seen): a
+    restarted server, or a second replica, must not answer 'resp_1' again."""
+    import subprocess
+    import sys
+
+    code = ("from replies import OpenAIChat, OpenAIResponse\n"
+            "chat, resp = OpenAIChat('m'), OpenAIResponse('m', {})\n"
+            "chat.request_id = resp.request_id = 1\n"
+            "print(chat.id, resp.id, resp.item_id)")
+    root = str(__import__("pathlib").Path(__file__).resolve().parents[1])
+    runs = [subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+            .stdout.split() for _ in range(2)]
+    assert all(len(ids) == 3 and ids[0].startswith("chatcmpl-") and ids[0].endswith("-1") for ids in runs)
+    assert not set(runs[0]) & set(runs[1])
