@@ -166,6 +166,7 @@ class ToolCallReader:
     def __init__(self):
         self.mode: str | None = None  # None until the first character, then "text" or "calls"
         self._pending = ""
+        self._searched = 0  # where in _pending to look for the next closing tag
         self.calls: list[dict] = []  # every call read so far: {"id", "name", "arguments"}
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
@@ -178,27 +179,47 @@ class ToolCallReader:
             return text, []
         self._pending += text
         found = []
-        while (end := self._pending.find(CALL_CLOSE)) >= 0:
-            block, self._pending = self._pending[:end], self._pending[end + len(CALL_CLOSE):]
-            start = block.find(CALL_OPEN)
-            call = _parse_call(block[start + len(CALL_OPEN):] if start >= 0 else block)
-            if call is not None:
-                self.calls.append(call)
-                found.append(call)
+        # A call is complete once its JSON is followed by the closing tag. Its strings may
+        # hold "</tool_call>" themselves (the grammar allows any string), so the JSON is
+        # read whole first; a closing tag seen earlier, inside a string, is no end.
+        while (end := self._pending.find(CALL_CLOSE, self._searched)) >= 0:
+            read = _read_call(self._pending)
+            if read is None:  # the tag was inside a string: wait for the rest
+                self._searched = end + 1
+                continue
+            call, used = read
+            self._pending, self._searched = self._pending[used:], 0
+            self.calls.append(call)
+            found.append(call)
         return "", found
 
     def finish(self) -> str:
         """Text left over at the end (an unfinished call, cut by the token limit): as content."""
-        rest, self._pending = self._pending, ""
+        rest, self._pending, self._searched = self._pending, "", 0
         return rest if rest.strip() else ""
 
 
-def _parse_call(text: str) -> dict | None:
+_DECODER = json.JSONDecoder()
+
+
+def _read_call(text: str) -> tuple[dict, int] | None:
+    """The first call in `text` (opening tag, the call's JSON, closing tag) and the
+    length of text it took, or None while it is not all there."""
+    start = text.find(CALL_OPEN)
+    if start < 0:
+        return None
+    at = start + len(CALL_OPEN)
+    while at < len(text) and text[at].isspace():
+        at += 1
     try:
-        value = json.loads(text)
-    except ValueError:
+        value, at = _DECODER.raw_decode(text, at)
+    except (ValueError, RecursionError):
+        return None
+    close = text.find(CALL_CLOSE, at)
+    if close < 0 or text[at:close].strip():
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments")
-    return {"id": call_id(), "name": value["name"], "arguments": arguments if arguments is not None else {}}
+    call = {"id": call_id(), "name": value["name"], "arguments": arguments if arguments is not None else {}}
+    return call, close + len(CALL_CLOSE)

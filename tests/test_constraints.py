@@ -223,6 +223,25 @@ def test_reader_splits_text_and_calls_across_any_chunking():
     assert cut.feed('<tool_call>\n{"name": "get_') == ("", []) and cut.finish() == '<tool_call>\n{"name": "get_'
 
 
+def test_reader_takes_calls_whose_arguments_hold_the_tags_themselves(grammars):
+    # The grammar lets a string argument hold any text, tags included: the call ends at
+    # the closing tag after its JSON, not at the first one inside a string.
+    echo = toolcalls.Tool("echo", "", {"type": "object", "properties": {"text": {"type": "string"}},
+                                       "required": ["text"]})
+    text = ('<tool_call>\n{"name": "echo", "arguments": {"text": "a </tool_call> b <tool_call> c"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "echo", "arguments": {"text": "</tool_call>"}}\n</tool_call>')
+    assert accepts(grammars, toolcalls.call_constraint([echo], "required", parallel=True), text)
+    for size in (1, 2, 5, len(text)):
+        reader = toolcalls.ToolCallReader()
+        calls = []
+        for i in range(0, len(text), size):
+            content, found = reader.feed(text[i:i + size])
+            assert content == ""
+            calls += found
+        assert [c["arguments"]["text"] for c in calls] == ["a </tool_call> b <tool_call> c", "</tool_call>"]
+        assert reader.finish() == ""
+
+
 def test_tools_are_described_in_the_system_turn():
     messages = toolcalls.with_tools([{"role": "user", "content": "hi"}], [WEATHER])
     assert messages[0]["role"] == "system" and '"name": "get_weather"' in messages[0]["content"]
