@@ -131,9 +131,20 @@ def call_constraint(tools: list[Tool], choice: str, parallel: bool = False,
     try:  # json_rule refuses a schema too, before llguidance sees it
         return Constraint.lark(_calls_grammar(body, choice, parallel, text_schema, text_json), "tools")
     except ConstraintInvalid as exc:
-        raise ToolsInvalid(f"'tools': {exc}") from None
+        raise ToolsInvalid(f"'tools': {_failing_tool(chosen) or exc}") from None
     except ConstraintUnavailable as exc:
         raise ToolsInvalid(f"'tools' cannot be honoured here: {exc}") from None
+
+
+def _failing_tool(chosen: list[Tool]) -> str | None:
+    """Which tool's parameters the grammar engine refuses, and why; None when each
+    compiles alone. The whole grammar's error names only a place in it ("at 4(7)")."""
+    for tool in chosen:
+        try:
+            Constraint.json(tool.parameters)
+        except ConstraintInvalid as exc:
+            return f"the parameters of '{tool.name}' are not a JSON schema this server supports: {exc}"
+    return None
 
 
 def _calls_grammar(body: dict, choice: str, parallel: bool, text_schema: dict | None, text_json: bool) -> str:

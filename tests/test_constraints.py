@@ -111,6 +111,21 @@ def test_a_schema_that_cannot_compile_is_refused_with_the_reason(schema):
         Constraint.json(schema)
 
 
+LOOKAHEAD = {"type": "object", "properties": {"code": {"type": "string", "pattern": "(?=a)b"}}}
+
+
+def test_a_refused_schema_says_why_and_a_refused_tool_is_named():
+    # llguidance's regex error spans lines; the first alone said only "regex parse error:".
+    with pytest.raises(ConstraintInvalid, match="look-around.* is not supported"):
+        Constraint.json(LOOKAHEAD)
+    ok = toolcalls.Tool("ok", "", {"type": "object", "properties": {"a": {"type": "string"}}})
+    bad = toolcalls.Tool("lookup", "", LOOKAHEAD)
+    unique = toolcalls.Tool("tags", "", {"type": "object", "properties": {"t": {"type": "array", "uniqueItems": True}}})
+    for tools, says in (([ok, bad], "'lookup'.*look-around"), ([unique, ok], "'tags'.*uniqueItems")):
+        with pytest.raises(toolcalls.ToolsInvalid, match="'tools': the parameters of " + says):
+            toolcalls.call_constraint(tools, "required")
+
+
 ITSELF = {"x": {"$ref": "#/$defs/x"}}
 # References that loop without reaching a value. llguidance compiles each and fails only
 # when the output reaches the loop: at once, after '{"a": ', or never letting it end.
@@ -134,7 +149,7 @@ LOOPS = {
 def test_references_no_value_can_match_are_refused_naming_the_ref(grammars, schema, ref):
     with pytest.raises(ConstraintInvalid, match="no finite JSON value matches '\\$ref' " + re.escape(repr(ref))):
         Constraint.json(schema)
-    with pytest.raises(toolcalls.ToolsInvalid, match="'tools': no finite JSON value"):
+    with pytest.raises(toolcalls.ToolsInvalid, match="'tools': the parameters of 'f' .*: no finite JSON value"):
         toolcalls.call_constraint([toolcalls.Tool("f", "", schema)], "required")
 
 
