@@ -182,6 +182,7 @@ def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
     req = GenerationRequest(prompt=prompt, system=system or None, raw=raw, max_tokens=max_tokens,
                             stop=stop, sampling=sampling,
                             constraint=parse_ollama_format(body.get("format")).constraint)
+    refuse_stop_in_json(req)
     return req, stream
 
 
@@ -287,6 +288,17 @@ def json_constraint(field: str, schema: dict | None) -> Constraint:
         raise HTTPError(400, f"'{field}' cannot be honoured here: {exc}") from None
 
 
+def refuse_stop_in_json(req: GenerationRequest, text_allowed: bool = False) -> None:
+    """A 400 naming 'stop' when the reply can only be JSON (a format, or tool calls) and
+    stop strings are given: the grammar ends the reply once the JSON is whole, so a
+    stop string could only ever match inside it and cut it short, a reply that no
+    longer parses but says it ended normally ('stop'). `text_allowed`: the reply may
+    be plain text instead (tools left to the model), where stop strings apply."""
+    if req.stop and req.constraint is not None and not text_allowed:
+        raise HTTPError(400, "'stop' cannot be used with JSON output or required tool calls: the reply ends "
+                             "when its JSON is whole, and a stop string could only cut the JSON short")
+
+
 @dataclass
 class OutputFormat:
     """What the reply must be, from format / response_format: JSON (against a schema
@@ -352,10 +364,12 @@ def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice
             if choice_field and body.get("tool_choice") not in (None, "none", "auto") and not tools:
                 raise toolcalls.ToolsInvalid("'tool_choice' needs 'tools'")
             req.constraint = output.constraint
+            refuse_stop_in_json(req)
             return False
         # One call per reply unless asked for more: allowed several, the embedded 135M
         # model added a call nobody asked for (Paris, then Bordeaux) in most tries.
         req.constraint = toolcalls.call_constraint(tools, choice, parallel, output.schema, output.json)
+        refuse_stop_in_json(req, text_allowed=choice == "auto" and not output.json)
     except toolcalls.ToolsInvalid as exc:
         raise HTTPError(400, str(exc)) from None
     req.messages = toolcalls.with_tools(req.messages, tools)
@@ -442,6 +456,7 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
         reads_calls = apply_tools(body, req, output, choice_field=True, eager=eager_tools)
     else:
         req.constraint, reads_calls = output.constraint, False
+        refuse_stop_in_json(req)
     return req, stream, include_usage, reads_calls
 
 
