@@ -288,15 +288,16 @@ def json_constraint(field: str, schema: dict | None) -> Constraint:
         raise HTTPError(400, f"'{field}' cannot be honoured here: {exc}") from None
 
 
-def refuse_stop_in_json(req: GenerationRequest, text_allowed: bool = False) -> None:
+def refuse_stop_in_json(req: GenerationRequest, text_allowed: bool = False, why: str = "") -> None:
     """A 400 naming 'stop' when the reply can only be JSON (a format, or tool calls) and
     stop strings are given: the grammar ends the reply once the JSON is whole, so a
     stop string could only ever match inside it and cut it short, a reply that no
     longer parses but says it ended normally ('stop'). `text_allowed`: the reply may
     be plain text instead (tools left to the model), where stop strings apply."""
     if req.stop and req.constraint is not None and not text_allowed:
-        raise HTTPError(400, "'stop' cannot be used with JSON output or required tool calls: the reply ends "
-                             "when its JSON is whole, and a stop string could only cut the JSON short")
+        raise HTTPError(400, "'stop' cannot be used with JSON output or required tool calls" + why
+                             + ": the reply ends when its JSON is whole, and a stop string could only cut "
+                               "the JSON short")
 
 
 @dataclass
@@ -369,7 +370,10 @@ def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice
         # One call per reply unless asked for more: allowed several, the embedded 135M
         # model added a call nobody asked for (Paris, then Bordeaux) in most tries.
         req.constraint = toolcalls.call_constraint(tools, choice, parallel, output.schema, output.json)
-        refuse_stop_in_json(req, text_allowed=choice == "auto" and not output.json)
+        eager_call = eager and body.get("tool_choice") is None and choice == "required"
+        refuse_stop_in_json(req, text_allowed=choice == "auto" and not output.json,
+                            why=" (with tools and no tool_choice, this server's --tool-calls eager policy makes "
+                                "the reply to a user message a call)" if eager_call else "")
     except toolcalls.ToolsInvalid as exc:
         raise HTTPError(400, str(exc)) from None
     req.messages = toolcalls.with_tools(req.messages, tools)
