@@ -298,7 +298,7 @@ def test_stop_strings_with_json_only_replies_are_a_400_naming_stop(parse, body):
     with pytest.raises(HTTPError) as refused:
         parse({"model": "smollm2", **body}) if parse is not parse_chat else parse_chat(body, eager_tools=True)
     assert refused.value.status == 400 and "'stop'" in refused.value.message
-    assert ("--tool-calls eager" in refused.value.message) == ("tool_choice" not in body and "tools" in body)
+    assert ("--tool-calls eager" in refused.value.message) == (parse is parse_chat and "tools" in body)
 
 
 def test_stop_strings_apply_where_the_reply_may_be_text():
