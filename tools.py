@@ -63,6 +63,10 @@ def parse_tools(value, field: str = "tools") -> list[Tool]:
             parameters = {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
             raise ToolsInvalid(f"'{where}.function.parameters' must be a JSON schema object")
+        kind = parameters.get("type", "object")
+        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+            raise ToolsInvalid(f"'{where}.function.parameters' must be a schema of type 'object', not {kind!r}: "
+                               "a call's arguments are a JSON object")
         tools.append(Tool(name, description, parameters))
     return tools
 
@@ -123,8 +127,10 @@ def call_constraint(tools: list[Tool], choice: str, parallel: bool = False,
     # Each tool's parameters go under the body's $defs, their references rewritten to
     # match: placed inline, "#" and "#/$defs/..." in them would point into the call body.
     # A name needs no escaping in a JSON pointer (NAME_PATTERN has no '/' or '~').
+    # Arguments are an object whatever the parameters leave open ({} allows any value):
+    # clients read them as one (Ollama's a mapping, OpenAI's a JSON object in a string).
     where = {t.name: f"#/$defs/{t.name}" for t in chosen}
-    bodies = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": {"$ref": where[t.name]}},
+    bodies = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": {"$ref": where[t.name], "type": "object"}},
                "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
     body["$defs"] = {t.name: moved_under(t.parameters, where[t.name]) for t in chosen}

@@ -257,6 +257,24 @@ def test_reader_takes_calls_whose_arguments_hold_the_tags_themselves(grammars):
         assert reader.finish() == ""
 
 
+def test_call_arguments_are_an_object_whatever_the_parameters_allow(grammars):
+    # {} (or a schema without a type) allows any value: a string or a list of arguments
+    # would break every client, which reads them as an object.
+    for parameters in ({}, {"anyOf": [{"type": "string"}, {"type": "object"}]}, {"description": "anything"}):
+        required = toolcalls.call_constraint(toolcalls.parse_tools(
+            [{"type": "function", "function": {"name": "f", "parameters": parameters}}]), "required")
+        assert accepts(grammars, required, '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>')
+        for value in ('"Paris"', "[1]", "3", "null"):
+            assert not accepts(grammars, required, '<tool_call>\n{"name": "f", "arguments": %s}\n</tool_call>' % value)
+        for seed in range(4):
+            _, calls = toolcalls.ToolCallReader().feed(sample_under(grammars, required, seed))
+            assert isinstance(calls[0]["arguments"], dict)
+    for kind in ("string", "array", ["string", "null"]):
+        with pytest.raises(toolcalls.ToolsInvalid, match=r"'tools\[0\].function.parameters' must be a schema of type"):
+            toolcalls.parse_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": kind}}}])
+    toolcalls.parse_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": ["object", "null"]}}}])
+
+
 def test_tools_are_described_in_the_system_turn():
     messages = toolcalls.with_tools([{"role": "user", "content": "hi"}], [WEATHER])
     assert messages[0]["role"] == "system" and '"name": "get_weather"' in messages[0]["content"]
