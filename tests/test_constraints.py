@@ -320,6 +320,11 @@ def test_closed_objects_closes_only_what_says_nothing():
     assert closed_objects({"type": "object"}) == {"type": "object"}  # "json": any object
     merged = {"allOf": [{"properties": {"a": {}}, "required": ["a"]}, {"properties": {"b": {}}, "required": ["b"]}]}
     assert closed_objects(merged) == merged  # closing each part would make it unsatisfiable
+    # a key required but not listed keeps any value, rather than nothing matching at all
+    undeclared = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name", "age"]}
+    assert closed_objects(undeclared)["properties"] == {"name": {"type": "string"}, "age": {}}
+    assert "age" not in undeclared["properties"]
+    Constraint.json(undeclared)  # was refused: "required property 'age' is unsatisfiable"
 
 
 def weather_call(arguments: str, name: str = "get_weather") -> str:
