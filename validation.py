@@ -173,6 +173,9 @@ def parse_generate(body: dict) -> tuple[GenerationRequest, bool]:
     prompt = string_field("prompt", body["prompt"])
     if not prompt.strip():
         raise HTTPError(400, "'prompt' must not be empty")
+    for name in ("tools", "tool_choice"):  # a completion of a prompt reads no calls: refused, not dropped
+        if body.get(name) not in (None, [], ""):
+            raise HTTPError(400, f"'{name}' is not supported on a generate endpoint: send tools to /api/chat")
     sampling, max_tokens, stop = parse_options(_options_fields(body))
     system = body.get("system")
     if system is not None:

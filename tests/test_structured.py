@@ -198,6 +198,8 @@ LOOP_INSIDE = {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "re
     ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "'tool_choice'"),
     ("/v1/completions", {"tools": [WEATHER], "prompt": "hi"}, "'tools'"),
+    ("/api/generate", {"tools": [WEATHER], "prompt": "hi"}, "'tools'"),
+    ("/generate", {"tools": [WEATHER], "prompt": "hi"}, "'tools'"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "'functions'"),
     # $refs that loop without reaching a value: llguidance fails only once the output gets there.
     ("/api/generate", {"prompt": "x", "format": LOOP}, "'format'"),
