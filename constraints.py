@@ -59,7 +59,11 @@ class Constraint:
     def json(cls, schema: dict | None = None, name: str = "json") -> Constraint:
         """A JSON object (schema None) or a JSON value valid against `schema`."""
         body = _as_compiled(schema)
-        return cls.checked(_llguidance().LLMatcher.grammar_from_json_schema(body, defaults=JSON_LAYOUT), name)
+        try:
+            grammar = _llguidance().LLMatcher.grammar_from_json_schema(body, defaults=JSON_LAYOUT)
+        except (ValueError, TypeError, OverflowError) as exc:  # an integer past 64 bits, for one
+            raise ConstraintInvalid(_reason(str(exc))) from None
+        return cls.checked(grammar, name)
 
     @classmethod
     def lark(cls, text: str, name: str) -> Constraint:

@@ -204,6 +204,7 @@ LOOP_INSIDE = {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "re
     # $refs that loop without reaching a value: llguidance fails only once the output gets there.
     ("/api/generate", {"prompt": "x", "format": LOOP}, "'format'"),
     ("/api/chat", {"format": LOOP_INSIDE}, "'format'"),
+    ("/api/chat", {"format": {"type": "integer", "maximum": 10 ** 30}}, "'format'"),  # was a 500
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": LOOP}}},
      "'response_format.json_schema.schema'"),
     ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": LOOP_INSIDE}}},
