@@ -38,8 +38,10 @@ class Tool:
                                                  "parameters": self.parameters}}
 
 
-def parse_tools(value, field: str = "tools") -> list[Tool]:
-    """OpenAI's and Ollama's `tools`: [{"type": "function", "function": {name, description, parameters}}]."""
+def parse_tools(value, field: str = "tools", flat: bool = False) -> list[Tool]:
+    """OpenAI's and Ollama's `tools`: [{"type": "function", "function": {name, description, parameters}}].
+    `flat`: they came as the Responses API writes them, {"type": "function", name, ...},
+    so an error names `tools[i].name`, a field the client sent."""
     if not isinstance(value, list):
         raise ToolsInvalid(f"'{field}' must be a list")
     tools, names = [], set()
@@ -49,23 +51,24 @@ def parse_tools(value, field: str = "tools") -> list[Tool]:
                 or not isinstance(item.get("function"), dict):
             raise ToolsInvalid(f"'{where}' must be {{\"type\": \"function\", \"function\": {{...}}}}")
         function = item["function"]
+        key = where if flat else f"{where}.function"
         name = function.get("name")
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise ToolsInvalid(f"'{where}.function.name' must be 1-64 letters, digits, '_', '.' or '-'")
+            raise ToolsInvalid(f"'{key}.name' must be 1-64 letters, digits, '_', '.' or '-'")
         if name in names:
-            raise ToolsInvalid(f"'{where}.function.name': '{name}' is given twice")
+            raise ToolsInvalid(f"'{key}.name': '{name}' is given twice")
         names.add(name)
         description = function.get("description") or ""
         if not isinstance(description, str):
-            raise ToolsInvalid(f"'{where}.function.description' must be a string")
+            raise ToolsInvalid(f"'{key}.description' must be a string")
         parameters = function.get("parameters")
         if parameters is None:
             parameters = {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
-            raise ToolsInvalid(f"'{where}.function.parameters' must be a JSON schema object")
+            raise ToolsInvalid(f"'{key}.parameters' must be a JSON schema object")
         kind = parameters.get("type", "object")
         if kind != "object" and not (isinstance(kind, list) and "object" in kind):
-            raise ToolsInvalid(f"'{where}.function.parameters' must be a schema of type 'object', not {kind!r}: "
+            raise ToolsInvalid(f"'{key}.parameters' must be a schema of type 'object', not {kind!r}: "
                                "a call's arguments are a JSON object")
         tools.append(Tool(name, description, parameters))
     return tools

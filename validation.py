@@ -347,7 +347,7 @@ def parse_response_format(value, field: str = "response_format") -> OutputFormat
 
 
 def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice_field: bool,
-                eager: bool = False) -> bool:
+                eager: bool = False, flat_tools: bool = False) -> bool:
     """Set the request's messages and constraint from `tools` (and `tool_choice`, on
     OpenAI) and the output format. True when the reply is to be read for tool calls.
 
@@ -359,7 +359,7 @@ def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice
     parallel = body.get("parallel_tool_calls")
     parallel = boolean_field("parallel_tool_calls", parallel) if parallel is not None else False
     try:
-        tools = toolcalls.parse_tools(given) if given not in (None, []) else []
+        tools = toolcalls.parse_tools(given, flat=flat_tools) if given not in (None, []) else []
         choice = toolcalls.parse_tool_choice(body.get("tool_choice") if choice_field else None, tools)
         last = body["messages"][-1] if isinstance(body.get("messages"), list) and body["messages"] else {}
         if eager and tools and body.get("tool_choice") is None and last.get("role") == "user":
@@ -577,7 +577,7 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
         raise HTTPError(400, "'tool_choice' must be 'auto', 'none', 'required' or "
                              "{\"type\": \"function\", \"name\": ...}")
     chat["tool_choice"] = choice
-    reads_calls = apply_tools(chat, req, output, choice_field=True, eager=eager_tools)
+    reads_calls = apply_tools(chat, req, output, choice_field=True, eager=eager_tools, flat_tools=True)
     return req, stream, reads_calls
 
 

@@ -273,11 +273,17 @@ def test_without_the_grammar_engine_constrained_output_is_a_400_naming_the_field
     ({"input": [{"role": "assistant", "content": "hi"}]}, "'input' needs a user message"),
     ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
       "tool_choice": {"type": "function"}}, '{"type": "function", "name": ...}'),
+    ({"input": "hi", "tools": [{"type": "function", "name": "a b"}]}, "'tools[0].name'"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
+     "'tools[0].parameters'"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}, {"type": "function", "name": "f"}]},
+     "'tools[1].name'"),
 ])
 def test_responses_errors_name_the_responses_fields_not_chats(body, says):
     with pytest.raises(HTTPError) as refused:
         parse_responses(body)
-    assert refused.value.status == 400 and says in refused.value.message and "messages" not in refused.value.message
+    message = refused.value.message
+    assert refused.value.status == 400 and says in message and "messages" not in message and ".function." not in message
 
 
 JSON_OUT = {"type": "json_object"}
