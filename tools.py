@@ -133,7 +133,8 @@ def call_constraint(tools: list[Tool], choice: str, parallel: bool = False,
     # Arguments are an object whatever the parameters leave open ({} allows any value):
     # clients read them as one (Ollama's a mapping, OpenAI's a JSON object in a string).
     where = {t.name: f"#/$defs/{t.name}" for t in chosen}
-    bodies = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": {"$ref": where[t.name], "type": "object"}},
+    bodies = [{"type": "object", "properties": {"name": {"const": t.name},
+                                                "arguments": {"$ref": where[t.name], "type": "object"}},
                "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
     body["$defs"] = {t.name: moved_under(t.parameters, where[t.name]) for t in chosen}
