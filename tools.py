@@ -21,6 +21,7 @@ from schemas import moved_under
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+JSON_TYPES = ("string", "number", "integer", "boolean", "array", "null", "object")
 
 
 class ToolsInvalid(ValueError):
@@ -67,7 +68,8 @@ def parse_tools(value, field: str = "tools", flat: bool = False) -> list[Tool]:
         if not isinstance(parameters, dict):
             raise ToolsInvalid(f"'{key}.parameters' must be a JSON schema object")
         kind = parameters.get("type", "object")
-        if kind != "object" and not (isinstance(kind, list) and "object" in kind):
+        kinds = kind if isinstance(kind, list) else [kind]
+        if "object" not in kinds and all(k in JSON_TYPES for k in kinds):  # an unknown type fails to compile
             raise ToolsInvalid(f"'{key}.parameters' must be a schema of type 'object', not {kind!r}: "
                                "a call's arguments are a JSON object")
         tools.append(Tool(name, description, parameters))
