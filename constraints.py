@@ -42,6 +42,12 @@ class ConstraintInvalid(ValueError):
     """The schema or grammar cannot be compiled (the message says why)."""
 
 
+def _reason(error: str) -> str:
+    """llguidance's error on one line. Some span lines (a regex error names the pattern,
+    points at it, then says why): the first alone read only "regex parse error:"."""
+    return " ".join(error.split())[:300]
+
+
 @dataclass(frozen=True)
 class Constraint:
     """What the output must be: an llguidance grammar (JSON text) and a short name
@@ -72,7 +78,7 @@ class Constraint:
             # (a schema number beyond 64 bits: ValueError from grammar_from_json_schema)
             error = str(exc) or type(exc).__name__
         if error:
-            raise ConstraintInvalid(error.strip().splitlines()[0][:300])
+            raise ConstraintInvalid(_reason(error))
         return cls(grammar, name)
 
 
@@ -112,7 +118,7 @@ class Grammars:
         if matcher is None:
             matcher = _llguidance().LLMatcher(self.tokenizer, constraint.grammar)
             if matcher.is_error():
-                raise ConstraintInvalid(matcher.get_error().strip().splitlines()[0][:300])
+                raise ConstraintInvalid(_reason(matcher.get_error()))
             self._compiled[constraint.grammar] = matcher
             while len(self._compiled) > self.CACHE_SIZE:
                 self._compiled.popitem(last=False)
@@ -163,4 +169,4 @@ class RowGrammar:
 
     def _raise_on_error(self) -> None:
         if self.matcher.is_error():
-            raise RuntimeError("grammar: " + self.matcher.get_error().strip().splitlines()[0][:300])
+            raise RuntimeError("grammar: " + _reason(self.matcher.get_error()))

@@ -66,6 +66,12 @@ def _closed(schema):
     if isinstance(out.get("properties"), dict) and not any(
             k in out for k in ("additionalProperties", "patternProperties", "unevaluatedProperties")):
         out["additionalProperties"] = False
+        # A key it requires but does not list stays allowed (any value, as before):
+        # closed without it, the schema matched nothing and was refused.
+        required = out["required"] if isinstance(out.get("required"), list) else []
+        missing = [name for name in required if isinstance(name, str) and name not in out["properties"]]
+        if missing:
+            out["properties"] = {**out["properties"], **{name: {} for name in missing}}
     return out
 
 

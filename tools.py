@@ -21,6 +21,7 @@ from schemas import moved_under
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+JSON_TYPES = ("string", "number", "integer", "boolean", "array", "null", "object")
 
 
 class ToolsInvalid(ValueError):
@@ -38,8 +39,10 @@ class Tool:
                                                  "parameters": self.parameters}}
 
 
-def parse_tools(value, field: str = "tools") -> list[Tool]:
-    """OpenAI's and Ollama's `tools`: [{"type": "function", "function": {name, description, parameters}}]."""
+def parse_tools(value, field: str = "tools", flat: bool = False) -> list[Tool]:
+    """OpenAI's and Ollama's `tools`: [{"type": "function", "function": {name, description, parameters}}].
+    `flat`: they came as the Responses API writes them, {"type": "function", name, ...},
+    so an error names `tools[i].name`, a field the client sent."""
     if not isinstance(value, list):
         raise ToolsInvalid(f"'{field}' must be a list")
     tools, names = [], set()
@@ -49,20 +52,26 @@ def parse_tools(value, field: str = "tools") -> list[Tool]:
                 or not isinstance(item.get("function"), dict):
             raise ToolsInvalid(f"'{where}' must be {{\"type\": \"function\", \"function\": {{...}}}}")
         function = item["function"]
+        key = where if flat else f"{where}.function"
         name = function.get("name")
         if not isinstance(name, str) or not NAME_PATTERN.match(name):
-            raise ToolsInvalid(f"'{where}.function.name' must be 1-64 letters, digits, '_', '.' or '-'")
+            raise ToolsInvalid(f"'{key}.name' must be 1-64 letters, digits, '_', '.' or '-'")
         if name in names:
-            raise ToolsInvalid(f"'{where}.function.name': '{name}' is given twice")
+            raise ToolsInvalid(f"'{key}.name': '{name}' is given twice")
         names.add(name)
         description = function.get("description") or ""
         if not isinstance(description, str):
-            raise ToolsInvalid(f"'{where}.function.description' must be a string")
+            raise ToolsInvalid(f"'{key}.description' must be a string")
         parameters = function.get("parameters")
         if parameters is None:
             parameters = {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
-            raise ToolsInvalid(f"'{where}.function.parameters' must be a JSON schema object")
+            raise ToolsInvalid(f"'{key}.parameters' must be a JSON schema object")
+        kind = parameters.get("type", "object")
+        kinds = kind if isinstance(kind, list) else [kind]
+        if "object" not in kinds and all(k in JSON_TYPES for k in kinds):  # an unknown type fails to compile
+            raise ToolsInvalid(f"'{key}.parameters' must be a schema of type 'object', not {kind!r}: "
+                               "a call's arguments are a JSON object")
         tools.append(Tool(name, description, parameters))
     return tools
 
@@ -123,17 +132,31 @@ def call_constraint(tools: list[Tool], choice: str, parallel: bool = False,
     # Each tool's parameters go under the body's $defs, their references rewritten to
     # match: placed inline, "#" and "#/$defs/..." in them would point into the call body.
     # A name needs no escaping in a JSON pointer (NAME_PATTERN has no '/' or '~').
+    # Arguments are an object whatever the parameters leave open ({} allows any value):
+    # clients read them as one (Ollama's a mapping, OpenAI's a JSON object in a string).
     where = {t.name: f"#/$defs/{t.name}" for t in chosen}
-    bodies = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": {"$ref": where[t.name]}},
+    bodies = [{"type": "object", "properties": {"name": {"const": t.name},
+                                                "arguments": {"$ref": where[t.name], "type": "object"}},
                "required": ["name", "arguments"], "additionalProperties": False} for t in chosen]
     body = bodies[0] if len(bodies) == 1 else {"anyOf": bodies}
     body["$defs"] = {t.name: moved_under(t.parameters, where[t.name]) for t in chosen}
     try:  # json_rule refuses a schema too, before llguidance sees it
         return Constraint.lark(_calls_grammar(body, choice, parallel, text_schema, text_json), "tools")
     except ConstraintInvalid as exc:
-        raise ToolsInvalid(f"'tools': {exc}") from None
+        raise ToolsInvalid(f"'tools': {_failing_tool(chosen) or exc}") from None
     except ConstraintUnavailable as exc:
         raise ToolsInvalid(f"'tools' cannot be honoured here: {exc}") from None
+
+
+def _failing_tool(chosen: list[Tool]) -> str | None:
+    """Which tool's parameters the grammar engine refuses, and why; None when each
+    compiles alone. The whole grammar's error names only a place in it ("at 4(7)")."""
+    for tool in chosen:
+        try:
+            Constraint.json(tool.parameters)
+        except ConstraintInvalid as exc:
+            return f"the parameters of '{tool.name}' are not a JSON schema this server supports: {exc}"
+    return None
 
 
 def _calls_grammar(body: dict, choice: str, parallel: bool, text_schema: dict | None, text_json: bool) -> str:
@@ -166,6 +189,7 @@ class ToolCallReader:
     def __init__(self):
         self.mode: str | None = None  # None until the first character, then "text" or "calls"
         self._pending = ""
+        self._searched = 0  # where in _pending to look for the next closing tag
         self.calls: list[dict] = []  # every call read so far: {"id", "name", "arguments"}
 
     def feed(self, text: str) -> tuple[str, list[dict]]:
@@ -178,27 +202,47 @@ class ToolCallReader:
             return text, []
         self._pending += text
         found = []
-        while (end := self._pending.find(CALL_CLOSE)) >= 0:
-            block, self._pending = self._pending[:end], self._pending[end + len(CALL_CLOSE):]
-            start = block.find(CALL_OPEN)
-            call = _parse_call(block[start + len(CALL_OPEN):] if start >= 0 else block)
-            if call is not None:
-                self.calls.append(call)
-                found.append(call)
+        # A call is complete once its JSON is followed by the closing tag. Its strings may
+        # hold "</tool_call>" themselves (the grammar allows any string), so the JSON is
+        # read whole first; a closing tag seen earlier, inside a string, is no end.
+        while (end := self._pending.find(CALL_CLOSE, self._searched)) >= 0:
+            read = _read_call(self._pending)
+            if read is None:  # the tag was inside a string: wait for the rest
+                self._searched = end + 1
+                continue
+            call, used = read
+            self._pending, self._searched = self._pending[used:], 0
+            self.calls.append(call)
+            found.append(call)
         return "", found
 
     def finish(self) -> str:
         """Text left over at the end (an unfinished call, cut by the token limit): as content."""
-        rest, self._pending = self._pending, ""
+        rest, self._pending, self._searched = self._pending, "", 0
         return rest if rest.strip() else ""
 
 
-def _parse_call(text: str) -> dict | None:
+_DECODER = json.JSONDecoder()
+
+
+def _read_call(text: str) -> tuple[dict, int] | None:
+    """The first call in `text` (opening tag, the call's JSON, closing tag) and the
+    length of text it took, or None while it is not all there."""
+    start = text.find(CALL_OPEN)
+    if start < 0:
+        return None
+    at = start + len(CALL_OPEN)
+    while at < len(text) and text[at].isspace():
+        at += 1
     try:
-        value = json.loads(text)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
+        value, at = _DECODER.raw_decode(text, at)
+    except (ValueError, RecursionError):
+        return None
+    close = text.find(CALL_CLOSE, at)
+    if close < 0 or text[at:close].strip():
         return None
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments")
-    return {"id": call_id(), "name": value["name"], "arguments": arguments if arguments is not None else {}}
+    call = {"id": call_id(), "name": value["name"], "arguments": arguments if arguments is not None else {}}
+    return call, close + len(CALL_CLOSE)

@@ -191,6 +191,9 @@ def parse_generate(body: dict, system_alone: bool = False) -> tuple[GenerationRe
     prompt = string_field("prompt", body.get("prompt") or "")
     if not prompt.strip() and not alone:
         raise HTTPError(400, "'prompt' must not be empty")
+    for name in ("tools", "tool_choice"):  # a completion of a prompt reads no calls: refused, not dropped
+        if body.get(name) not in (None, [], ""):
+            raise HTTPError(400, f"'{name}' is not supported on a generate endpoint: send tools to /api/chat")
     sampling, max_tokens, stop = parse_options(_options_fields(body))
     system = body.get("system")
     if system is not None:
@@ -200,6 +203,7 @@ def parse_generate(body: dict, system_alone: bool = False) -> tuple[GenerationRe
     req = GenerationRequest(prompt=prompt, system=system or None, raw=raw, max_tokens=max_tokens,
                             stop=stop, sampling=sampling,
                             constraint=parse_ollama_format(body.get("format")).constraint)
+    refuse_stop_in_json(req)
     return req, stream
 
 
@@ -305,6 +309,18 @@ def json_constraint(field: str, schema: dict | None) -> Constraint:
         raise HTTPError(400, f"'{field}' cannot be honoured here: {exc}") from None
 
 
+def refuse_stop_in_json(req: GenerationRequest, text_allowed: bool = False, why: str = "") -> None:
+    """A 400 naming 'stop' when the reply can only be JSON (a format, or tool calls) and
+    stop strings are given: the grammar ends the reply once the JSON is whole, so a
+    stop string could only ever match inside it and cut it short, a reply that no
+    longer parses but says it ended normally ('stop'). `text_allowed`: the reply may
+    be plain text instead (tools left to the model), where stop strings apply."""
+    if req.stop and req.constraint is not None and not text_allowed:
+        raise HTTPError(400, "'stop' cannot be used with JSON output or required tool calls" + why
+                             + ": the reply ends when its JSON is whole, and a stop string could only cut "
+                               "the JSON short")
+
+
 @dataclass
 class OutputFormat:
     """What the reply must be, from format / response_format: JSON (against a schema
@@ -349,7 +365,7 @@ def parse_response_format(value, field: str = "response_format") -> OutputFormat
 
 
 def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice_field: bool,
-                eager: bool = False) -> bool:
+                eager: bool = False, flat_tools: bool = False) -> bool:
     """Set the request's messages and constraint from `tools` (and `tool_choice`, on
     OpenAI) and the output format. True when the reply is to be read for tool calls.
 
@@ -360,7 +376,7 @@ def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice
     given = body.get("tools")
     parallel = optional_boolean(body, "parallel_tool_calls", False)
     try:
-        tools = toolcalls.parse_tools(given) if given not in (None, []) else []
+        tools = toolcalls.parse_tools(given, flat=flat_tools) if given not in (None, []) else []
         choice = toolcalls.parse_tool_choice(body.get("tool_choice") if choice_field else None, tools)
         last = body["messages"][-1] if isinstance(body.get("messages"), list) and body["messages"] else {}
         if eager and tools and body.get("tool_choice") is None and last.get("role") == "user":
@@ -369,10 +385,15 @@ def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice
             if choice_field and body.get("tool_choice") not in (None, "none", "auto") and not tools:
                 raise toolcalls.ToolsInvalid("'tool_choice' needs 'tools'")
             req.constraint = output.constraint
+            refuse_stop_in_json(req)
             return False
         # One call per reply unless asked for more: allowed several, the embedded 135M
         # model added a call nobody asked for (Paris, then Bordeaux) in most tries.
         req.constraint = toolcalls.call_constraint(tools, choice, parallel, output.schema, output.json)
+        eager_call = eager and body.get("tool_choice") is None and choice == "required"
+        refuse_stop_in_json(req, text_allowed=choice == "auto" and not output.json,
+                            why=" (with tools and no tool_choice, this server's --tool-calls eager policy makes "
+                                "the reply to a user message a call)" if eager_call else "")
     except toolcalls.ToolsInvalid as exc:
         raise HTTPError(400, str(exc)) from None
     req.messages = toolcalls.with_tools(req.messages, tools)
@@ -458,6 +479,7 @@ def parse_openai(body: dict, chat: bool, eager_tools: bool = False) -> tuple[Gen
         reads_calls = apply_tools(body, req, output, choice_field=True, eager=eager_tools)
     else:
         req.constraint, reads_calls = output.constraint, False
+        refuse_stop_in_json(req)
     return req, stream, include_usage, reads_calls
 
 
@@ -597,7 +619,7 @@ def parse_responses(body: dict, eager_tools: bool = False) -> tuple[GenerationRe
         raise HTTPError(400, "'tool_choice' must be 'auto', 'none', 'required' or "
                              "{\"type\": \"function\", \"name\": ...}")
     chat["tool_choice"] = choice
-    reads_calls = apply_tools(chat, req, output, choice_field=True, eager=eager_tools)
+    reads_calls = apply_tools(chat, req, output, choice_field=True, eager=eager_tools, flat_tools=True)
     return req, stream, reads_calls
 
 

@@ -105,7 +105,9 @@ def test_compiled_grammars_are_cached_and_each_row_has_its_own_state(grammars):
                            torch.isfinite(b.masked(torch.zeros(backend.get_vocab_size()))))
 
 
-@pytest.mark.parametrize("schema", [{"type": "objekt"}, {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}])
+@pytest.mark.parametrize("schema", [{"type": "objekt"}, {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}},
+                                    # llguidance takes no integer past 64 bits: it raised ValueError (a 500)
+                                    {"type": "integer", "maximum": 10 ** 30}, {"const": -10 ** 30}])
 def test_a_schema_that_cannot_compile_is_refused_with_the_reason(schema):
     with pytest.raises(ConstraintInvalid):
         Constraint.json(schema)
@@ -119,6 +121,21 @@ def test_a_schema_number_llguidance_cannot_hold_is_refused_not_raised():
     with pytest.raises(toolcalls.ToolsInvalid):
         toolcalls.call_constraint([toolcalls.Tool("f", "", {"type": "object", "properties": {"a": schema}})],
                                   "required")
+
+
+LOOKAHEAD = {"type": "object", "properties": {"code": {"type": "string", "pattern": "(?=a)b"}}}
+
+
+def test_a_refused_schema_says_why_and_a_refused_tool_is_named():
+    # llguidance's regex error spans lines; the first alone said only "regex parse error:".
+    with pytest.raises(ConstraintInvalid, match="look-around.* is not supported"):
+        Constraint.json(LOOKAHEAD)
+    ok = toolcalls.Tool("ok", "", {"type": "object", "properties": {"a": {"type": "string"}}})
+    bad = toolcalls.Tool("lookup", "", LOOKAHEAD)
+    unique = toolcalls.Tool("tags", "", {"type": "object", "properties": {"t": {"type": "array", "uniqueItems": True}}})
+    for tools, says in (([ok, bad], "'lookup'.*look-around"), ([unique, ok], "'tags'.*uniqueItems")):
+        with pytest.raises(toolcalls.ToolsInvalid, match="'tools': the parameters of " + says):
+            toolcalls.call_constraint(tools, "required")
 
 
 ITSELF = {"x": {"$ref": "#/$defs/x"}}
@@ -144,7 +161,7 @@ LOOPS = {
 def test_references_no_value_can_match_are_refused_naming_the_ref(grammars, schema, ref):
     with pytest.raises(ConstraintInvalid, match="no finite JSON value matches '\\$ref' " + re.escape(repr(ref))):
         Constraint.json(schema)
-    with pytest.raises(toolcalls.ToolsInvalid, match="'tools': no finite JSON value"):
+    with pytest.raises(toolcalls.ToolsInvalid, match="'tools': the parameters of 'f' .*: no finite JSON value"):
         toolcalls.call_constraint([toolcalls.Tool("f", "", schema)], "required")
 
 
@@ -241,6 +258,43 @@ def test_a_call_nested_deeper_than_python_parses_is_not_read_and_raises_nothing(
     assert reader.feed(f"<tool_call>\n{deep}\n</tool_call>") == ("", []) and reader.calls == []
 
 
+def test_reader_takes_calls_whose_arguments_hold_the_tags_themselves(grammars):
+    # The grammar lets a string argument hold any text, tags included: the call ends at
+    # the closing tag after its JSON, not at the first one inside a string.
+    echo = toolcalls.Tool("echo", "", {"type": "object", "properties": {"text": {"type": "string"}},
+                                       "required": ["text"]})
+    text = ('<tool_call>\n{"name": "echo", "arguments": {"text": "a </tool_call> b <tool_call> c"}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "echo", "arguments": {"text": "</tool_call>"}}\n</tool_call>')
+    assert accepts(grammars, toolcalls.call_constraint([echo], "required", parallel=True), text)
+    for size in (1, 2, 5, len(text)):
+        reader = toolcalls.ToolCallReader()
+        calls = []
+        for i in range(0, len(text), size):
+            content, found = reader.feed(text[i:i + size])
+            assert content == ""
+            calls += found
+        assert [c["arguments"]["text"] for c in calls] == ["a </tool_call> b <tool_call> c", "</tool_call>"]
+        assert reader.finish() == ""
+
+
+def test_call_arguments_are_an_object_whatever_the_parameters_allow(grammars):
+    # {} (or a schema without a type) allows any value: a string or a list of arguments
+    # would break every client, which reads them as an object.
+    for parameters in ({}, {"anyOf": [{"type": "string"}, {"type": "object"}]}, {"description": "anything"}):
+        required = toolcalls.call_constraint(toolcalls.parse_tools(
+            [{"type": "function", "function": {"name": "f", "parameters": parameters}}]), "required")
+        assert accepts(grammars, required, '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>')
+        for value in ('"Paris"', "[1]", "3", "null"):
+            assert not accepts(grammars, required, '<tool_call>\n{"name": "f", "arguments": %s}\n</tool_call>' % value)
+        for seed in range(4):
+            _, calls = toolcalls.ToolCallReader().feed(sample_under(grammars, required, seed))
+            assert isinstance(calls[0]["arguments"], dict)
+    for kind in ("string", "array", ["string", "null"]):
+        with pytest.raises(toolcalls.ToolsInvalid, match=r"'tools\[0\].function.parameters' must be a schema of type"):
+            toolcalls.parse_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": kind}}}])
+    toolcalls.parse_tools([{"type": "function", "function": {"name": "f", "parameters": {"type": ["object", "null"]}}}])
+
+
 def test_tools_are_described_in_the_system_turn():
     messages = toolcalls.with_tools([{"role": "user", "content": "hi"}], [WEATHER])
     assert messages[0]["role"] == "system" and '"name": "get_weather"' in messages[0]["content"]
@@ -286,6 +340,11 @@ def test_closed_objects_closes_only_what_says_nothing():
     assert closed_objects({"type": "object"}) == {"type": "object"}  # "json": any object
     merged = {"allOf": [{"properties": {"a": {}}, "required": ["a"]}, {"properties": {"b": {}}, "required": ["b"]}]}
     assert closed_objects(merged) == merged  # closing each part would make it unsatisfiable
+    # a key required but not listed keeps any value, rather than nothing matching at all
+    undeclared = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name", "age"]}
+    assert closed_objects(undeclared)["properties"] == {"name": {"type": "string"}, "age": {}}
+    assert "age" not in undeclared["properties"]
+    Constraint.json(undeclared)  # was refused: "required property 'age' is unsatisfiable"
 
 
 def weather_call(arguments: str, name: str = "get_weather") -> str:

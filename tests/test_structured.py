@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from validation import parse_chat, parse_messages, parse_openai, parse_responses
+from validation import parse_chat, parse_generate, parse_messages, parse_openai, parse_responses
 from httpserver import HTTPError
 from test_batching import PROMPTS
 
@@ -198,10 +198,13 @@ LOOP_INSIDE = {"type": "object", "properties": {"a": {"$ref": "#/$defs/x"}}, "re
     ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "'tool_choice'"),
     ("/v1/completions", {"tools": [WEATHER], "prompt": "hi"}, "'tools'"),
+    ("/api/generate", {"tools": [WEATHER], "prompt": "hi"}, "'tools'"),
+    ("/generate", {"tools": [WEATHER], "prompt": "hi"}, "'tools'"),
     ("/v1/chat/completions", {"functions": [{"name": "f"}]}, "'functions'"),
     # $refs that loop without reaching a value: llguidance fails only once the output gets there.
     ("/api/generate", {"prompt": "x", "format": LOOP}, "'format'"),
     ("/api/chat", {"format": LOOP_INSIDE}, "'format'"),
+    ("/api/chat", {"format": {"type": "integer", "maximum": 10 ** 30}}, "'format'"),  # was a 500
     ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": LOOP}}},
      "'response_format.json_schema.schema'"),
     ("/v1/responses", {"input": "x", "text": {"format": {"type": "json_schema", "name": "x", "schema": LOOP_INSIDE}}},
@@ -270,8 +273,46 @@ def test_without_the_grammar_engine_constrained_output_is_a_400_naming_the_field
     ({"input": [{"role": "assistant", "content": "hi"}]}, "'input' needs a user message"),
     ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}],
       "tool_choice": {"type": "function"}}, '{"type": "function", "name": ...}'),
+    ({"input": "hi", "tools": [{"type": "function", "name": "a b"}]}, "'tools[0].name'"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f", "parameters": {"type": "string"}}]},
+     "'tools[0].parameters'"),
+    ({"input": "hi", "tools": [{"type": "function", "name": "f"}, {"type": "function", "name": "f"}]},
+     "'tools[1].name'"),
 ])
 def test_responses_errors_name_the_responses_fields_not_chats(body, says):
     with pytest.raises(HTTPError) as refused:
         parse_responses(body)
-    assert refused.value.status == 400 and says in refused.value.message and "messages" not in refused.value.message
+    message = refused.value.message
+    assert refused.value.status == 400 and says in message and "messages" not in message and ".function." not in message
+
+
+JSON_OUT = {"type": "json_object"}
+STOPS = {"stop": ["}"]}
+
+
+@pytest.mark.parametrize("parse, body", [
+    (parse_generate, {"prompt": "hi", "format": "json", "options": STOPS}),
+    (parse_chat, {"messages": HI, "format": PERSON, "options": STOPS}),
+    (parse_chat, {"messages": HI, "tools": [WEATHER], "options": STOPS}),  # eager: the reply is a call
+    (lambda b: parse_openai(b, chat=True), {"messages": HI, "response_format": JSON_OUT, **STOPS}),
+    (lambda b: parse_openai(b, chat=True), {"messages": HI, "tools": [WEATHER], "tool_choice": "required", **STOPS}),
+    (lambda b: parse_openai(b, chat=True), {"messages": HI, "tools": [WEATHER], "response_format": JSON_OUT,
+                                            **STOPS}),
+    (lambda b: parse_openai(b, chat=False), {"prompt": "hi", "response_format": JSON_OUT, **STOPS}),
+    (parse_responses, {"input": "hi", "text": {"format": JSON_OUT}, **STOPS}),
+])
+def test_stop_strings_with_json_only_replies_are_a_400_naming_stop(parse, body):
+    # The grammar ends the reply once its JSON is whole: a stop string could only match
+    # inside it, and cut {"name": "Rex" short with finish_reason 'stop'.
+    with pytest.raises(HTTPError) as refused:
+        parse({"model": "smollm2", **body}) if parse is not parse_chat else parse_chat(body, eager_tools=True)
+    assert refused.value.status == 400 and "'stop'" in refused.value.message
+    assert ("--tool-calls eager" in refused.value.message) == (parse is parse_chat and "tools" in body)
+
+
+def test_stop_strings_apply_where_the_reply_may_be_text():
+    chat = lambda body: parse_openai({"messages": HI, **STOPS, **body}, chat=True)[0]
+    assert chat({}).stop == ["}"]
+    assert chat({"tools": [WEATHER], "tool_choice": "auto"}).stop == ["}"]
+    assert chat({"tools": [WEATHER], "tool_choice": "none", "response_format": {"type": "text"}}).stop == ["}"]
+    assert parse_chat({"messages": HI, "options": STOPS, "format": ""})[0].stop == ["}"]
