@@ -20,6 +20,7 @@ from constraints import Constraint, ConstraintInvalid, ConstraintUnavailable, js
 from schemas import moved_under
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+CALLS_START = CALL_OPEN[0]  # under the tools grammar, plain text never opens with it: calls always do
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 JSON_TYPES = ("string", "number", "integer", "boolean", "array", "null", "object")
 
@@ -170,7 +171,7 @@ def _calls_grammar(body: dict, choice: str, parallel: bool, text_schema: dict | 
             lines = ["start: calls | answer", f"answer: {json_rule(text_schema)}"] + lines
         else:
             # Plain text is anything not opening with '<': the first character decides.
-            lines = ["start: calls | TEXT", "TEXT: /[^<][\\s\\S]*/"] + lines
+            lines = ["start: calls | TEXT", f"TEXT: /[^{CALLS_START}][\\s\\S]*/"] + lines
     else:
         lines = ["start: calls"] + lines
     return "\n".join(lines)
@@ -197,7 +198,7 @@ class ToolCallReader:
         if self.mode is None:
             if not text:
                 return "", []
-            self.mode = "calls" if text.startswith("<") else "text"
+            self.mode = "calls" if text.startswith(CALLS_START) else "text"
         if self.mode == "text":
             return text, []
         self._pending += text

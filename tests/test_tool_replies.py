@@ -1,0 +1,116 @@
+"""A tool-call reply as each API sends it, and as the log records it: a scripted model
+writes the call (or plain text), so the reply does not depend on what a model chooses."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from inprocess import ScriptedRunner, http, live_server
+
+pytest.importorskip("llguidance")
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}},
+                                                           "required": ["city"]}}}
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def sse(body: bytes) -> list[dict]:
+    return [json.loads(line[6:]) for line in body.decode().splitlines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+def serve(folder, tmp_path, script: str, scenario):
+    from transformers import AutoTokenizer
+
+    runner = ScriptedRunner(AutoTokenizer.from_pretrained(folder), script, context_length=1024)
+
+    async def main():
+        async with live_server(folder, tmp_path / "log.jsonl", runner=runner) as live:
+            out = await scenario(live)
+            await live.settled()
+            return out, live.log_lines()
+    return asyncio.run(main())
+
+
+def chat_body(**fields) -> dict:
+    return {"messages": ASK, "tools": [WEATHER], "tool_choice": "auto", "max_tokens": 100, **fields}
+
+
+async def openai_chat(live, stream: bool, **fields) -> tuple[str | None, list[dict], str]:
+    """(content, calls as {name, arguments}, finish_reason) of a chat completion."""
+    reply = await http(live.port, "POST", "/v1/chat/completions", chat_body(model=live.engine.model_name, stream=stream, **fields))
+    assert reply.status == 200, reply.body
+    if not stream:
+        choice = reply.json()["choices"][0]
+        calls = [{"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])}
+                 for c in choice["message"].get("tool_calls") or []]
+        return choice["message"]["content"], calls, choice["finish_reason"]
+    content, calls, finish = [], [], None
+    for event in sse(reply.body):
+        choice = event["choices"][0]
+        delta = choice["delta"]
+        if delta.get("content"):
+            content.append(delta["content"])
+        for c in delta.get("tool_calls") or []:
+            calls.append({"name": c["function"]["name"], "arguments": json.loads(c["function"]["arguments"])})
+        finish = choice["finish_reason"] or finish
+    return "".join(content) or None, calls, finish
+
+
+async def ollama_chat(live, stream: bool, **options) -> tuple[str, list[dict], str]:
+    body = {"model": live.engine.model_name, "messages": ASK, "tools": [WEATHER], "stream": stream, "options": options}
+    reply = await http(live.port, "POST", "/api/chat", body)
+    assert reply.status == 200, reply.body
+    lines = reply.lines()
+    content = "".join(line["message"]["content"] for line in lines)
+    calls = [dict(c["function"]) for line in lines for c in line["message"].get("tool_calls") or []]
+    return content, calls, lines[-1]["done_reason"]
+
+
+async def responses(live, stream: bool, **fields) -> tuple[str, list[dict], str]:
+    body = {"model": live.engine.model_name, "input": "Weather in Paris?", "stream": stream, "max_output_tokens": 100,
+            "tools": [{"type": "function", **WEATHER["function"]}], "tool_choice": "auto", **fields}
+    reply = await http(live.port, "POST", "/v1/responses", body)
+    assert reply.status == 200, reply.body
+    response = reply.json() if not stream else \
+        next(e["response"] for e in sse(reply.body) if e["type"].startswith("response.") and
+             e["type"] in ("response.completed", "response.incomplete"))
+    text = "".join(part["text"] for item in response["output"] if item["type"] == "message"
+                   for part in item["content"])
+    calls = [{"name": i["name"], "arguments": json.loads(i["arguments"])} for i in response["output"]
+             if i["type"] == "function_call"]
+    return text, calls, response["status"]
+
+
+PARIS = [{"name": "get_weather", "arguments": {"city": "Paris"}}]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_stop_string_never_cuts_a_tool_call(tiny_gpt2_folder, tmp_path, stream):
+    # '}' and '"city"' both occur inside the call's JSON: cut there, the call came back as
+    # its '<tool_call>...' text in content, with finish_reason 'stop'.
+    async def scenario(live):
+        return [await openai_chat(live, stream, stop=["}", '"city"']),
+                await ollama_chat(live, stream, stop=["}"]),
+                await responses(live, stream, stop=["}"])]
+    (chat, ollama, resp), _ = serve(tiny_gpt2_folder, tmp_path, CALL, scenario)
+    assert chat == (None, PARIS, "tool_calls")
+    assert ollama == ("", PARIS, "stop")
+    assert resp == ("", PARIS, "completed")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_stop_string_still_ends_a_plain_text_reply_beside_tools(tiny_gpt2_folder, tmp_path, stream):
+    async def scenario(live):
+        return [await openai_chat(live, stream, stop=["}"]), await ollama_chat(live, stream, stop=["}"]),
+                await responses(live, stream, stop=["}"])]
+    (chat, ollama, resp), _ = serve(tiny_gpt2_folder, tmp_path, "Sunny, {mild} and dry", scenario)
+    assert chat == ("Sunny, {mild", [], "stop")
+    assert ollama == ("Sunny, {mild", [], "stop")
+    assert resp == ("Sunny, {mild", [], "completed")
