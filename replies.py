@@ -4,7 +4,6 @@ in, bytes or JSON objects out)."""
 from __future__ import annotations
 
 import base64
-import json
 import re
 import secrets
 import struct
@@ -108,6 +107,11 @@ class Shape:
 
     def error(self, message: str, status: int) -> dict:
         return {"error": message}
+
+    def logged_reason(self, final: Final, made_calls: bool) -> str:
+        """The reason this shape gives the client, in the log's words (Ollama's
+        done_reason, which OpenAI's finish_reason matches but for 'tool_calls')."""
+        return final.done_reason
 
 
 class OllamaGenerate(Shape):
@@ -249,6 +253,9 @@ class OpenAIChat(OpenAICompletion):
             return "tool_calls"
         return finish_reason(final)
 
+    def logged_reason(self, final: Final, made_calls: bool) -> str:
+        return "tool_calls" if made_calls and final.done_reason == "stop" else final.done_reason
+
     def _text_chunk(self, text: str) -> bytes:
         if self._first:  # the first delta names the role; the template is the others'
             return self._event(self._chunk(self._choice(text, None)))
@@ -295,7 +302,7 @@ class OpenAIChat(OpenAICompletion):
 
 def openai_call(call: dict) -> dict:
     return {"id": call["id"], "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+            "function": {"name": call["name"], "arguments": toolcalls.arguments_text(call)}}
 
 
 class OpenAIResponse(Shape):
@@ -349,7 +356,7 @@ class OpenAIResponse(Shape):
     @staticmethod
     def _call_item(call: dict, status: str = "completed") -> dict:
         return {"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"], "name": call["name"],
-                "arguments": json.dumps(call["arguments"], ensure_ascii=False), "status": status}
+                "arguments": toolcalls.arguments_text(call), "status": status}
 
     @property
     def _made_calls(self) -> list[dict]:

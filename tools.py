@@ -223,6 +223,19 @@ class ToolCallReader:
         return rest if rest.strip() else ""
 
 
+def read_reply(text: str) -> tuple[str, list[dict]]:
+    """A whole reply as clients get it: (its content, its calls), as ToolCallReader
+    reads it streamed (an unfinished call's text is content)."""
+    reader = ToolCallReader()
+    content, calls = reader.feed(text)
+    return content + reader.finish(), calls
+
+
+def arguments_text(call: dict) -> str:
+    """A call's arguments as OpenAI's clients get them: a JSON object in a string."""
+    return json.dumps(call["arguments"], ensure_ascii=False)
+
+
 _DECODER = json.JSONDecoder()
 
 

@@ -114,3 +114,45 @@ def test_a_stop_string_still_ends_a_plain_text_reply_beside_tools(tiny_gpt2_fold
     assert chat == ("Sunny, {mild", [], "stop")
     assert ollama == ("Sunny, {mild", [], "stop")
     assert resp == ("Sunny, {mild", [], "completed")
+
+
+def sha256(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_the_log_line_of_a_tool_call_reply_says_what_the_client_got(tiny_gpt2_folder, tmp_path, stream):
+    # It held the raw '<tool_call>...' text as the response, done_reason 'stop', no calls.
+    async def scenario(live):
+        await openai_chat(live, stream)
+        await ollama_chat(live, stream)
+        await responses(live, stream)
+    _, lines = serve(tiny_gpt2_folder, tmp_path, CALL, scenario)
+    assert [(line["endpoint"], line["status"], line["response"], line["tool_calls"], line["done_reason"])
+            for line in lines] == [("/v1/chat/completions", "done", "", PARIS, "tool_calls"),
+                                   ("/api/chat", "done", "", PARIS, "stop"),
+                                   ("/v1/responses", "done", "", PARIS, "stop")]
+
+
+def test_a_tool_call_logged_without_prompts_has_its_name_and_the_arguments_length_and_hash(tiny_gpt2_folder,
+                                                                                           tmp_path):
+    from api import Policy
+
+    async def scenario(live):
+        live.api.policy = Policy(log_prompts=False)
+        await openai_chat(live, False)
+    _, (line,) = serve(tiny_gpt2_folder, tmp_path, CALL, scenario)
+    assert "Paris" not in json.dumps(line)
+    arguments = '{"city": "Paris"}'  # as the client got them (OpenAI's function.arguments)
+    assert line["tool_calls"] == [{"name": "get_weather", "arguments_chars": len(arguments),
+                                   "arguments_sha256": sha256(arguments)}]
+    assert (line["response_chars"], line["response_sha256"], line["done_reason"]) == (0, sha256(""), "tool_calls")
+
+
+def test_a_text_reply_beside_tools_is_logged_as_before(tiny_gpt2_folder, tmp_path):
+    async def scenario(live):
+        await openai_chat(live, False)
+    _, (line,) = serve(tiny_gpt2_folder, tmp_path, "Sunny and dry", scenario)
+    assert (line["response"], line["done_reason"], "tool_calls" in line) == ("Sunny and dry", "stop", False)
