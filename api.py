@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote
 
+import constraints
 from engine import Engine, Final, GenerationRequest, QueueFull, RequestInvalid, Sampling, ShuttingDown, TokenStream
 from modelsource import EMBEDDED_NAME
 from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router
@@ -420,9 +421,15 @@ class Api:
             "model_info": {"general.architecture": arch, "general.parameter_count": e.facts.parameters,
                            f"{arch}.context_length": e.context_length,
                            "minivault.device": e.facts.device, "minivault.dtype": e.facts.dtype},
-            "capabilities": ["completion", "tools", "embedding"],
+            "capabilities": self.capabilities(),
             "modified_at": self.started_at,
         })
+
+    @staticmethod
+    def capabilities() -> list[str]:
+        """What this install can do, as Ollama names it: tool requests need the grammar
+        engine (without it they are a 400), completion and embedding every runner has."""
+        return ["completion", *(["tools"] if constraints.available() else []), "embedding"]
 
     async def ollama_ps(self, request: Request, writer: ResponseWriter) -> None:
         models = []

@@ -156,3 +156,18 @@ def test_a_text_reply_beside_tools_is_logged_as_before(tiny_gpt2_folder, tmp_pat
         await openai_chat(live, False)
     _, (line,) = serve(tiny_gpt2_folder, tmp_path, "Sunny and dry", scenario)
     assert (line["response"], line["done_reason"], "tool_calls" in line) == ("Sunny and dry", "stop", False)
+
+
+def test_api_show_lists_tools_only_where_tool_requests_can_be_served(tiny_gpt2_folder, tmp_path, monkeypatch):
+    import sys
+
+    async def scenario(live):
+        model = live.engine.model_name
+        shown = (await http(live.port, "POST", "/api/show", {"model": model})).json()["capabilities"]
+        monkeypatch.setitem(sys.modules, "llguidance", None)  # what an import of a missing package meets
+        without = (await http(live.port, "POST", "/api/show", {"model": model})).json()["capabilities"]
+        refused = await http(live.port, "POST", "/api/chat", {"model": model, "messages": ASK, "tools": [WEATHER]})
+        return shown, without, refused.status
+    (shown, without, refused), _ = serve(tiny_gpt2_folder, tmp_path, "Hi", scenario)
+    assert shown == ["completion", "tools", "embedding"]
+    assert (without, refused) == (["completion", "embedding"], 400)
