@@ -23,7 +23,7 @@ from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router
 from metrics import Metrics
 from ratelimit import RateLimiter
 from replies import (NDJSON, OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompletion, OpenAIResponse, Shape,
-                     base64_floats, ndjson_line, openai_error)
+                     base64_floats, ndjson_line, openai_error, reply_call_id)
 from requestlog import RequestLog, utc_timestamp
 from staticfiles import StaticFiles
 import tools as toolcalls
@@ -663,7 +663,7 @@ class Api:
         final, gen, response = stream.final, stream.request, "".join(stream.text)
         calls = []
         if gen.calls_start:  # set exactly when the reply is read for calls
-            response, calls = toolcalls.read_reply(response)
+            response, calls = toolcalls.read_reply(response, lambda n: reply_call_id(stream.id, n))
         status = {"stop": "done", "length": "done", "cancelled": "cancelled"}.get(final.done_reason, "error")
         stats = final.stats
         record = {
@@ -681,7 +681,9 @@ class Api:
             "client": request.client,
         }
         if calls:
-            record["tool_calls"] = [{"name": c["name"], "arguments": c["arguments"]} for c in calls]
+            ids = shape is not None and shape.sends_call_ids  # the id a client's tool result names
+            record["tool_calls"] = [{**({"id": c["id"]} if ids else {}), "name": c["name"],
+                                     "arguments": c["arguments"]} for c in calls]
         if final.error:
             record["error"] = final.error
         if not self.policy.log_prompts:

@@ -24,6 +24,13 @@ SSE = "text/event-stream"
 PROCESS_TAG = secrets.token_hex(6)
 
 
+def reply_call_id(request_id: int, n: int) -> str:
+    """A tool call's id: unique across processes and requests, as the reply ids, and the
+    same wherever the reply is read (the client's reply, the log line), so a log line
+    names the call that a client's tool result answers (its tool_call_id)."""
+    return f"call_{PROCESS_TAG}-{request_id}-{n}"
+
+
 def ndjson_line(obj: dict) -> bytes:
     return json_bytes(obj) + b"\n"
 
@@ -108,6 +115,12 @@ class Shape:
     def error(self, message: str, status: int) -> dict:
         return {"error": message}
 
+    sends_call_ids = False  # its replies give each tool call an id (OpenAI's do, Ollama's not)
+
+    def call_id(self, n: int) -> str:
+        """The id of this reply's call number `n`."""
+        return reply_call_id(self.request_id, n)
+
     def logged_reason(self, final: Final, made_calls: bool) -> str:
         """The reason this shape gives the client, in the log's words (Ollama's
         done_reason, which OpenAI's finish_reason matches but for 'tool_calls')."""
@@ -130,7 +143,7 @@ class OllamaGenerate(Shape):
 class OllamaChat(OllamaGenerate):
     def __init__(self, model: str, reads_calls: bool = False):
         super().__init__(model)
-        self.calls = toolcalls.ToolCallReader() if reads_calls else None
+        self.calls = toolcalls.ToolCallReader(self.call_id) if reads_calls else None
 
     def content(self, text: str) -> dict:
         return {"message": {"role": "assistant", "content": text}}
@@ -242,11 +255,12 @@ class OpenAICompletion(Shape):
 class OpenAIChat(OpenAICompletion):
     object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
+    sends_call_ids = True
 
     def __init__(self, model: str, include_usage: bool = False, reads_calls: bool = False):
         super().__init__(model, include_usage)
         self._first = True
-        self.calls = toolcalls.ToolCallReader() if reads_calls else None
+        self.calls = toolcalls.ToolCallReader(self.call_id) if reads_calls else None
 
     def _finish(self, final: Final) -> str:
         if self.calls is not None and self.calls.calls and final.done_reason == "stop":
@@ -312,12 +326,13 @@ class OpenAIResponse(Shape):
     output item, streamed as added, arguments delta and done, item done."""
 
     content_type = SSE
+    sends_call_ids = True
 
     def __init__(self, model: str, request_fields: dict, reads_calls: bool = False):
         super().__init__(model)
         self.created = int(time.time())
         self.fields = request_fields  # echoed in the response object, as OpenAI does
-        self.calls = toolcalls.ToolCallReader() if reads_calls else None
+        self.calls = toolcalls.ToolCallReader(self.call_id) if reads_calls else None
         self._sequence = 0
         self._text: list[str] = []
         self._started = False

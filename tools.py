@@ -15,6 +15,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Callable
 
 from constraints import Constraint, ConstraintInvalid, ConstraintUnavailable, json_rule
 from schemas import moved_under
@@ -187,7 +188,8 @@ class ToolCallReader:
     Under the tools grammar a reply is either text (never opening with '<') or calls,
     so the first character decides; calls are handed on whole, once closed."""
 
-    def __init__(self):
+    def __init__(self, ids: Callable[[int], str] | None = None):
+        self._ids = ids or (lambda n: call_id())  # a call's id from its place in the reply
         self.mode: str | None = None  # None until the first character, then "text" or "calls"
         self._pending = ""
         self._searched = 0  # where in _pending to look for the next closing tag
@@ -212,6 +214,7 @@ class ToolCallReader:
                 self._searched = end + 1
                 continue
             call, used = read
+            call = {"id": self._ids(len(self.calls)), **call}
             self._pending, self._searched = self._pending[used:], 0
             self.calls.append(call)
             found.append(call)
@@ -223,10 +226,10 @@ class ToolCallReader:
         return rest if rest.strip() else ""
 
 
-def read_reply(text: str) -> tuple[str, list[dict]]:
+def read_reply(text: str, ids: Callable[[int], str] | None = None) -> tuple[str, list[dict]]:
     """A whole reply as clients get it: (its content, its calls), as ToolCallReader
     reads it streamed (an unfinished call's text is content)."""
-    reader = ToolCallReader()
+    reader = ToolCallReader(ids)
     content, calls = reader.feed(text)
     return content + reader.finish(), calls
 
@@ -258,5 +261,5 @@ def _read_call(text: str) -> tuple[dict, int] | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments")
-    call = {"id": call_id(), "name": value["name"], "arguments": arguments if arguments is not None else {}}
+    call = {"name": value["name"], "arguments": arguments if arguments is not None else {}}
     return call, close + len(CALL_CLOSE)

@@ -130,10 +130,38 @@ def test_the_log_line_of_a_tool_call_reply_says_what_the_client_got(tiny_gpt2_fo
         await ollama_chat(live, stream)
         await responses(live, stream)
     _, lines = serve(tiny_gpt2_folder, tmp_path, CALL, scenario)
-    assert [(line["endpoint"], line["status"], line["response"], line["tool_calls"], line["done_reason"])
-            for line in lines] == [("/v1/chat/completions", "done", "", PARIS, "tool_calls"),
-                                   ("/api/chat", "done", "", PARIS, "stop"),
-                                   ("/v1/responses", "done", "", PARIS, "stop")]
+    assert [(line["endpoint"], line["status"], line["response"], without_ids(line["tool_calls"]),
+             line["done_reason"]) for line in lines] == [("/v1/chat/completions", "done", "", PARIS, "tool_calls"),
+                                                         ("/api/chat", "done", "", PARIS, "stop"),
+                                                         ("/v1/responses", "done", "", PARIS, "stop")]
+    # an id where the client got one (Ollama's calls have none)
+    assert ["id" in line["tool_calls"][0] for line in lines] == [True, False, True]
+
+
+def without_ids(calls: list[dict]) -> list[dict]:
+    return [{k: v for k, v in c.items() if k != "id"} for c in calls]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_logged_call_has_the_id_the_client_got(tiny_gpt2_folder, tmp_path, stream):
+    # The id a client's tool result names (tool_call_id, call_id): a random one each time
+    # the reply was read, so the log's could not be the client's.
+    async def scenario(live):
+        chat = await http(live.port, "POST", "/v1/chat/completions",
+                          chat_body(model=live.engine.model_name, stream=stream))
+        resp = await http(live.port, "POST", "/v1/responses",
+                          {"model": live.engine.model_name, "input": "Weather?", "stream": stream,
+                           "tools": [{"type": "function", **WEATHER["function"]}]})
+        if stream:
+            chat_id = next(c["id"] for e in sse(chat.body) for c in e["choices"][0]["delta"].get("tool_calls") or [])
+            resp_id = next(e["item"]["call_id"] for e in sse(resp.body) if e["type"] == "response.output_item.done")
+        else:
+            chat_id = chat.json()["choices"][0]["message"]["tool_calls"][0]["id"]
+            resp_id = resp.json()["output"][0]["call_id"]
+        return chat_id, resp_id
+    (chat_id, resp_id), lines = serve(tiny_gpt2_folder, tmp_path, CALL, scenario)
+    assert [line["tool_calls"][0]["id"] for line in lines] == [chat_id, resp_id]
+    assert chat_id != resp_id
 
 
 def test_a_tool_call_logged_without_prompts_has_its_name_and_the_arguments_length_and_hash(tiny_gpt2_folder,
@@ -146,8 +174,8 @@ def test_a_tool_call_logged_without_prompts_has_its_name_and_the_arguments_lengt
     _, (line,) = serve(tiny_gpt2_folder, tmp_path, CALL, scenario)
     assert "Paris" not in json.dumps(line)
     arguments = '{"city": "Paris"}'  # as the client got them (OpenAI's function.arguments)
-    assert line["tool_calls"] == [{"name": "get_weather", "arguments_chars": len(arguments),
-                                   "arguments_sha256": sha256(arguments)}]
+    assert without_ids(line["tool_calls"]) == [{"name": "get_weather", "arguments_chars": len(arguments),
+                                                "arguments_sha256": sha256(arguments)}]
     assert (line["response_chars"], line["response_sha256"], line["done_reason"]) == (0, sha256(""), "tool_calls")
 
 
