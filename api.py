@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import unquote
 
+import constraints
 from engine import Engine, Final, GenerationRequest, QueueFull, RequestInvalid, Sampling, ShuttingDown, TokenStream
 from modelsource import EMBEDDED_NAME
 from httpserver import ClientGone, HTTPError, Request, ResponseWriter, Router
 from metrics import Metrics
 from ratelimit import RateLimiter
 from replies import (NDJSON, OllamaChat, OllamaGenerate, OpenAIChat, OpenAICompletion, OpenAIResponse, Shape,
-                     base64_floats, ndjson_line, openai_error)
+                     base64_floats, ndjson_line, openai_error, reply_call_id)
 from requestlog import RequestLog, utc_timestamp
 from staticfiles import StaticFiles
+import tools as toolcalls
 from validation import (OLLAMA_CHAT_UNSUPPORTED, OLLAMA_GENERATE_UNSUPPORTED, completion_prompts, optional_boolean,
                         parse_chat, parse_generate, parse_json_body, parse_openai, parse_openai_embeddings,
                         parse_responses, refuse_unsupported, string_field)
@@ -419,9 +421,15 @@ class Api:
             "model_info": {"general.architecture": arch, "general.parameter_count": e.facts.parameters,
                            f"{arch}.context_length": e.context_length,
                            "minivault.device": e.facts.device, "minivault.dtype": e.facts.dtype},
-            "capabilities": ["completion", "tools", "embedding"],
+            "capabilities": self.capabilities(),
             "modified_at": self.started_at,
         })
+
+    @staticmethod
+    def capabilities() -> list[str]:
+        """What this install can do, as Ollama names it: tool requests need the grammar
+        engine (without it they are a 400), completion and embedding every runner has."""
+        return ["completion", *(["tools"] if constraints.available() else []), "embedding"]
 
     async def ollama_ps(self, request: Request, writer: ResponseWriter) -> None:
         models = []
@@ -560,7 +568,7 @@ class Api:
                    stream_mode: bool, endpoint: str, shape: Shape) -> None:
         """Submit, then stream (or collect) the text."""
         started = time.monotonic()
-        stream = self._submit(request, writer, gen, endpoint, started)  # or an HTTPError (400, 503)
+        stream = self._submit(request, writer, gen, endpoint, started, shape)  # or an HTTPError (400, 503)
         shape.request_id = stream.id
         id_header = [("X-Request-Id", str(stream.id))]
         try:
@@ -607,7 +615,7 @@ class Api:
         try:
             try:
                 for gen in gens:
-                    streams.append(self._submit(request, writer, gen, endpoint, started))
+                    streams.append(self._submit(request, writer, gen, endpoint, started, shape))
             except HTTPError as err:  # the ones already queued are cancelled below
                 message = f"'prompt[{len(streams)}]': {err.message}"
                 await writer.send_json(err.status, shape.error(message, err.status), err.headers)
@@ -630,7 +638,7 @@ class Api:
                 stream.cancel()  # a no-op once it has ended
 
     def _submit(self, request: Request, writer: ResponseWriter, gen: GenerationRequest, endpoint: str,
-                started: float) -> TokenStream:
+                started: float, shape: Shape | None = None) -> TokenStream:
         """Queue a request for the engine, or raise the HTTPError that refuses it (400, or
         503 with Retry-After). Once queued, its log line is written from its final event,
         whatever happens to the handler, and a client that leaves cancels it."""
@@ -643,13 +651,19 @@ class Api:
             retry = self.engine.estimated_wait_s()
             raise HTTPError(503, f"server busy: {exc}; retry in about {retry} s",
                             [("Retry-After", str(retry))]) from None
-        stream.on_final(lambda s: self._log(request, s, endpoint, started))
+        stream.on_final(lambda s: self._log(request, s, endpoint, started, shape))
         writer.on_disconnect(stream.cancel)
         return stream
 
-    def _log(self, request: Request, stream: TokenStream, endpoint: str, started: float) -> None:
-        """One JSONL line and the request metrics, from a stream's final event (exactly once)."""
+    def _log(self, request: Request, stream: TokenStream, endpoint: str, started: float,
+             shape: Shape | None = None) -> None:
+        """One JSONL line and the request metrics, from a stream's final event (exactly once).
+        A reply read for tool calls is logged as the client gets it: its content as
+        `response`, its calls in `tool_calls`, the reason as the shape gives it."""
         final, gen, response = stream.final, stream.request, "".join(stream.text)
+        calls = []
+        if gen.calls_start:  # set exactly when the reply is read for calls
+            response, calls = toolcalls.read_reply(response, lambda n: reply_call_id(stream.id, n))
         status = {"stop": "done", "length": "done", "cancelled": "cancelled"}.get(final.done_reason, "error")
         stats = final.stats
         record = {
@@ -660,15 +674,24 @@ class Api:
             "prompt": (gen.embed_inputs if gen.embed_inputs is not None else
                        gen.prompt if gen.messages is None else gen.messages),
             "response": response,
-            "done_reason": final.done_reason,
+            "done_reason": shape.logged_reason(final, bool(calls)) if shape is not None else final.done_reason,
             "prompt_tokens": stats.prompt_tokens,
             "completion_tokens": stats.completion_tokens,
             "duration_ms": round((time.monotonic() - started) * 1000, 1),
             "client": request.client,
         }
+        if calls:
+            ids = shape is not None and shape.sends_call_ids  # the id a client's tool result names
+            record["tool_calls"] = [{**({"id": c["id"]} if ids else {}), "name": c["name"],
+                                     "arguments": c["arguments"]} for c in calls]
         if final.error:
             record["error"] = final.error
         if not self.policy.log_prompts:
+            for logged, call in zip(record.get("tool_calls", ()), calls):
+                arguments = toolcalls.arguments_text(call)
+                del logged["arguments"]
+                logged["arguments_chars"] = len(arguments)
+                logged["arguments_sha256"] = hashlib.sha256(arguments.encode("utf-8", "surrogatepass")).hexdigest()
             prompt_text = json.dumps(record["prompt"]) if not isinstance(record["prompt"], str) else record["prompt"]
             for key, text in (("prompt", prompt_text), ("response", response)):
                 del record[key]

@@ -32,6 +32,16 @@ def _llguidance():
                                     "Python lacks (requirements.txt pins the version to install)") from None
     return llguidance
 
+
+def available() -> bool:
+    """Whether this install can constrain output (JSON formats, tool calls): whether
+    llguidance imports, the check every constrained request meets."""
+    try:
+        _llguidance()
+    except ConstraintUnavailable:
+        return False
+    return True
+
 # JSON as people (and models) write it on one line: `{"a": 1, "b": [2, 3]}`. Without
 # fixed separators the grammar allows any whitespace, and a small model can emit
 # newlines forever inside a valid document.

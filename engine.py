@@ -58,6 +58,9 @@ class GenerationRequest:
     raw: bool = False  # skip the chat template
     max_tokens: int | None = None  # None: the engine's default
     stop: list[str] = field(default_factory=list)
+    # A reply opening with this character is tool calls, which stop strings never cut
+    # (tools.CALLS_START, set when the model may answer in text or call a tool).
+    calls_start: str = ""
     sampling: Sampling = field(default_factory=Sampling)
     constraint: object = None  # constraints.Constraint: the grammar the output must match
     # An embedding request instead: texts (embedded as given, no template) or token id lists.
@@ -674,7 +677,7 @@ class Engine:
         seq.sampler = sampling.RowSampler(req.sampling, seed, ids, self._row_grammar(req.constraint))
         continues = req.messages is None and (req.raw or not self._prompts.has_template)
         seq.detok = Detokenizer(self._runner.codec.backend, ids if continues else ())
-        seq.stopper = StopMatcher(req.stop)
+        seq.stopper = StopMatcher(req.stop, req.calls_start)
         loaded_ns = self._started_ns + int(self._facts.load_seconds * 1e9)
         seq.load_ns = max(0, loaded_ns - seq.stream.submitted_ns)
 

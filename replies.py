@@ -4,7 +4,6 @@ in, bytes or JSON objects out)."""
 from __future__ import annotations
 
 import base64
-import json
 import re
 import secrets
 import struct
@@ -23,6 +22,13 @@ SSE = "text/event-stream"
 # makes a Responses id the AIMessage's id, and LangGraph replaces a message whose id it has
 # seen), so two replicas, or one restarted, must never hand out the same id.
 PROCESS_TAG = secrets.token_hex(6)
+
+
+def reply_call_id(request_id: int, n: int) -> str:
+    """A tool call's id: unique across processes and requests, as the reply ids, and the
+    same wherever the reply is read (the client's reply, the log line), so a log line
+    names the call that a client's tool result answers (its tool_call_id)."""
+    return f"call_{PROCESS_TAG}-{request_id}-{n}"
 
 
 def ndjson_line(obj: dict) -> bytes:
@@ -109,6 +115,17 @@ class Shape:
     def error(self, message: str, status: int) -> dict:
         return {"error": message}
 
+    sends_call_ids = False  # its replies give each tool call an id (OpenAI's do, Ollama's not)
+
+    def call_id(self, n: int) -> str:
+        """The id of this reply's call number `n`."""
+        return reply_call_id(self.request_id, n)
+
+    def logged_reason(self, final: Final, made_calls: bool) -> str:
+        """The reason this shape gives the client, in the log's words (Ollama's
+        done_reason, which OpenAI's finish_reason matches but for 'tool_calls')."""
+        return final.done_reason
+
 
 class OllamaGenerate(Shape):
     def content(self, text: str) -> dict:
@@ -126,7 +143,7 @@ class OllamaGenerate(Shape):
 class OllamaChat(OllamaGenerate):
     def __init__(self, model: str, reads_calls: bool = False):
         super().__init__(model)
-        self.calls = toolcalls.ToolCallReader() if reads_calls else None
+        self.calls = toolcalls.ToolCallReader(self.call_id) if reads_calls else None
 
     def content(self, text: str) -> dict:
         return {"message": {"role": "assistant", "content": text}}
@@ -238,16 +255,20 @@ class OpenAICompletion(Shape):
 class OpenAIChat(OpenAICompletion):
     object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl-"
+    sends_call_ids = True
 
     def __init__(self, model: str, include_usage: bool = False, reads_calls: bool = False):
         super().__init__(model, include_usage)
         self._first = True
-        self.calls = toolcalls.ToolCallReader() if reads_calls else None
+        self.calls = toolcalls.ToolCallReader(self.call_id) if reads_calls else None
 
     def _finish(self, final: Final) -> str:
         if self.calls is not None and self.calls.calls and final.done_reason == "stop":
             return "tool_calls"
         return finish_reason(final)
+
+    def logged_reason(self, final: Final, made_calls: bool) -> str:
+        return "tool_calls" if made_calls and final.done_reason == "stop" else final.done_reason
 
     def _text_chunk(self, text: str) -> bytes:
         if self._first:  # the first delta names the role; the template is the others'
@@ -295,7 +316,7 @@ class OpenAIChat(OpenAICompletion):
 
 def openai_call(call: dict) -> dict:
     return {"id": call["id"], "type": "function",
-            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}
+            "function": {"name": call["name"], "arguments": toolcalls.arguments_text(call)}}
 
 
 class OpenAIResponse(Shape):
@@ -305,12 +326,13 @@ class OpenAIResponse(Shape):
     output item, streamed as added, arguments delta and done, item done."""
 
     content_type = SSE
+    sends_call_ids = True
 
     def __init__(self, model: str, request_fields: dict, reads_calls: bool = False):
         super().__init__(model)
         self.created = int(time.time())
         self.fields = request_fields  # echoed in the response object, as OpenAI does
-        self.calls = toolcalls.ToolCallReader() if reads_calls else None
+        self.calls = toolcalls.ToolCallReader(self.call_id) if reads_calls else None
         self._sequence = 0
         self._text: list[str] = []
         self._started = False
@@ -349,7 +371,7 @@ class OpenAIResponse(Shape):
     @staticmethod
     def _call_item(call: dict, status: str = "completed") -> dict:
         return {"type": "function_call", "id": f"fc_{call['id']}", "call_id": call["id"], "name": call["name"],
-                "arguments": json.dumps(call["arguments"], ensure_ascii=False), "status": status}
+                "arguments": toolcalls.arguments_text(call), "status": status}
 
     @property
     def _made_calls(self) -> list[dict]:

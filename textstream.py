@@ -11,12 +11,20 @@ class StopMatcher:
     gives back what is still held (nothing after a stop string was hit).
     """
 
-    def __init__(self, stops: list[str]):
+    def __init__(self, stops: list[str], spared_start: str = ""):
         self.stops = [s for s in stops if s]
         self._held = ""
+        # A reply whose first character is `spared_start` is no plain text (tool calls,
+        # when the tools grammar lets the model choose): no stop string applies to it,
+        # since one matching inside a call's JSON would cut the call short.
+        self._spared_start = spared_start
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Returns (text safe to emit, whether a stop string was hit)."""
+        if self._spared_start and text:
+            if text.startswith(self._spared_start):
+                self.stops = []
+            self._spared_start = ""  # the first character has decided
         if not self.stops:
             return text, False
         buf = self._held + text

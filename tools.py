@@ -15,11 +15,13 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
+from typing import Callable
 
 from constraints import Constraint, ConstraintInvalid, ConstraintUnavailable, json_rule
 from schemas import moved_under
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
+CALLS_START = CALL_OPEN[0]  # under the tools grammar, plain text never opens with it: calls always do
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 JSON_TYPES = ("string", "number", "integer", "boolean", "array", "null", "object")
 
@@ -170,7 +172,7 @@ def _calls_grammar(body: dict, choice: str, parallel: bool, text_schema: dict | 
             lines = ["start: calls | answer", f"answer: {json_rule(text_schema)}"] + lines
         else:
             # Plain text is anything not opening with '<': the first character decides.
-            lines = ["start: calls | TEXT", "TEXT: /[^<][\\s\\S]*/"] + lines
+            lines = ["start: calls | TEXT", f"TEXT: /[^{CALLS_START}][\\s\\S]*/"] + lines
     else:
         lines = ["start: calls"] + lines
     return "\n".join(lines)
@@ -186,7 +188,8 @@ class ToolCallReader:
     Under the tools grammar a reply is either text (never opening with '<') or calls,
     so the first character decides; calls are handed on whole, once closed."""
 
-    def __init__(self):
+    def __init__(self, ids: Callable[[int], str] | None = None):
+        self._ids = ids or (lambda n: call_id())  # a call's id from its place in the reply
         self.mode: str | None = None  # None until the first character, then "text" or "calls"
         self._pending = ""
         self._searched = 0  # where in _pending to look for the next closing tag
@@ -197,7 +200,7 @@ class ToolCallReader:
         if self.mode is None:
             if not text:
                 return "", []
-            self.mode = "calls" if text.startswith("<") else "text"
+            self.mode = "calls" if text.startswith(CALLS_START) else "text"
         if self.mode == "text":
             return text, []
         self._pending += text
@@ -211,6 +214,7 @@ class ToolCallReader:
                 self._searched = end + 1
                 continue
             call, used = read
+            call = {"id": self._ids(len(self.calls)), **call}
             self._pending, self._searched = self._pending[used:], 0
             self.calls.append(call)
             found.append(call)
@@ -220,6 +224,19 @@ class ToolCallReader:
         """Text left over at the end (an unfinished call, cut by the token limit): as content."""
         rest, self._pending, self._searched = self._pending, "", 0
         return rest if rest.strip() else ""
+
+
+def read_reply(text: str, ids: Callable[[int], str] | None = None) -> tuple[str, list[dict]]:
+    """A whole reply as clients get it: (its content, its calls), as ToolCallReader
+    reads it streamed (an unfinished call's text is content)."""
+    reader = ToolCallReader(ids)
+    content, calls = reader.feed(text)
+    return content + reader.finish(), calls
+
+
+def arguments_text(call: dict) -> str:
+    """A call's arguments as OpenAI's clients get them: a JSON object in a string."""
+    return json.dumps(call["arguments"], ensure_ascii=False)
 
 
 _DECODER = json.JSONDecoder()
@@ -244,5 +261,5 @@ def _read_call(text: str) -> tuple[dict, int] | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments")
-    call = {"id": call_id(), "name": value["name"], "arguments": arguments if arguments is not None else {}}
+    call = {"name": value["name"], "arguments": arguments if arguments is not None else {}}
     return call, close + len(CALL_CLOSE)

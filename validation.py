@@ -314,7 +314,8 @@ def refuse_stop_in_json(req: GenerationRequest, text_allowed: bool = False, why:
     stop strings are given: the grammar ends the reply once the JSON is whole, so a
     stop string could only ever match inside it and cut it short, a reply that no
     longer parses but says it ended normally ('stop'). `text_allowed`: the reply may
-    be plain text instead (tools left to the model), where stop strings apply."""
+    be plain text instead (tools left to the model), where stop strings apply to that
+    text, never to a call (GenerationRequest.calls_start)."""
     if req.stop and req.constraint is not None and not text_allowed:
         raise HTTPError(400, "'stop' cannot be used with JSON output or required tool calls" + why
                              + ": the reply ends when its JSON is whole, and a stop string could only cut "
@@ -397,6 +398,7 @@ def apply_tools(body: dict, req: GenerationRequest, output: OutputFormat, choice
     except toolcalls.ToolsInvalid as exc:
         raise HTTPError(400, str(exc)) from None
     req.messages = toolcalls.with_tools(req.messages, tools)
+    req.calls_start = toolcalls.CALLS_START  # a stop string ends plain text, never a call
     return True
 
 

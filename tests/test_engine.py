@@ -38,6 +38,14 @@ def test_stop_inside_one_chunk_cuts_text_before_it():
     assert StopMatcher(["END"]).feed("Hello END world") == ("Hello ", True)
 
 
+def test_a_reply_opening_with_the_spared_start_is_never_cut_by_a_stop():
+    # Tool calls left to the model: '<' opens calls, whose JSON holds '}' and quotes.
+    call = ['', '<tool_call>\n{"name": "f", ', '"arguments": {}}', '\n</tool_call>']
+    assert feed_all(StopMatcher(["}", '"'], "<"), call) == (call + [""], False)
+    assert feed_all(StopMatcher(["}"], "<"), ["", "Plain {text}", " more"]) == (["", "Plain {text"], True)
+    assert feed_all(StopMatcher(["}"], "<"), ["Plain text ", "<b>}"]) == (["Plain text ", "<b>"], True)
+
+
 def test_stop_split_across_chunks_is_never_emitted_even_in_part():
     m = StopMatcher(["END"])
     assert m.feed("Hello E") == ("Hello ", False)
