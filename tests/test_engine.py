@@ -134,7 +134,7 @@ def small_bpe() -> Tokenizer:
 
 def stream_chunks(tok: Tokenizer, ids: list[int]) -> list[str]:
     d = Detokenizer(tok)
-    return [d.step(i) for i in ids]
+    return [d.step(i) for i in ids] + [d.flush()]  # the engine flushes at a reply's last token
 
 
 def test_emoji_and_cjk_characters_span_several_tokens():
@@ -167,7 +167,10 @@ def test_incremental_text_equals_full_decode_for_any_unicode(text):
     tok = small_bpe()
     ids = tok.encode(text).ids
     chunks = stream_chunks(tok, ids)
-    assert "".join(chunks) == tok.decode(ids)
+    # A genuine U+FFFD as the very last character looks like an incomplete character to
+    # the decoder (both decode as U+FFFD), and flush drops that (README, /generate).
+    expected = tok.decode(ids)
+    assert "".join(chunks) == (expected.removesuffix("\ufffd") if text.endswith("\ufffd") else expected)
     if "\ufffd" not in text:
         assert all("\ufffd" not in c for c in chunks)
 
