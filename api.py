@@ -560,6 +560,7 @@ class Api:
                    stream_mode: bool, endpoint: str, shape: Shape) -> None:
         """Submit, then stream (or collect) the text."""
         started = time.monotonic()
+        await self._compile(gen)  # or an HTTPError (400, 503)
         stream = self._submit(request, writer, gen, endpoint, started)  # or an HTTPError (400, 503)
         shape.request_id = stream.id
         id_header = [("X-Request-Id", str(stream.id))]
@@ -607,6 +608,7 @@ class Api:
         try:
             try:
                 for gen in gens:
+                    await self._compile(gen)
                     streams.append(self._submit(request, writer, gen, endpoint, started))
             except HTTPError as err:  # the ones already queued are cancelled below
                 message = f"'prompt[{len(streams)}]': {err.message}"
@@ -628,6 +630,17 @@ class Api:
         finally:
             for stream in streams:
                 stream.cancel()  # a no-op once it has ended
+
+    async def _compile(self, gen: GenerationRequest) -> None:
+        """The request's grammar compiled off the model thread (and off this loop), or the
+        HTTPError that refuses it. A client that leaves meanwhile has its stream
+        cancelled as soon as it is submitted (writer.on_disconnect)."""
+        try:
+            await self.engine.compile_constraint(gen)
+        except RequestInvalid as exc:
+            raise HTTPError(400, str(exc)) from None
+        except ShuttingDown as exc:
+            raise HTTPError(503, f"server busy: {exc}", [("Retry-After", str(self.engine.estimated_wait_s()))]) from None
 
     def _submit(self, request: Request, writer: ResponseWriter, gen: GenerationRequest, endpoint: str,
                 started: float) -> TokenStream:
