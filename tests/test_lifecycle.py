@@ -796,17 +796,24 @@ JSON_FORMAT = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "req
 
 def test_a_grammar_is_compiled_before_the_model_thread_takes_the_request(tiny_gpt2_folder, tmp_path, monkeypatch):
     """The model thread only copies a matcher compiled on the compile worker (compiling
-    there stalled every running stream), and the tokenizer's trie exists from load."""
+    there stalled every running stream), the API's check of the grammar runs off the
+    event loop, and the tokenizer's trie exists from load."""
     import threading
 
     import constraints
 
     compiled_on, real = [], constraints.Grammars.compiled
+    checked_on, check = [], constraints.Constraint._compiled.__func__
 
     def compiled(self, constraint):
         compiled_on.append(threading.current_thread().name)
         return real(self, constraint)
+
+    def checked(cls, make, name):  # the API edge's check of the grammar, before queuing
+        checked_on.append(threading.current_thread() is threading.main_thread())
+        return check(cls, make, name)
     monkeypatch.setattr(constraints.Grammars, "compiled", compiled)
+    monkeypatch.setattr(constraints.Constraint, "_compiled", classmethod(checked))
 
     async def main():
         async with live_server(tiny_gpt2_folder, tmp_path / "log.jsonl", max_batch=2) as live:
@@ -822,6 +829,7 @@ def test_a_grammar_is_compiled_before_the_model_thread_takes_the_request(tiny_gp
     assert [r.status for r in replies] == [200] * 3
     assert compiled_first == [True] * 3
     assert compiled_on and all(name.startswith("grammar-compile") for name in compiled_on)
+    assert checked_on == [False] * 3  # not on the event loop's thread either
     assert books == {"free_slots": 2, "queued": 0, "active": 0, "live": 0}
 
 
