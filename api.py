@@ -4,6 +4,7 @@ through the engine, encode the reply (replies.py)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -48,6 +49,19 @@ OPENAI_PATHS = ("/chat/completions", "/completions", "/embeddings", "/models", "
 
 
 DEFAULT_CORS_ORIGINS = ("http://localhost:*", "http://127.0.0.1:*", "http://[::1]:*")
+
+
+CONSTRAINING_FIELDS = ("format", "response_format", "tools", "text")  # text: the Responses API's text.format
+
+
+async def off_loop_if_constrained(parse, body: dict, *args, **kwargs):
+    """`parse(body, ...)`, on a worker thread when the body may ask for constrained output:
+    checking its grammar (llguidance's validate_grammar, which releases the GIL) takes
+    45-80 ms for a 20,000-value enum (2-core CPU), time every stream this loop writes
+    would stop for. Other bodies are parsed here (no thread hop)."""
+    if not any(name in body for name in CONSTRAINING_FIELDS):
+        return parse(body, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(parse, body, *args, **kwargs))
 
 
 def origin_allowed(origin: str, patterns) -> bool:
@@ -347,7 +361,7 @@ class Api:
     async def generate(self, request: Request, writer: ResponseWriter) -> None:
         body = parse_json_body(request.body)
         model = self.check_model(body)
-        gen, stream = parse_generate(body)
+        gen, stream = await off_loop_if_constrained(parse_generate, body)
         await self._run(request, writer, gen, stream, "/generate", Shape(model))
 
     # ---- Ollama ----
@@ -359,7 +373,7 @@ class Api:
         if body.get("prompt") in (None, "") and not body.get("system"):
             await self._loaded_reply(writer, body, {"response": ""})
             return
-        gen, stream = parse_generate(body, system_alone=True)
+        gen, stream = await off_loop_if_constrained(parse_generate, body, system_alone=True)
         await self._run(request, writer, gen, stream, "/api/generate", OllamaGenerate(model))
 
     async def ollama_chat(self, request: Request, writer: ResponseWriter) -> None:
@@ -369,7 +383,7 @@ class Api:
         if body.get("messages") in (None, []):
             await self._loaded_reply(writer, body, {"message": {"role": "assistant", "content": ""}})
             return
-        gen, stream, reads_calls = parse_chat(body, self.eager_tools)
+        gen, stream, reads_calls = await off_loop_if_constrained(parse_chat, body, self.eager_tools)
         await self._run(request, writer, gen, stream, "/api/chat", OllamaChat(model, reads_calls))
 
     async def _loaded_reply(self, writer: ResponseWriter, body: dict, content: dict) -> None:
@@ -462,7 +476,8 @@ class Api:
     async def _openai(self, request: Request, writer: ResponseWriter, chat: bool) -> None:
         body = parse_json_body(request.body)
         model = self.check_model(body)
-        gen, stream, include_usage, reads_calls = parse_openai(body, chat, self.eager_tools)
+        gen, stream, include_usage, reads_calls = await off_loop_if_constrained(parse_openai, body, chat,
+                                                                                 self.eager_tools)
         shape = OpenAIChat(model, include_usage, reads_calls) if chat else OpenAICompletion(model, include_usage)
         endpoint = "/v1/chat/completions" if chat else "/v1/completions"
         prompts = [] if chat else completion_prompts(body.get("prompt"))
@@ -478,7 +493,7 @@ class Api:
     async def openai_responses(self, request: Request, writer: ResponseWriter) -> None:
         body = parse_json_body(request.body)
         model = self.check_model(body)
-        gen, stream, reads_calls = parse_responses(body, self.eager_tools)
+        gen, stream, reads_calls = await off_loop_if_constrained(parse_responses, body, self.eager_tools)
         # Echoed as OpenAI does, with the values actually used (MiniVault's defaults differ).
         echoed = {"instructions": body.get("instructions"), "max_output_tokens": gen.max_tokens,
                   "temperature": gen.sampling.temperature, "top_p": gen.sampling.top_p,
@@ -568,6 +583,7 @@ class Api:
                    stream_mode: bool, endpoint: str, shape: Shape) -> None:
         """Submit, then stream (or collect) the text."""
         started = time.monotonic()
+        await self._compile(gen)  # or an HTTPError (400, 503)
         stream = self._submit(request, writer, gen, endpoint, started, shape)  # or an HTTPError (400, 503)
         shape.request_id = stream.id
         id_header = [("X-Request-Id", str(stream.id))]
@@ -615,6 +631,7 @@ class Api:
         try:
             try:
                 for gen in gens:
+                    await self._compile(gen)
                     streams.append(self._submit(request, writer, gen, endpoint, started, shape))
             except HTTPError as err:  # the ones already queued are cancelled below
                 message = f"'prompt[{len(streams)}]': {err.message}"
@@ -636,6 +653,17 @@ class Api:
         finally:
             for stream in streams:
                 stream.cancel()  # a no-op once it has ended
+
+    async def _compile(self, gen: GenerationRequest) -> None:
+        """The request's grammar compiled off the model thread (and off this loop), or the
+        HTTPError that refuses it. A client that leaves meanwhile has its stream
+        cancelled as soon as it is submitted (writer.on_disconnect)."""
+        try:
+            await self.engine.compile_constraint(gen)
+        except RequestInvalid as exc:
+            raise HTTPError(400, str(exc)) from None
+        except ShuttingDown as exc:
+            raise HTTPError(503, f"server busy: {exc}", [("Retry-After", str(self.engine.estimated_wait_s()))]) from None
 
     def _submit(self, request: Request, writer: ResponseWriter, gen: GenerationRequest, endpoint: str,
                 started: float, shape: Shape | None = None) -> TokenStream:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import math
 import queue
@@ -63,6 +64,9 @@ class GenerationRequest:
     calls_start: str = ""
     sampling: Sampling = field(default_factory=Sampling)
     constraint: object = None  # constraints.Constraint: the grammar the output must match
+    # Its llguidance matcher, compiled off the model thread (Engine.compile_constraint);
+    # None: the model thread compiles it when the request joins.
+    compiled: object = None
     # An embedding request instead: texts (embedded as given, no template) or token id lists.
     embed_inputs: list | None = None
     truncate: bool = True  # an input longer than the context is cut to it (else a 400)
@@ -314,7 +318,11 @@ class Engine:
         self._long: list[_Sequence] = []  # long prompts being prefilled a chunk per step
         self._embedding: list[_Sequence] = []  # embedding requests, a chunk of one input computed per step
         self._outbox: list = []  # (stream, text or Final)
-        self._grammars = None  # constraints.Grammars, made by the first constrained request
+        # constraints.Grammars: made at load (else by the first constrained request), then
+        # used by the model thread and the compile worker (one thread: a burst of big
+        # schemas takes one core, not every one the decode step could use).
+        self._grammars = None
+        self._compiler = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
         # Written by the model thread, read by /metrics:
         self.clock = StageClock()  # seconds per stage of the model thread's loop
         self.decode_steps = 0
@@ -377,6 +385,26 @@ class Engine:
         self._admission.put_nowait(stream)
         return stream
 
+    async def compile_constraint(self, request: GenerationRequest) -> None:
+        """Compile the request's grammar on the compile worker, before it is queued, so
+        the model thread only copies a ready matcher when the request joins the batch
+        (compiling there stops every running stream: 20-80 ms for a 20,000-value enum or
+        200 tools on a 2-core CPU; llguidance releases the GIL meanwhile). Raises
+        RequestInvalid when this tokenizer cannot compile it, ShuttingDown. Before the
+        model has loaded there is no tokenizer yet: the model thread compiles it then."""
+        grammars = self._grammars
+        if request.constraint is None or request.compiled is not None or grammars is None:
+            return
+        if self._closing:
+            raise ShuttingDown("the server is shutting down")
+        import constraints
+
+        try:
+            request.compiled = await asyncio.get_running_loop().run_in_executor(
+                self._compiler, grammars.compiled, request.constraint)
+        except constraints.ConstraintInvalid as exc:
+            raise RequestInvalid(f"{request.constraint.name}: {exc}") from None
+
     async def _feed(self) -> None:
         # Moves requests to the model thread only when it has a free slot, so the
         # bounded asyncio queue is where requests wait (and where a client that
@@ -425,6 +453,7 @@ class Engine:
         what it still holds when it cannot (loading, or stuck in a step for 5 s) ends
         cancelled here, so every request submitted gets its final event."""
         self._closing = True
+        self._compiler.shutdown(wait=False, cancel_futures=True)
         if self._feeder is not None:
             self._feeder.cancel()
         if self._admission is not None:
@@ -532,6 +561,7 @@ class Engine:
 
         self._prompts = PromptBuilder(self._runner.codec)
         self._cache_shared_prefix()
+        self._make_grammars()
         r = self._runner
         return ModelFacts(
             name=self.model_name, architecture=r.architecture, parameters=r.parameters,
@@ -554,6 +584,22 @@ class Engine:
                 self._runner.remember_prefix(a[:n])
         except Exception:  # only an optimisation: serve without it
             log.exception("could not cache the shared prompt prefix")
+
+    def _make_grammars(self) -> None:
+        """The grammar engine for this tokenizer, built now rather than by the first
+        constrained request: its token trie holds the GIL for ~0.17 s (49k vocabulary),
+        which then stalled every running stream (a 230 ms gap between tokens) and would
+        on any thread."""
+        import constraints
+
+        r = self._runner
+        try:
+            self._grammars = constraints.Grammars(r.codec.backend.to_str(), sorted(r.eos_ids),
+                                                  self._prompts.vocab_size)
+        except constraints.ConstraintUnavailable:
+            pass  # no request can be constrained: the API refuses them before queuing
+        except Exception:  # only an optimisation: the first constrained request tries again
+            log.exception("could not build the grammar engine at load")
 
     def _fail_forever(self, error: str) -> None:
         while (stream := self._inbox.get()) is not None:
@@ -674,15 +720,17 @@ class Engine:
             want = context
         seq.max_tokens = min(want, context - len(ids))
         seed = req.sampling.seed if req.sampling.seed is not None else random.getrandbits(63)
-        seq.sampler = sampling.RowSampler(req.sampling, seed, ids, self._row_grammar(req.constraint))
+        seq.sampler = sampling.RowSampler(req.sampling, seed, ids, self._row_grammar(req))
         continues = req.messages is None and (req.raw or not self._prompts.has_template)
         seq.detok = Detokenizer(self._runner.codec.backend, ids if continues else ())
         seq.stopper = StopMatcher(req.stop, req.calls_start)
         loaded_ns = self._started_ns + int(self._facts.load_seconds * 1e9)
         seq.load_ns = max(0, loaded_ns - seq.stream.submitted_ns)
 
-    def _row_grammar(self, constraint):
-        """The request's parser (compiled grammars are cached), or None when unconstrained."""
+    def _row_grammar(self, req: GenerationRequest):
+        """The request's parser, or None when unconstrained: a copy of the matcher compiled
+        before it was queued, else (submitted before the model loaded) compiled here."""
+        constraint = req.constraint
         if constraint is None:
             return None
         import constraints
@@ -692,7 +740,7 @@ class Engine:
             self._grammars = constraints.Grammars(r.codec.backend.to_str(), sorted(r.eos_ids),
                                                   self._prompts.vocab_size)
         try:
-            return self._grammars.row(constraint)
+            return self._grammars.row(constraint, req.compiled)
         except constraints.ConstraintInvalid as exc:
             raise RequestInvalid(f"{constraint.name}: {exc}") from None
 

@@ -405,3 +405,40 @@ def test_a_schema_moved_under_another_keeps_its_pointers_and_nothing_else_change
     for kept in ("named", "remote", "own", "value"):  # an anchor, a URI, its own base, values
         assert properties[kept] == schema["properties"][kept]
     assert moved_under(schema, "#/$defs/t") == moved and schema["properties"]["p"] == {"$ref": "#/$defs/A"}
+
+
+def test_a_grammar_compiled_on_other_threads_is_cached_once_and_each_row_gets_its_own_copy(grammars):
+    from concurrent.futures import ThreadPoolExecutor
+
+    g = grammars[0]
+    constraint = Constraint.json({**SCHEMA, "title": "compiled elsewhere"})  # not cached by another test
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: g.compiled(constraint), range(2))
+    cached = g.compiled(constraint)
+    assert cached in (first, second)  # two threads may both compile; one copy is kept
+    row = g.row(constraint, first)
+    assert row.matcher is not first
+    brace = g.tokenizer.tokenize_str("{")[0]
+    row.advance(brace)
+    g.row(constraint, first).advance(brace)  # the compiled one still starts at the beginning
+    g.row(constraint).advance(brace)
+
+
+def test_a_grammar_the_tokenizer_cannot_compile_raises_from_compiled(grammars, monkeypatch):
+    import constraints
+
+    class Refusing:
+        def __init__(self, tokenizer, grammar):
+            pass
+
+        def is_error(self):
+            return True
+
+        def get_error(self):
+            return "grammar too large\n  for this tokenizer"
+
+    class Fake:
+        LLMatcher = Refusing
+    monkeypatch.setattr(constraints, "_llguidance", lambda: Fake)
+    with pytest.raises(ConstraintInvalid, match="grammar too large for this tokenizer"):
+        grammars[0].compiled(Constraint("%llguidance {}\nstart: \"never cached\"", "format"))

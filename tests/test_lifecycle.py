@@ -789,3 +789,100 @@ def test_a_long_prompt_cancelled_behind_another_ends_at_the_next_step(tiny_gpt2_
             assert front.final.done_reason in ("stop", "length") and behind.final.done_reason == "cancelled"
 
     asyncio.run(main())
+
+
+JSON_FORMAT = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+
+
+def test_a_grammar_is_compiled_before_the_model_thread_takes_the_request(tiny_gpt2_folder, tmp_path, monkeypatch):
+    """The model thread only copies a matcher compiled on the compile worker (compiling
+    there stalled every running stream), the API's check of the grammar runs off the
+    event loop, and the tokenizer's trie exists from load."""
+    import threading
+
+    import constraints
+
+    compiled_on, real = [], constraints.Grammars.compiled
+    checked_on, check = [], constraints.Constraint._compiled.__func__
+
+    def compiled(self, constraint):
+        compiled_on.append(threading.current_thread().name)
+        return real(self, constraint)
+
+    def checked(cls, make, name):  # the API edge's check of the grammar, before queuing
+        checked_on.append(threading.current_thread() is threading.main_thread())
+        return check(cls, make, name)
+    monkeypatch.setattr(constraints.Grammars, "compiled", compiled)
+    monkeypatch.setattr(constraints.Constraint, "_compiled", classmethod(checked))
+
+    async def main():
+        async with live_server(tiny_gpt2_folder, tmp_path / "log.jsonl", max_batch=2) as live:
+            built_at_load = live.engine._grammars is not None
+            replies = await asyncio.gather(*[
+                http(live.port, "POST", "/generate", {"prompt": f"Give JSON {i}", "format": JSON_FORMAT,
+                                                      "stream": False, "max_tokens": 12})
+                for i in range(3)])
+            await live.settled()
+            return built_at_load, replies, [s.request.compiled is not None for s in live.streams], live.books()
+    built_at_load, replies, compiled_first, books = asyncio.run(main())
+    assert built_at_load
+    assert [r.status for r in replies] == [200] * 3
+    assert compiled_first == [True] * 3
+    assert compiled_on and all(name.startswith("grammar-compile") for name in compiled_on)
+    assert checked_on == [False] * 3  # not on the event loop's thread either
+    assert books == {"free_slots": 2, "queued": 0, "active": 0, "live": 0}
+
+
+def test_a_grammar_that_fails_to_compile_is_a_400_naming_the_field_and_takes_no_slot(tiny_gpt2_folder, tmp_path,
+                                                                                      monkeypatch):
+    import constraints
+
+    def refuse(self, constraint):
+        raise constraints.ConstraintInvalid("grammar too large for this tokenizer")
+    monkeypatch.setattr(constraints.Grammars, "compiled", refuse)
+
+    async def main():
+        async with live_server(tiny_gpt2_folder, tmp_path / "log.jsonl", max_batch=2) as live:
+            refused = await http(live.port, "POST", "/generate", {"prompt": "x", "format": JSON_FORMAT,
+                                                                  "stream": False})
+            several = await http(live.port, "POST", "/v1/completions", {
+                "model": tiny_gpt2_folder.name, "prompt": ["a", "b"], "max_tokens": 3, "response_format": {"type": "json_object"}})
+            plain = await http(live.port, "POST", "/generate", {"prompt": "x", "max_tokens": 3})
+            await live.settled()
+            return refused, several, plain, len(live.streams), live.books()
+    refused, several, plain, submitted, books = asyncio.run(main())
+    assert refused.status == 400 and "format" in refused.json()["error"]
+    assert "grammar too large for this tokenizer" in refused.json()["error"]
+    assert several.status == 400 and "prompt[0]" in several.json()["error"]["message"]
+    assert plain.status == 200
+    assert submitted == 1  # the refused ones were never queued
+    assert books == {"free_slots": 2, "queued": 0, "active": 0, "live": 0}
+
+
+def test_a_client_that_leaves_while_its_grammar_compiles_ends_cancelled_and_frees_everything(
+        tiny_gpt2_folder, tmp_path, monkeypatch):
+    import threading
+
+    import constraints
+
+    started, release, real = threading.Event(), threading.Event(), constraints.Grammars.compiled
+
+    def slow(self, constraint):
+        started.set()
+        release.wait(20)
+        return real(self, constraint)
+    monkeypatch.setattr(constraints.Grammars, "compiled", slow)
+
+    async def main():
+        async with live_server(tiny_gpt2_folder, tmp_path / "log.jsonl", max_batch=2) as live:
+            await http(live.port, "POST", "/generate", {"prompt": "x", "format": "json", "max_tokens": -1},
+                       leave="at once")
+            await wait_until(started.is_set)
+            release.set()
+            after = await http(live.port, "POST", "/generate", {"prompt": "y", "max_tokens": 3})
+            await live.settled()
+            return after, {s.request.prompt: s.final.done_reason for s in live.streams}, live.books()
+    after, reasons, books = asyncio.run(main())
+    assert after.status == 200 and reasons["y"] == "length"
+    assert reasons.get("x", "cancelled") == "cancelled"  # cancelled as it is queued, or never queued
+    assert books == {"free_slots": 2, "queued": 0, "active": 0, "live": 0}
