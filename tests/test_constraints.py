@@ -232,18 +232,26 @@ def test_random_logits_under_required_tools_always_give_calls_that_parse(grammar
             isinstance(calls[0]["arguments"]["ok"], bool)
 
 
+def read_calls_in_chunks(text: str, size: int) -> list[dict]:
+    """The calls a reader finds in `text` fed `size` characters at a time (all calls: no
+    content, nothing left over)."""
+    reader = toolcalls.ToolCallReader()
+    calls = []
+    for i in range(0, len(text), size):
+        content, found = reader.feed(text[i:i + size])
+        assert content == ""
+        calls += found
+    assert reader.finish() == ""
+    return calls
+
+
 def test_reader_splits_text_and_calls_across_any_chunking():
     text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
             '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
     for size in (1, 3, 7, len(text)):
-        reader = toolcalls.ToolCallReader()
-        calls = []
-        for i in range(0, len(text), size):
-            content, found = reader.feed(text[i:i + size])
-            assert content == ""
-            calls += found
+        calls = read_calls_in_chunks(text, size)
         assert [(c["name"], c["arguments"]) for c in calls] == [("get_weather", {"city": "Oslo"}), ("get_time", {})]
-        assert len({c["id"] for c in calls}) == 2 and reader.finish() == ""
+        assert len({c["id"] for c in calls}) == 2
     reader = toolcalls.ToolCallReader()
     assert reader.feed("Sunny") == ("Sunny", []) and reader.feed(" <b>") == (" <b>", [])
     cut = toolcalls.ToolCallReader()
@@ -267,14 +275,8 @@ def test_reader_takes_calls_whose_arguments_hold_the_tags_themselves(grammars):
             '<tool_call>\n{"name": "echo", "arguments": {"text": "</tool_call>"}}\n</tool_call>')
     assert accepts(grammars, toolcalls.call_constraint([echo], "required", parallel=True), text)
     for size in (1, 2, 5, len(text)):
-        reader = toolcalls.ToolCallReader()
-        calls = []
-        for i in range(0, len(text), size):
-            content, found = reader.feed(text[i:i + size])
-            assert content == ""
-            calls += found
+        calls = read_calls_in_chunks(text, size)
         assert [c["arguments"]["text"] for c in calls] == ["a </tool_call> b <tool_call> c", "</tool_call>"]
-        assert reader.finish() == ""
 
 
 def test_call_arguments_are_an_object_whatever_the_parameters_allow(grammars):
