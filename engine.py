@@ -592,14 +592,18 @@ class Engine:
         on any thread."""
         import constraints
 
-        r = self._runner
         try:
-            self._grammars = constraints.Grammars(r.codec.backend.to_str(), sorted(r.eos_ids),
-                                                  self._prompts.vocab_size)
+            self._grammars = self._new_grammars()
         except constraints.ConstraintUnavailable:
             pass  # no request can be constrained: the API refuses them before queuing
         except Exception:  # only an optimisation: the first constrained request tries again
             log.exception("could not build the grammar engine at load")
+
+    def _new_grammars(self):
+        import constraints
+
+        r = self._runner
+        return constraints.Grammars(r.codec.backend.to_str(), sorted(r.eos_ids), self._prompts.vocab_size)
 
     def _fail_forever(self, error: str) -> None:
         while (stream := self._inbox.get()) is not None:
@@ -735,10 +739,8 @@ class Engine:
             return None
         import constraints
 
-        if self._grammars is None:
-            r = self._runner
-            self._grammars = constraints.Grammars(r.codec.backend.to_str(), sorted(r.eos_ids),
-                                                  self._prompts.vocab_size)
+        if self._grammars is None:  # not built at load (it failed there): try again now
+            self._grammars = self._new_grammars()
         try:
             return self._grammars.row(constraint, req.compiled)
         except constraints.ConstraintInvalid as exc:
